@@ -1,0 +1,1 @@
+"""kvmtasks: doit task graphs that provision and run QEMU/KVM virtual machines."""

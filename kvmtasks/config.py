@@ -1,0 +1,335 @@
+"""Read buildout-style config files into immutable Part objects."""
+
+from __future__ import annotations
+
+import configparser
+import difflib
+import os
+import re
+import socket
+import stat
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvmtasks.errors import ConfigError
+from kvmtasks.options import (
+    DIGEST_LENGTHS,
+    OPTIONS,
+    OPTIONS_BY_NAME,
+    Accel,
+    ImageType,
+    Redirect,
+)
+
+CONFIG_ENV = "KVMTASKS_CONFIG"
+ACCEL_ENV = "KVMTASKS_ACCEL"
+RECIPES = frozenset({"erp5.recipe.kvm", "kvmtasks"})
+PART_NAME = re.compile(r"[^\W_][\w.+-]*")
+SAFE_FILE_NAME = re.compile(r"[\w][\w.+-]*")
+
+
+@dataclass(frozen=True)
+class Buildout:
+    """The ``[buildout]`` folders, as buildout names them."""
+
+    directory: Path
+    bin_directory: Path
+    parts_directory: Path
+    var_directory: Path
+
+
+@dataclass(frozen=True)
+class Part:
+    """One virtual machine, fully parsed and validated."""
+
+    name: str
+    config_file: Path
+    buildout: Buildout
+    image: str | None
+    file: Path | None
+    location: Path
+    image_type: ImageType
+    gzip: bool
+    download_digests: Mapping[str, str]
+    image_digests: Mapping[str, str]
+    kvm_binary: str
+    kvm_memory: str
+    kvm_smp: int
+    kvm_accel: Accel
+    kvm_boot_timeout: float
+    kvm_vnc: str | None
+    kvm_graphic: str | None
+    kvm_net: tuple[str, ...]
+    kvm_redir: tuple[Redirect, ...]
+    kvm_snapshot: bool
+    kvm_extra_args: tuple[str, ...]
+    kvm_bin_directory: Path
+    kvm_run_directory: Path
+    ssh_port: int | None
+    ssh_hostname: str
+    ssh_key_path: Path | None
+    ssh_user: str
+
+    @property
+    def download_path(self) -> Path:
+        """Where the downloaded file lands (the image itself unless gzipped)."""
+        assert self.image is not None, "only parts with an image URL download"
+        url_path = urllib.parse.urlsplit(self.image).path
+        name = urllib.parse.unquote(url_path.rsplit("/", 1)[-1])
+        if not SAFE_FILE_NAME.fullmatch(name):
+            name = "image.gz" if self.gzip else "image"
+        return self.location / name
+
+    @property
+    def image_path(self) -> Path:
+        """The disk QEMU boots."""
+        if self.file is not None:
+            return self.file
+        download = self.download_path
+        if not self.gzip:
+            return download
+        if download.name.endswith(".gz") and len(download.name) > 3:
+            return download.with_name(download.name[:-3])
+        return download.with_name(download.name + ".img")
+
+    @property
+    def state_directory(self) -> Path:
+        """This part's own folder for runtime and bookkeeping files."""
+        return self.kvm_run_directory / self.name
+
+    @property
+    def is_block_device(self) -> bool:
+        return self.file is not None and _is_block_device(self.file)
+
+    @property
+    def effective_accel(self) -> Accel:
+        """The accelerator asked for, KVMTASKS_ACCEL winning over the config."""
+        override = os.environ.get(ACCEL_ENV, "").strip().lower()
+        return Accel(override) if override in {a.value for a in Accel} else self.kvm_accel
+
+
+def _is_block_device(path: Path) -> bool:
+    try:
+        return stat.S_ISBLK(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def config_paths(dodo_directory: Path) -> list[Path]:
+    """Config files to read: KVMTASKS_CONFIG, else configs/*.cfg next to dodo.py."""
+    listed = os.environ.get(CONFIG_ENV)
+    if listed:
+        return [Path(p) for p in listed.split(os.pathsep) if p]
+    return sorted((dodo_directory / "configs").glob("*.cfg"))
+
+
+def load_parts(paths: Iterable[Path], cwd: Path | None = None) -> list[Part]:
+    """Parse every file; part names must be unique across all of them."""
+    parts: list[Part] = []
+    seen: dict[str, Path] = {}
+    for path in paths:
+        for part in load_file(path, cwd or Path.cwd()):
+            if part.name in seen:
+                raise ConfigError(
+                    f"{path}: [{part.name}] part name already defined in {seen[part.name]}"
+                )
+            seen[part.name] = path
+            parts.append(part)
+    return parts
+
+
+def load_file(path: Path, cwd: Path) -> list[Part]:
+    parser = _read(path, cwd)
+    buildout = _buildout(parser, path)
+    return [
+        _part(parser, path, section, buildout)
+        for section in parser.sections()
+        if _is_part(parser, section)
+    ]
+
+
+def _read(path: Path, cwd: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(
+        interpolation=configparser.ExtendedInterpolation(),
+        comment_prefixes=("#", ";"),
+        inline_comment_prefixes=None,
+        strict=True,
+        empty_lines_in_values=False,
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_dict({"buildout": {
+        "directory": str(cwd).replace("$", "$$"),
+        "bin-directory": "${directory}/bin",
+        "parts-directory": "${directory}/parts",
+        "var-directory": "${directory}/var",
+    }})
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle, source=str(path))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read config file: {error}") from None
+    except configparser.Error as error:
+        raise ConfigError(f"{path}: {_one_line(error)}") from None
+    return parser
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _get(parser: configparser.ConfigParser, path: Path, section: str, option: str) -> str:
+    try:
+        return parser.get(section, option)
+    except configparser.InterpolationMissingOptionError as error:
+        raw = parser.get(section, option, raw=True)
+        raise ConfigError(
+            f"{path}: [{section}] {option} = {raw!r}: reference {_reference(error)} not found"
+        ) from None
+    except configparser.Error as error:
+        raw = parser.get(section, option, raw=True)
+        raise ConfigError(f"{path}: [{section}] {option} = {raw!r}: {_one_line(error)}") from None
+
+
+def _reference(error: configparser.InterpolationMissingOptionError) -> str:
+    match = re.search(r"\$\{[^}]*\}", error.reference) if error.reference else None
+    return match.group(0) if match else "${" + error.reference + "}"
+
+
+def _buildout(parser: configparser.ConfigParser, path: Path) -> Buildout:
+    def folder(option: str, base: Path | None) -> Path:
+        value = _get(parser, path, "buildout", option)
+        folder_path = Path(value).expanduser()
+        return folder_path if base is None or folder_path.is_absolute() else base / folder_path
+
+    directory = folder("directory", None).absolute()
+    return Buildout(
+        directory=directory,
+        bin_directory=folder("bin-directory", directory),
+        parts_directory=folder("parts-directory", directory),
+        var_directory=folder("var-directory", directory),
+    )
+
+
+def _is_part(parser: configparser.ConfigParser, section: str) -> bool:
+    if section == "buildout":
+        return False
+    recipe = parser.get(section, "recipe", raw=True, fallback=None)
+    if recipe is not None:
+        return recipe.strip() in RECIPES
+    return parser.has_option(section, "image") or parser.has_option(section, "file")
+
+
+def _part(parser: configparser.ConfigParser, path: Path, section: str, buildout: Buildout) -> Part:
+    if not PART_NAME.fullmatch(section):
+        raise ConfigError(
+            f"{path}: [{section}] part name must be letters, digits, '.', '_', '+' or '-', "
+            "starting with a letter or digit"
+        )
+    values: dict[str, Any] = {}
+    for option in parser.options(section):
+        if option in parser.defaults():
+            continue
+        known = OPTIONS_BY_NAME.get(option)
+        if known is None:
+            close = difflib.get_close_matches(option, list(OPTIONS_BY_NAME), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{path}: [{section}] unknown option {option!r}{hint}")
+        raw = _get(parser, path, section, option)
+        try:
+            values[option] = known.parse(raw)
+        except ValueError as error:
+            raise ConfigError(f"{path}: [{section}] {option} = {raw!r}: {error}") from None
+    for declared in OPTIONS:
+        if declared.name not in values and declared.default is not None:
+            values[declared.name] = declared.parse(declared.default)
+    return _build(values, path, section, buildout)
+
+
+def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout) -> Part:
+    where = f"{path}: [{section}]"
+
+    def local_path(option: str) -> Path | None:
+        value = values.get(option)
+        if value is None:
+            return None
+        resolved = Path(value).expanduser()
+        return resolved if resolved.is_absolute() else buildout.directory / resolved
+
+    image, file = values.get("image"), local_path("file")
+    if image is not None and file is not None:
+        raise ConfigError(f"{where} set either image or file, not both (image = {image!r}, file = {str(file)!r})")
+    if image is None and file is None:
+        raise ConfigError(f"{where} needs an image URL or a file")
+    download = _digests(values, "download")
+    image_digests = _digests(values, "image")
+    if file is not None:
+        if download:
+            name = next(f"{a}_download" for a in download)
+            raise ConfigError(f"{where} {name} needs an image URL; with file there is no download")
+        if values["gzip"]:
+            raise ConfigError(f"{where} gzip = true needs an image URL; a file is used as it is")
+        if image_digests and _is_block_device(file):
+            name = next(f"{a}_image" for a in image_digests)
+            raise ConfigError(
+                f"{where} {name} = {image_digests[name[:-6]]!r}: not allowed with a block device "
+                f"(file = {str(file)!r})"
+            )
+    if values.get("ssh_port") is not None:
+        ports = [r.host_port for r in values.get("kvm_redir", ())]
+        if values["ssh_port"] in ports:
+            raise ConfigError(
+                f"{where} ssh_port = {values['ssh_port']}: host port also used in kvm_redir"
+            )
+    key = local_path("ssh_key_path")
+    return Part(
+        name=section,
+        config_file=path,
+        buildout=buildout,
+        image=image,
+        file=file,
+        location=local_path("location") or buildout.parts_directory / section,
+        image_type=values["image_type"],
+        gzip=values["gzip"],
+        download_digests=download,
+        image_digests=image_digests,
+        kvm_binary=values["kvm_binary"],
+        kvm_memory=values["kvm_memory"],
+        kvm_smp=values["kvm_smp"],
+        kvm_accel=values["kvm_accel"],
+        kvm_boot_timeout=values["kvm_boot_timeout"],
+        kvm_vnc=values.get("kvm_vnc"),
+        kvm_graphic=values.get("kvm_graphic"),
+        kvm_net=values.get("kvm_net", ()),
+        kvm_redir=values.get("kvm_redir", ()),
+        kvm_snapshot=values["kvm_snapshot"],
+        kvm_extra_args=values.get("kvm_extra_args", ()),
+        kvm_bin_directory=local_path("kvm_bin_directory") or buildout.bin_directory,
+        kvm_run_directory=local_path("kvm_run_directory") or buildout.var_directory,
+        ssh_port=values.get("ssh_port"),
+        ssh_hostname=values["ssh_hostname"],
+        ssh_key_path=key,
+        ssh_user=values["ssh_user"],
+    )
+
+
+def _digests(values: Mapping[str, Any], what: str) -> dict[str, str]:
+    return {
+        algorithm: values[f"{algorithm}_{what}"]
+        for algorithm in DIGEST_LENGTHS
+        if values.get(f"{algorithm}_{what}") is not None
+    }
+
+
+def listen_address(hostname: str) -> str:
+    """The IPv4 address forwarded ports listen on, from ssh_hostname."""
+    if hostname == "localhost":
+        return "127.0.0.1"
+    try:
+        return socket.gethostbyname(hostname)
+    except OSError:
+        raise ConfigError(f"ssh_hostname = {hostname!r}: cannot resolve to an IPv4 address") from None

@@ -1,0 +1,24 @@
+"""What dodo.py needs: config loading with errors turned into one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from doit.exceptions import InvalidDodoFile
+
+from kvmtasks import config
+from kvmtasks.errors import KvmTasksError
+from kvmtasks.tasks import doit_config
+
+
+def load(dodo_directory: Path) -> tuple[list[config.Part], dict[str, Any]]:
+    """Parse every config before any task runs; a bad one stops doit with one line."""
+    try:
+        parts = config.load_parts(config.config_paths(dodo_directory))
+    except KvmTasksError as error:
+        # doit prints InvalidDodoFile as "ERROR: message" with no traceback, exit 3.
+        raise InvalidDodoFile(str(error)) from None
+    return parts, doit_config(parts, Path.cwd() / "var")
+
+

@@ -1,0 +1,206 @@
+"""Download an image (http, https or file URL), hashing it as it streams.
+
+The data goes to ``NAME.part``; only a complete download is renamed into
+place. An interrupted download resumes with ``Range`` + ``If-Range``, so a
+file that changed on the server is fetched again from the start, never
+stitched together from two versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+import urllib3
+from tqdm import tqdm
+
+from kvmtasks.digest import CHUNK, MultiHasher
+from kvmtasks.errors import FetchError
+
+TIMEOUT_ENV = "KVMTASKS_HTTP_TIMEOUT"
+CONNECT_TIMEOUT = 15.0
+READ_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Validator:
+    """What identifies one version of the remote file (for If-Range)."""
+
+    url: str
+    etag: str | None
+    last_modified: str | None
+
+    @property
+    def if_range(self) -> str | None:
+        return self.etag or self.last_modified
+
+
+def fetch(url: str, dest: Path, algorithms: Iterable[str], label: str) -> dict[str, str]:
+    """Fetch url to dest and return the digests of what was written."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if url.lower().startswith("file://"):
+        return _copy_local(url, dest, algorithms, label)
+    return _download(url, dest, algorithms, label)
+
+
+def _partial_paths(dest: Path) -> tuple[Path, Path]:
+    return dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.json")
+
+
+def _copy_local(url: str, dest: Path, algorithms: Iterable[str], label: str) -> dict[str, str]:
+    source = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
+    partial, _ = _partial_paths(dest)
+    hasher = MultiHasher(algorithms)
+    try:
+        with open(source, "rb") as reader, open(partial, "wb") as writer:
+            size = os.fstat(reader.fileno()).st_size
+            with _progress(size, label) as bar:
+                while chunk := reader.read(CHUNK):
+                    hasher.update(chunk)
+                    writer.write(chunk)
+                    bar.update(len(chunk))
+    except FileNotFoundError:
+        partial.unlink(missing_ok=True)
+        raise FetchError(f"{url}: file not found") from None
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise FetchError(f"copying {url} to {partial}: {error.strerror or error}") from None
+    os.replace(partial, dest)
+    return hasher.hexdigests()
+
+
+def _timeouts() -> tuple[float, float]:
+    override = os.environ.get(TIMEOUT_ENV)
+    if override:
+        return float(override), float(override)
+    return CONNECT_TIMEOUT, READ_TIMEOUT
+
+
+def _load_validator(meta: Path) -> Validator | None:
+    try:
+        data = json.loads(meta.read_text())
+        return Validator(data["url"], data.get("etag"), data.get("last_modified"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _resume_offset(partial: Path, meta: Path, url: str, hasher: MultiHasher) -> tuple[int, str | None]:
+    """Hash what an earlier attempt fetched, if it can be resumed."""
+    validator = _load_validator(meta)
+    if validator is None or validator.url != url or validator.if_range is None:
+        return 0, None
+    try:
+        with open(partial, "rb") as handle:
+            offset = 0
+            while chunk := handle.read(CHUNK):
+                hasher.update(chunk)
+                offset += len(chunk)
+    except FileNotFoundError:
+        return 0, None
+    return offset, validator.if_range
+
+
+def _download(url: str, dest: Path, algorithms: Iterable[str], label: str) -> dict[str, str]:
+    algorithms = tuple(algorithms)
+    partial, meta = _partial_paths(dest)
+    hasher = MultiHasher(algorithms)
+    offset, if_range = _resume_offset(partial, meta, url, hasher)
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers.update({"Range": f"bytes={offset}-", "If-Range": if_range or ""})
+    try:
+        with requests.get(url, headers=headers, stream=True, timeout=_timeouts()) as response:
+            if response.status_code == 206 and offset and _range_start(response) == offset:
+                mode, total = "ab", offset + _content_length(response, 0)
+            elif response.status_code in (200, 206, 416) and offset:
+                # The server sent the whole file (Range ignored or file changed): start over.
+                hasher, offset = MultiHasher(algorithms), 0
+                if response.status_code != 200:
+                    meta.unlink(missing_ok=True)
+                    return _download(url, dest, algorithms, label)
+                mode, total = "wb", _content_length(response, 0)
+            elif response.status_code == 200:
+                mode, total = "wb", _content_length(response, 0)
+            else:
+                raise FetchError(f"{url}: HTTP {response.status_code} {response.reason}")
+            _save_validator(meta, url, response)
+            received = _stream(response, partial, mode, hasher, offset, total, label)
+    except requests.exceptions.SSLError as error:
+        raise FetchError(f"{url}: TLS certificate verification failed ({_reason(error)})") from None
+    except requests.exceptions.TooManyRedirects:
+        raise FetchError(f"{url}: too many redirects") from None
+    except requests.exceptions.ConnectTimeout:
+        raise FetchError(f"{url}: connection timed out") from None
+    except (requests.exceptions.Timeout, urllib3.exceptions.ReadTimeoutError):
+        raise FetchError(f"{url}: the server stopped answering (timed out); "
+                         "run again to resume") from None
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as error:
+        raise FetchError(f"{url}: connection failed or interrupted ({_reason(error)}); "
+                         "run again to resume") from None
+    if total and received != total:
+        raise FetchError(f"{url}: download interrupted at {received} of {total} bytes; "
+                         "run again to resume")
+    os.replace(partial, dest)
+    meta.unlink(missing_ok=True)
+    return hasher.hexdigests()
+
+
+def _reason(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return text[-200:]
+
+
+def _range_start(response: requests.Response) -> int | None:
+    content_range = response.headers.get("Content-Range", "")
+    try:
+        return int(content_range.split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def _content_length(response: requests.Response, default: int) -> int:
+    try:
+        return int(response.headers["Content-Length"])
+    except (KeyError, ValueError):
+        return default
+
+
+def _save_validator(meta: Path, url: str, response: requests.Response) -> None:
+    meta.write_text(json.dumps({
+        "url": url,
+        "etag": response.headers.get("ETag"),
+        "last_modified": response.headers.get("Last-Modified"),
+    }))
+
+
+def _stream(response: requests.Response, partial: Path, mode: str, hasher: MultiHasher,
+            offset: int, total: int, label: str) -> int:
+    """Write the raw (still encoded) body to partial; return the size reached."""
+    received = offset
+    try:
+        with open(partial, mode) as writer, _progress(total or None, label, offset) as bar:
+            for chunk in response.raw.stream(CHUNK, decode_content=False):
+                hasher.update(chunk)
+                writer.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    except OSError as error:
+        if isinstance(error, requests.exceptions.RequestException):
+            raise
+        raise FetchError(f"writing {partial}: {error.strerror or error}") from None
+    return received
+
+
+@contextmanager
+def _progress(total: int | None, label: str, initial: int = 0) -> Iterator[tqdm]:  # type: ignore[type-arg]
+    with tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
+              desc=label, disable=not sys.stderr.isatty(), leave=False) as bar:
+        yield bar

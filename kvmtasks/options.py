@@ -1,0 +1,279 @@
+"""The option table: every option a part accepts, declared once.
+
+The same table drives parsing, validation, defaults and the option
+reference in README.md (``python -m kvmtasks.options``).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class ImageType(enum.StrEnum):
+    DRIVE = "drive"
+    HDA = "hda"
+
+
+class Accel(enum.StrEnum):
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """One port forward, from the old ``-redir`` syntax."""
+
+    protocol: str
+    host_port: int
+    guest_address: str
+    guest_port: int
+
+
+DIGEST_LENGTHS = {"md5": 32, "sha256": 64, "sha512": 128}
+TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
+FALSE_WORDS = frozenset({"false", "no", "off", "0"})
+VGA_TYPES = ("std", "cirrus", "vmware", "qxl", "xenfb", "tcx", "cg3", "virtio", "none")
+NET_TYPES = frozenset(
+    {"nic", "user", "tap", "bridge", "socket", "vde", "l2tpv3", "hubport",
+     "dump", "none", "netmap", "vhost-user", "vhost-vdpa", "stream", "dgram"}
+)
+URL_SCHEMES = ("http://", "https://", "file://")
+
+
+def parse_text(value: str) -> str:
+    if "\n" in value or "\x00" in value:
+        raise ValueError("must be a single line")
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def parse_bool(value: str) -> bool:
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError("not a boolean (true/false/yes/no/on/off/1/0)")
+
+
+def parse_lines(value: str) -> tuple[str, ...]:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return tuple(line.strip() for line in value.splitlines() if line.strip())
+
+
+def parse_port(value: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,5}", value) or not 1 <= int(value) <= 65535:
+        raise ValueError("not a TCP port (1-65535)")
+    return int(value)
+
+
+def parse_url(value: str) -> str:
+    text = parse_text(value)
+    if not text.lower().startswith(URL_SCHEMES):
+        raise ValueError("URL scheme must be http, https or file")
+    if any(c.isspace() for c in text):
+        raise ValueError("URL must not contain white space")
+    return text
+
+
+def parse_path(value: str) -> str:
+    # Relative paths are resolved against the buildout directory in config.py.
+    return parse_text(value)
+
+
+def checksum_parser(algorithm: str) -> Callable[[str], str]:
+    length = DIGEST_LENGTHS[algorithm]
+
+    def parse(value: str) -> str:
+        digest = value.strip().lower()
+        if not re.fullmatch(f"[0-9a-f]{{{length}}}", digest):
+            raise ValueError(f"not a {algorithm} checksum ({length} hex digits)")
+        return digest
+
+    return parse
+
+
+def parse_image_type(value: str) -> ImageType:
+    try:
+        return ImageType(value.strip().lower())
+    except ValueError:
+        raise ValueError("must be drive or hda") from None
+
+
+def parse_accel(value: str) -> Accel:
+    try:
+        return Accel(value.strip().lower())
+    except ValueError:
+        raise ValueError("must be auto, kvm or tcg") from None
+
+
+def parse_vnc(value: str) -> str:
+    match = re.fullmatch(r"([0-9A-Za-z.:\[\]-]*):([0-9]{1,5})", value.strip())
+    if not match:
+        raise ValueError("must be IP:DISPLAY, e.g. 127.0.0.1:1")
+    return value.strip()
+
+
+def parse_vga(value: str) -> str:
+    if value.strip() not in VGA_TYPES:
+        raise ValueError(f"must be one of {', '.join(VGA_TYPES)}")
+    return value.strip()
+
+
+def parse_net(value: str) -> tuple[str, ...]:
+    lines = parse_lines(value)
+    for line in lines:
+        if line.split(",", 1)[0] not in NET_TYPES:
+            raise ValueError(f"line {line!r} does not start with a -net type (user, nic, tap, ...)")
+    return lines
+
+
+def parse_redirects(value: str) -> tuple[Redirect, ...]:
+    redirects = []
+    for line in parse_lines(value):
+        fields = line.split(":")
+        if len(fields) == 3:
+            fields.insert(0, "tcp")
+        if len(fields) != 4 or fields[0] not in ("tcp", "udp"):
+            raise ValueError(f"line {line!r} is not [tcp|udp]:HOSTPORT:[GUESTADDR]:GUESTPORT")
+        protocol, host, address, guest = fields
+        if address:
+            try:
+                ipaddress.IPv4Address(address)
+            except ValueError:
+                raise ValueError(f"line {line!r}: guest address must be an IPv4 address") from None
+        try:
+            redirects.append(Redirect(protocol, parse_port(host), address, parse_port(guest)))
+        except ValueError:
+            raise ValueError(f"line {line!r}: ports must be 1-65535") from None
+    return tuple(redirects)
+
+
+def parse_hostname(value: str) -> str:
+    text = value.strip()
+    if not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z.:-]*", text):
+        raise ValueError("not a host name or IP address")
+    return text
+
+
+def parse_user(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", value.strip()):
+        raise ValueError("not a user name")
+    return value.strip()
+
+
+def parse_memory(value: str) -> str:
+    if not re.fullmatch(r"[1-9][0-9]*[KMGT]?", value.strip()):
+        raise ValueError("must be a size such as 512M or 2G")
+    return value.strip()
+
+
+def parse_cpus(value: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,4}", value.strip()) or not 1 <= int(value) <= 1024:
+        raise ValueError("must be a whole number from 1 to 1024")
+    return int(value)
+
+
+def parse_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not 0 < seconds < 1e6:
+        raise ValueError("must be a number of seconds above 0")
+    return seconds
+
+
+def parse_program(value: str) -> str:
+    text = parse_text(value.strip())
+    if text.startswith("-"):
+        raise ValueError("must be a program name or path")
+    return text
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[str], Any]
+    default: str | None
+    help: str
+
+
+_CHECKSUM_HELP = "{algo} checksum (hex) of the {what}; when set, a mismatch fails the part."
+
+OPTIONS: tuple[Option, ...] = (
+    Option("recipe", parse_text, None,
+           "Accepted for buildout compatibility (`erp5.recipe.kvm`); marks a section as a part."),
+    Option("image", parse_url, None,
+           "URL of the image to download: http, https or file. Exactly one of `image` and `file`."),
+    Option("file", parse_path, None,
+           "A local image file or block device (e.g. /dev/sdb), used in place: never copied, "
+           "never written by provisioning."),
+    Option("location", parse_path, None,
+           "Folder that receives the downloaded image. Default: `${buildout:parts-directory}/PART`."),
+    Option("image_type", parse_image_type, "drive",
+           "`drive` attaches the disk with `-drive ...,if=virtio`; `hda` as the first IDE disk."),
+    Option("gzip", parse_bool, "false",
+           "The download is gzipped: decompress it (streaming) into the image."),
+    Option("md5_download", checksum_parser("md5"), None,
+           _CHECKSUM_HELP.format(algo="MD5", what="downloaded file")),
+    Option("sha256_download", checksum_parser("sha256"), None,
+           _CHECKSUM_HELP.format(algo="SHA-256", what="downloaded file")),
+    Option("sha512_download", checksum_parser("sha512"), None,
+           _CHECKSUM_HELP.format(algo="SHA-512", what="downloaded file")),
+    Option("md5_image", checksum_parser("md5"), None,
+           _CHECKSUM_HELP.format(algo="MD5", what="image (after decompression)")),
+    Option("sha256_image", checksum_parser("sha256"), None,
+           _CHECKSUM_HELP.format(algo="SHA-256", what="image (after decompression)")),
+    Option("sha512_image", checksum_parser("sha512"), None,
+           _CHECKSUM_HELP.format(algo="SHA-512", what="image (after decompression)")),
+    Option("kvm_binary", parse_program, "qemu-system-x86_64", "The QEMU program to run."),
+    Option("kvm_memory", parse_memory, "512M", "Guest memory (`-m`), e.g. 512M or 2G."),
+    Option("kvm_smp", parse_cpus, "1", "Number of guest CPUs (`-smp`)."),
+    Option("kvm_accel", parse_accel, "auto",
+           "`kvm`, `tcg` or `auto` (KVM when it works, else TCG). "
+           "The environment variable KVMTASKS_ACCEL overrides it."),
+    Option("kvm_boot_timeout", parse_seconds, "300",
+           "Seconds `start` waits for the guest to answer (ssh, or QMP when no `ssh_port`)."),
+    Option("kvm_vnc", parse_vnc, None, "`IP:DISPLAY` for a VNC server; without it the VM is headless."),
+    Option("kvm_graphic", parse_vga, None, "Graphics card (`-vga`), e.g. std."),
+    Option("kvm_net", parse_net, None,
+           "One `-net` definition per line, e.g. `user,hostname=vm` and `nic,model=ne2k_pci`."),
+    Option("kvm_redir", parse_redirects, None,
+           "Port forwards, one per line: `[tcp|udp]:HOSTPORT:[GUESTADDR]:GUESTPORT`."),
+    Option("kvm_snapshot", parse_bool, "false", "Run with `-snapshot`: guest writes never reach the image."),
+    Option("kvm_extra_args", parse_lines, None, "Extra QEMU arguments, one argument per line."),
+    Option("kvm_bin_directory", parse_path, None,
+           "Where the control scripts go. Default: `${buildout:bin-directory}`."),
+    Option("kvm_run_directory", parse_path, None,
+           "Where pid file, QMP socket, console log and known_hosts go (in a PART subfolder). "
+           "Default: `${buildout:var-directory}`."),
+    Option("ssh_port", parse_port, None, "Host port forwarded to the guest's port 22."),
+    Option("ssh_hostname", parse_hostname, "localhost",
+           "Host used to reach the guest; forwarded ports listen on its address."),
+    Option("ssh_key_path", parse_path, None, "Private key for ssh/scp (`-i`)."),
+    Option("ssh_user", parse_user, "root", "User to log in as in the guest."),
+)
+
+OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def reference_markdown() -> str:
+    """The option reference table for README.md."""
+    rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for option in OPTIONS:
+        default = f"`{option.default}`" if option.default is not None else ""
+        rows.append(f"| `{option.name}` | {default} | {option.help} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

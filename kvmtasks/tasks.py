@@ -1,0 +1,136 @@
+"""Task dicts for doit: one sub-task per step and part, named STEP:PART.
+
+Pure functions of the parsed parts, so tests can pin the graph without
+running anything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from doit.dependency import FileChangedChecker
+from doit.exceptions import TaskFailed
+from doit.tools import config_changed
+
+from kvmtasks import provision
+from kvmtasks.config import Part
+from kvmtasks.errors import KvmTasksError
+
+Task = dict[str, Any]
+
+STEP_DOCS = {
+    "download": "Download the image of a part (resumes an interrupted download)",
+    "verify-download": "Check the downloaded file against md5/sha256/sha512_download",
+    "decompress": "Decompress a gzipped download into the image",
+    "verify-image": "Check the image against md5/sha256/sha512_image",
+    "provision": "Download, verify and decompress the image of a part",
+}
+
+
+class SizeMtimeChecker(FileChangedChecker):  # type: ignore[misc]
+    """A file changed when its size or mtime did: never re-hash multi-GB images."""
+
+    def check_modified(self, file_path: str, file_stat: os.stat_result, state: Any) -> bool:
+        return [file_stat.st_mtime_ns, file_stat.st_size] != list(state)
+
+    def get_state(self, dep: str, current_state: Any) -> list[int]:
+        info = os.stat(dep)
+        return [info.st_mtime_ns, info.st_size]
+
+
+def doit_config(parts: Sequence[Part], default_var: Path) -> dict[str, Any]:
+    var = parts[0].buildout.var_directory if parts else default_var
+    var.mkdir(parents=True, exist_ok=True)
+    return {
+        "dep_file": str(var / ".doit.json"),
+        "backend": "json",
+        "check_file_uptodate": SizeMtimeChecker,
+        "default_tasks": [],
+    }
+
+
+def guarded(step: Callable[[Part], None], part: Part, name: str) -> Callable[[], TaskFailed | None]:
+    """A doit action that turns an expected failure into one line, not a traceback."""
+
+    def action() -> TaskFailed | None:
+        try:
+            step(part)
+        except KvmTasksError as error:
+            return TaskFailed(f"{name}:{part.name}: {error}")
+        return None
+
+    action.__name__ = f"{name}:{part.name}"
+    return action
+
+
+def part_tasks(part: Part) -> Iterator[Task]:
+    """Every task of one part, in the order the steps run."""
+    steps: list[str] = []
+    if part.image is not None:
+        yield {
+            "basename": "download",
+            "name": part.name,
+            "actions": [guarded(provision.download, part, "download")],
+            "targets": [str(part.download_path), str(provision.download_record(part))],
+            "uptodate": [config_changed({"url": part.image})],
+            "clean": True,
+            "doc": f"{STEP_DOCS['download']} ({part.image})",
+        }
+        yield {
+            "basename": "verify-download",
+            "name": part.name,
+            "actions": [guarded(provision.verify_download, part, "verify-download")],
+            "file_dep": [str(provision.download_record(part))],
+            "uptodate": [config_changed(dict(part.download_digests))],
+            "task_dep": [f"download:{part.name}"],
+            "doc": STEP_DOCS["verify-download"],
+        }
+        steps += ["download", "verify-download"]
+    if part.gzip:
+        yield {
+            "basename": "decompress",
+            "name": part.name,
+            "actions": [guarded(provision.decompress, part, "decompress")],
+            "file_dep": [str(part.download_path)],
+            "targets": [str(part.image_path), str(provision.image_record(part))],
+            "task_dep": [f"verify-download:{part.name}"],
+            "clean": True,
+            "doc": STEP_DOCS["decompress"],
+        }
+        steps.append("decompress")
+    yield _verify_image_task(part, steps)
+    steps.append("verify-image")
+    yield {
+        "basename": "provision",
+        "name": part.name,
+        "actions": None,
+        "task_dep": [f"{step}:{part.name}" for step in steps],
+        "doc": f"{STEP_DOCS['provision']} {part.name}",
+    }
+
+
+def _verify_image_task(part: Part, earlier: list[str]) -> Task:
+    task: Task = {
+        "basename": "verify-image",
+        "name": part.name,
+        "actions": [guarded(provision.verify_image, part, "verify-image")],
+        "uptodate": [config_changed(dict(part.image_digests))],
+        "task_dep": [f"{step}:{part.name}" for step in earlier[-1:]],
+        "doc": STEP_DOCS["verify-image"],
+    }
+    if part.file is None:
+        task["file_dep"] = [str(provision.image_record(part))]
+    elif part.image_digests:
+        # A local file is hashed once, then trusted while its size and mtime hold.
+        task["uptodate"].append(lambda: provision.local_file_verified(part))
+    return task
+
+
+def all_tasks(parts: Sequence[Part]) -> Iterator[Task]:
+    for basename, doc in STEP_DOCS.items():
+        yield {"basename": basename, "name": None, "doc": doc}
+    for part in parts:
+        yield from part_tasks(part)
