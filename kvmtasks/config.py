@@ -60,6 +60,7 @@ class Part:
     kvm_smp: int
     kvm_accel: Accel
     kvm_boot_timeout: float
+    kvm_shutdown_timeout: float
     kvm_vnc: str | None
     kvm_graphic: str | None
     kvm_net: tuple[str, ...]
@@ -302,6 +303,7 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         kvm_smp=values["kvm_smp"],
         kvm_accel=values["kvm_accel"],
         kvm_boot_timeout=values["kvm_boot_timeout"],
+        kvm_shutdown_timeout=values["kvm_shutdown_timeout"],
         kvm_vnc=values.get("kvm_vnc"),
         kvm_graphic=values.get("kvm_graphic"),
         kvm_net=values.get("kvm_net", ()),

@@ -18,7 +18,15 @@ class VerifyError(KvmTasksError):
 
 
 class VmError(KvmTasksError):
-    """Starting, stopping or talking to a virtual machine failed."""
+    """Starting, stopping or talking to a virtual machine failed.
+
+    ``details`` holds what helps to see why (console log, qemu's stderr);
+    it is printed after the one-line message.
+    """
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class CommandError(KvmTasksError):

@@ -243,6 +243,8 @@ OPTIONS: tuple[Option, ...] = (
            "The environment variable KVMTASKS_ACCEL overrides it."),
     Option("kvm_boot_timeout", parse_seconds, "300",
            "Seconds `start` waits for the guest to answer (ssh, or QMP when no `ssh_port`)."),
+    Option("kvm_shutdown_timeout", parse_seconds, "30",
+           "Seconds `stop` waits for the guest to power off (ACPI) before QEMU is told to quit."),
     Option("kvm_vnc", parse_vnc, None, "`IP:DISPLAY` for a VNC server; without it the VM is headless."),
     Option("kvm_graphic", parse_vga, None, "Graphics card (`-vga`), e.g. std."),
     Option("kvm_net", parse_net, None,

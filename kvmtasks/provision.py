@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from kvmtasks import digest, fetch, image
+from kvmtasks import digest, fetch, image, vm
 from kvmtasks.config import Part
-from kvmtasks.errors import VerifyError
+from kvmtasks.errors import VerifyError, VmError
+from kvmtasks.qemu import RunFiles
 
 
 def record_directory(part: Part) -> Path:
@@ -29,8 +30,16 @@ def image_record(part: Part) -> Path:
     return record_directory(part) / "image.json"
 
 
+def _refuse_if_running(part: Part) -> None:
+    """Never replace the disk under a running VM; a new image also has new host keys."""
+    if vm.current(part).running:
+        raise VmError(f"{part.name} is running; stop it first: doit stop:{part.name}")
+    RunFiles.of(part).known_hosts.unlink(missing_ok=True)
+
+
 def download(part: Part) -> None:
     assert part.image is not None
+    _refuse_if_running(part)
     algorithms = set(part.download_digests)
     if not part.gzip:
         algorithms |= set(part.image_digests)
@@ -39,6 +48,7 @@ def download(part: Part) -> None:
 
 
 def decompress(part: Part) -> None:
+    _refuse_if_running(part)
     digests = image.gunzip(part.download_path, part.image_path, part.image_digests)
     digest.write_record(image_record(part), part.image_path, digests)
 

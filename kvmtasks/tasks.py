@@ -15,7 +15,7 @@ from doit.dependency import FileChangedChecker
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from kvmtasks import provision
+from kvmtasks import provision, render, snapshot, vm
 from kvmtasks.config import Part
 from kvmtasks.errors import KvmTasksError
 
@@ -26,7 +26,11 @@ STEP_DOCS = {
     "verify-download": "Check the downloaded file against md5/sha256/sha512_download",
     "decompress": "Decompress a gzipped download into the image",
     "verify-image": "Check the image against md5/sha256/sha512_image",
-    "provision": "Download, verify and decompress the image of a part",
+    "render": "Write the control scripts PART-ctl, -sendfile, -getfile, -runscript",
+    "provision": "Download, verify and decompress the image, and write the control scripts",
+    "start": "Provision the part, then start its VM and wait until it answers",
+    "stop": "Stop the VM of a part (ACPI power-down, then quit, then signals)",
+    "status": "Show whether the VM of a part is running",
 }
 
 
@@ -59,7 +63,8 @@ def guarded(step: Callable[[Part], None], part: Part, name: str) -> Callable[[],
         try:
             step(part)
         except KvmTasksError as error:
-            return TaskFailed(f"{name}:{part.name}: {error}")
+            details = getattr(error, "details", "")
+            return TaskFailed(f"{name}:{part.name}: {error}" + (f"\n{details}" if details else ""))
         return None
 
     action.__name__ = f"{name}:{part.name}"
@@ -102,7 +107,8 @@ def part_tasks(part: Part) -> Iterator[Task]:
         }
         steps.append("decompress")
     yield _verify_image_task(part, steps)
-    steps.append("verify-image")
+    yield _render_task(part)
+    steps += ["verify-image", "render"]
     yield {
         "basename": "provision",
         "name": part.name,
@@ -110,6 +116,7 @@ def part_tasks(part: Part) -> Iterator[Task]:
         "task_dep": [f"{step}:{part.name}" for step in steps],
         "doc": f"{STEP_DOCS['provision']} {part.name}",
     }
+    yield from _vm_tasks(part)
 
 
 def _verify_image_task(part: Part, earlier: list[str]) -> Task:
@@ -127,6 +134,40 @@ def _verify_image_task(part: Part, earlier: list[str]) -> Task:
         # A local file is hashed once, then trusted while its size and mtime hold.
         task["uptodate"].append(lambda: provision.local_file_verified(part))
     return task
+
+
+def _render_task(part: Part) -> Task:
+    scripts = [render.script_path(part, kind) for kind in render.SCRIPTS]
+    texts = [render.script_text(part.name, kind, render.snapshot_path(part)) for kind in render.SCRIPTS]
+    return {
+        "basename": "render",
+        "name": part.name,
+        "actions": [guarded(render.render, part, "render")],
+        "targets": [str(render.snapshot_path(part)), *map(str, scripts)],
+        "uptodate": [config_changed({"part": snapshot.to_json(part), "scripts": texts})],
+        "clean": True,
+        "doc": STEP_DOCS["render"],
+    }
+
+
+def _vm_tasks(part: Part) -> Iterator[Task]:
+    def status(part: Part) -> None:
+        print("\n".join(vm.describe(part)))
+
+    for name, step, deps in (
+        ("start", vm.start, [f"provision:{part.name}"]),
+        ("stop", vm.stop, []),
+        ("status", status, []),
+    ):
+        yield {
+            "basename": name,
+            "name": part.name,
+            "actions": [guarded(step, part, name)],
+            "task_dep": deps,
+            "uptodate": [False],
+            "verbosity": 2,
+            "doc": f"{STEP_DOCS[name]} {part.name}",
+        }
 
 
 def all_tasks(parts: Sequence[Part]) -> Iterator[Task]:

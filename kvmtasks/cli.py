@@ -1,0 +1,79 @@
+"""Entry point of the generated scripts (PART-ctl, -sendfile, -getfile, -runscript)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvmtasks import snapshot, ssh, vm
+from kvmtasks.config import Part
+from kvmtasks.errors import KvmTasksError, VmError
+
+EXIT_STOPPED = 3  # LSB: program is not running
+
+HELP = {
+    "ctl": "Start, stop, restart the VM of part {part}, or show its status "
+           "(exit 0 when running, 3 when stopped).",
+    "sendfile": "Copy LOCALFILE into the guest of part {part} as REMOTEFILE "
+                "(argument order as in erp5.recipe.kvm: remote first).",
+    "getfile": "Copy REMOTEFILE from the guest of part {part} to LOCALFILE "
+               "(remote first, as in erp5.recipe.kvm).",
+    "runscript": "Run COMMAND in the guest of part {part} over ssh; its output streams through "
+                 "and its exit status is returned. The words go to the guest's shell, as with ssh.",
+}
+
+
+def _parser(part: Part, kind: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{part.name}-{kind}", description=HELP[kind].format(part=part.name)
+    )
+    if kind == "ctl":
+        parser.add_argument("action", choices=("start", "stop", "status", "restart"))
+    elif kind in ("sendfile", "getfile"):
+        parser.add_argument("remotefile", metavar="REMOTEFILE")
+        parser.add_argument("localfile", metavar="LOCALFILE", type=Path)
+    return parser
+
+
+def _ctl(part: Part, action: str) -> int:
+    if action == "status":
+        print("\n".join(vm.describe(part)))
+        return 0 if vm.current(part).running else EXIT_STOPPED
+    {"start": vm.start, "stop": vm.stop, "restart": vm.restart}[action](part, print)
+    return 0
+
+
+def run(part: Part, kind: str, args: Sequence[str]) -> int:
+    if kind == "runscript":
+        if not args or args[0] in ("-h", "--help"):
+            _parser(part, kind).print_help()
+            return 0 if args else 2
+        return ssh.runscript(part, list(args))
+    options = _parser(part, kind).parse_args(args)
+    if kind == "ctl":
+        return _ctl(part, options.action)
+    if kind == "sendfile":
+        ssh.sendfile(part, options.remotefile, options.localfile)
+    else:
+        ssh.getfile(part, options.remotefile, options.localfile)
+    return 0
+
+
+def main(kind: str, snapshot_file: str, args: Sequence[str] | None = None) -> int:
+    try:
+        part = snapshot.from_json(Path(snapshot_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        print(f"kvmtasks: cannot read {snapshot_file} ({error}); run doit render again",
+              file=sys.stderr)
+        return 1
+    try:
+        return run(part, kind, sys.argv[1:] if args is None else args)
+    except KvmTasksError as error:
+        print(f"{part.name}-{kind}: {error}", file=sys.stderr)
+        if isinstance(error, VmError) and error.details:
+            print(error.details, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

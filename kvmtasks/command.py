@@ -1,0 +1,77 @@
+"""The one place that runs external programs (qemu, qemu-img, ssh, scp).
+
+Programs always run from an argv list through ``sh``: no shell ever sees a
+config value.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import sh
+
+from kvmtasks.errors import CommandError
+
+log = logging.getLogger(__name__)
+
+# The Debian package to suggest when a program is missing.
+PACKAGES = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "ssh": "openssh-client",
+    "scp": "openssh-client",
+}
+
+
+ALL_EXIT_CODES = tuple(range(256))
+
+
+@dataclass(frozen=True)
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def find(program: str) -> str:
+    """The program's full path, or a CommandError that says what to install."""
+    path = shutil.which(program)
+    if path is None:
+        package = PACKAGES.get(program.rsplit("/", 1)[-1])
+        hint = f"; install the {package} package" if package else ""
+        raise CommandError(f"{program} not found{hint}")
+    return path
+
+
+def run(argv: Sequence[str], *, timeout: float | None = None) -> Result:
+    """Run argv to completion, capturing its output; never raises on exit status."""
+    command = sh.Command(find(argv[0]))
+    log.debug("running %s", shlex.join(argv))
+    try:
+        done = command(
+            *argv[1:], _return_cmd=True, _ok_code=ALL_EXIT_CODES, _tty_out=False, _timeout=timeout
+        )
+    except sh.TimeoutException:
+        raise CommandError(f"{argv[0]} did not finish within {timeout:g} s") from None
+    return Result(
+        done.exit_code,
+        done.stdout.decode(errors="replace"),
+        done.stderr.decode(errors="replace"),
+    )
+
+
+def run_foreground(argv: Sequence[str]) -> int:
+    """Run argv with the caller's stdin, stdout and stderr; return its exit status."""
+    command = sh.Command(find(argv[0]))
+    log.debug("running %s", shlex.join(argv))
+    try:
+        command(*argv[1:], _fg=True)
+    except sh.ErrorReturnCode as error:
+        return int(error.exit_code)
+    except sh.SignalException as error:
+        return 128 + abs(int(error.exit_code))
+    return 0

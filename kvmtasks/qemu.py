@@ -1,0 +1,104 @@
+"""The QEMU command line: config in, argv list out, nothing started."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmtasks.config import Part
+from kvmtasks.options import ImageType, Redirect
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files QEMU and the control scripts share in a part's state folder."""
+
+    pidfile: Path
+    qmp_socket: Path
+    console_log: Path
+    known_hosts: Path
+    accel: Path
+
+    @classmethod
+    def of(cls, part: Part) -> RunFiles:
+        folder = part.state_directory
+        return cls(
+            pidfile=folder / "qemu.pid",
+            qmp_socket=folder / "qmp.sock",
+            console_log=folder / "console.log",
+            known_hosts=folder / "known_hosts",
+            accel=folder / "accel",
+        )
+
+
+def escape(value: str | Path) -> str:
+    """QEMU's own quoting inside option values: a comma is written twice."""
+    return str(value).replace(",", ",,")
+
+
+def forwards(part: Part) -> tuple[Redirect, ...]:
+    """Every host-to-guest port forward: kvm_redir lines plus ssh_port."""
+    extra = (Redirect("tcp", part.ssh_port, "", 22),) if part.ssh_port is not None else ()
+    return part.kvm_redir + extra
+
+
+def network_args(part: Part, listen_address: str) -> list[str]:
+    """-net options: the kvm_net lines, with forwards added to the user network."""
+    hostfwds = "".join(
+        f",hostfwd={r.protocol}:{listen_address}:{r.host_port}-{r.guest_address}:{r.guest_port}"
+        for r in forwards(part)
+    )
+    lines = list(part.kvm_net)
+    kinds = [line.split(",", 1)[0] for line in lines]
+    if hostfwds:
+        if "user" in kinds:
+            index = kinds.index("user")
+            lines[index] += hostfwds
+        else:
+            lines.append("user" + hostfwds)
+            kinds.append("user")
+        if "nic" not in kinds:
+            lines.insert(0, "nic")
+    args: list[str] = []
+    for line in lines:
+        args += ["-net", line]
+    return args
+
+
+def disk_args(part: Part, disk_format: str) -> list[str]:
+    image = escape(part.image_path)
+    if part.image_type is ImageType.HDA:
+        return ["-drive", f"file={image},if=ide,index=0,media=disk,format={disk_format}"]
+    return ["-drive", f"file={image},if=virtio,cache=none,format={disk_format}"]
+
+
+def qemu_argv(part: Part, *, accel: str, disk_format: str, listen_address: str) -> list[str]:
+    """The full command line that starts the part's VM as a daemon."""
+    files = RunFiles.of(part)
+    argv = [
+        part.kvm_binary,
+        "-name", escape(part.name),
+        "-accel", accel,
+        "-m", part.kvm_memory,
+        "-smp", str(part.kvm_smp),
+        *disk_args(part, disk_format),
+    ]
+    if part.kvm_snapshot:
+        argv.append("-snapshot")
+    if part.kvm_vnc is not None:
+        argv += ["-vnc", part.kvm_vnc]
+    else:
+        argv += ["-display", "none"]
+    if part.kvm_graphic is not None:
+        argv += ["-vga", part.kvm_graphic]
+    argv += network_args(part, listen_address)
+    argv += [
+        "-chardev", f"file,id=console,path={escape(files.console_log)}",
+        "-serial", "chardev:console",
+        "-qmp", f"unix:{escape(files.qmp_socket)},server=on,wait=off",
+        "-monitor", "none",
+        "-pidfile", str(files.pidfile),
+        "-daemonize",
+        *part.kvm_extra_args,
+    ]
+    return argv

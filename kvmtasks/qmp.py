@@ -1,0 +1,69 @@
+"""A minimal QMP client: enough to ask a VM's status and to stop it."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from kvmtasks.errors import VmError
+
+
+class QmpClient:
+    """One QMP session over the VM's unix socket."""
+
+    def __init__(self, path: Path, timeout: float = 5.0) -> None:
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._socket.settimeout(timeout)
+        try:
+            self._socket.connect(str(path))
+        except OSError as error:
+            self._socket.close()
+            raise VmError(f"cannot connect to QMP socket {path}: {error.strerror or error}") from None
+        self._reader = self._socket.makefile("rb")
+        self._receive()  # the greeting
+        self.execute("qmp_capabilities")
+
+    def __enter__(self) -> QmpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._reader.close()
+        self._socket.close()
+
+    def _receive(self) -> dict[str, Any]:
+        try:
+            line = self._reader.readline()
+        except OSError as error:
+            raise VmError(f"QMP: {error}") from None
+        if not line:
+            raise VmError("QMP: connection closed by QEMU")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        request: dict[str, Any] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        try:
+            self._socket.sendall(json.dumps(request).encode() + b"\n")
+        except OSError as error:
+            raise VmError(f"QMP: {error}") from None
+        while True:
+            reply = self._receive()
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                raise VmError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
+            return reply.get("return")
+
+
+def query_status(path: Path, timeout: float = 5.0) -> str:
+    """The VM's run state: running, internal-error, guest-panicked, shutdown, ..."""
+    with QmpClient(path, timeout) as client:
+        status: str = client.execute("query-status")["status"]
+        return status

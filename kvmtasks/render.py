@@ -1,0 +1,51 @@
+"""Write a part's control scripts: PART-ctl, -sendfile, -getfile, -runscript.
+
+A script holds no config value in shell code: it is a few lines of Python
+that load the part's JSON snapshot and call kvmtasks.cli.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import kvmtasks
+from kvmtasks import snapshot
+from kvmtasks.config import Part
+
+SCRIPTS = ("ctl", "sendfile", "getfile", "runscript")
+PACKAGE_ROOT = Path(kvmtasks.__file__).resolve().parent.parent
+
+
+def script_path(part: Part, kind: str) -> Path:
+    return part.kvm_bin_directory / f"{part.name}-{kind}"
+
+
+def snapshot_path(part: Part) -> Path:
+    return part.state_directory / "part.json"
+
+
+def script_text(part_name: str, kind: str, snapshot_file: Path) -> str:
+    return (
+        f"#!{sys.executable}\n"
+        f"# {part_name}-{kind}: written by kvmtasks (doit render:{part_name}); edits are overwritten.\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(PACKAGE_ROOT)!r})\n"
+        "from kvmtasks.cli import main\n"
+        f"sys.exit(main({kind!r}, {str(snapshot_file)!r}))\n"
+    )
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.chmod(mode)
+    os.replace(temporary, path)
+
+
+def render(part: Part) -> None:
+    _write(snapshot_path(part), snapshot.to_json(part), 0o644)
+    for kind in SCRIPTS:
+        _write(script_path(part, kind), script_text(part.name, kind, snapshot_path(part)), 0o755)

@@ -1,0 +1,97 @@
+"""ssh and scp into a part's guest: argv builders and the runs that use them."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvmtasks import command
+from kvmtasks.config import Part
+from kvmtasks.errors import VmError
+from kvmtasks.qemu import RunFiles
+
+CONNECT_TIMEOUT = 10
+# What scp says when the guest has no SFTP server: retry with the legacy protocol.
+NO_SFTP_MARKERS = ("sftp-server", "subsystem request failed", "Connection closed")
+
+
+def common_options(part: Part) -> list[str]:
+    options = [
+        "-o", "BatchMode=yes",
+        "-o", f"ConnectTimeout={CONNECT_TIMEOUT}",
+        "-o", f"UserKnownHostsFile={RunFiles.of(part).known_hosts}",
+        "-o", "StrictHostKeyChecking=accept-new",
+        "-o", "LogLevel=ERROR",
+    ]
+    if part.ssh_key_path is not None:
+        options += ["-i", str(part.ssh_key_path), "-o", "IdentitiesOnly=yes"]
+    return options
+
+
+def _require_port(part: Part) -> int:
+    if part.ssh_port is None:
+        raise VmError(f"part {part.name} has no ssh_port: set it to reach the guest over ssh")
+    return part.ssh_port
+
+
+def ssh_argv(part: Part, remote_command: Sequence[str]) -> list[str]:
+    """ssh into the guest; the command words go to the guest's shell, as with ssh itself."""
+    return [
+        "ssh", *common_options(part),
+        "-p", str(_require_port(part)),
+        "-l", part.ssh_user,
+        "--", part.ssh_hostname, *remote_command,
+    ]
+
+
+def scp_argv(part: Part, source: str, target: str, *, legacy: bool) -> list[str]:
+    """scp with ``remote:`` standing for the guest in source or target."""
+    return [
+        "scp", *common_options(part),
+        *(["-O"] if legacy else []),
+        "-P", str(_require_port(part)),
+        "--", source, target,
+    ]
+
+
+def remote(part: Part, path: str) -> str:
+    return f"{part.ssh_user}@{part.ssh_hostname}:{path}"
+
+
+def runscript(part: Part, remote_command: Sequence[str]) -> int:
+    return command.run_foreground(ssh_argv(part, remote_command))
+
+
+def copy(part: Part, source: str, target: str) -> None:
+    """scp, falling back to the legacy protocol for guests without an SFTP server."""
+    result = command.run(scp_argv(part, source, target, legacy=False))
+    if result.exit_code != 0 and any(m in result.stderr for m in NO_SFTP_MARKERS):
+        result = command.run(scp_argv(part, source, target, legacy=True))
+    if result.exit_code != 0:
+        raise VmError(f"scp {source} {target} failed: {' '.join(result.stderr.split()) or result.exit_code}")
+
+
+def sendfile(part: Part, remote_file: str, local_file: Path) -> None:
+    if not local_file.is_file():
+        raise VmError(f"{local_file}: no such file")
+    copy(part, str(local_file), remote(part, remote_file))
+
+
+def getfile(part: Part, remote_file: str, local_file: Path) -> None:
+    copy(part, remote(part, remote_file), str(local_file))
+
+
+def banner(host: str, port: int, timeout: float = 3.0) -> bool:
+    """True when an SSH server answers on host:port with its banner."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as connection:
+            return connection.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def can_log_in(part: Part) -> bool:
+    """A real login: the guest ran ``true`` for us."""
+    return command.run(ssh_argv(part, ["true"]), timeout=CONNECT_TIMEOUT + 20).exit_code == 0
+

@@ -1,0 +1,266 @@
+"""Start, stop and inspect a part's VM: what ``PART-ctl`` and the doit tasks call."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmtasks import command, image, qmp, ssh
+from kvmtasks.config import Part, listen_address
+from kvmtasks.errors import VmError
+from kvmtasks.options import Accel
+from kvmtasks.qemu import RunFiles, forwards, qemu_argv
+
+Say = Callable[[str], None]
+# Run states after which the guest will never answer.
+DEAD_STATES = frozenset({"internal-error", "guest-panicked", "shutdown", "io-error"})
+CONSOLE_TAIL_LINES = 20
+QUIT_WAIT = 5.0
+SOCKET_PATH_MAX = 107
+
+
+class KvmUnusable(VmError):
+    """KVM looked usable but qemu or the guest died under it (nested virtualisation)."""
+
+
+@dataclass(frozen=True)
+class Status:
+    running: bool
+    pid: int | None = None
+    accel: str | None = None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return raw.decode(errors="replace").split("\0")
+
+
+def is_our_qemu(pid: int, files: RunFiles) -> bool:
+    """True only for a live qemu started with this part's pid file (never another process)."""
+    return str(files.pidfile) in _cmdline(pid)
+
+
+def _read_pid(files: RunFiles) -> int | None:
+    try:
+        text = files.pidfile.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def _clean_run_files(files: RunFiles) -> None:
+    for path in (files.pidfile, files.qmp_socket, files.accel):
+        path.unlink(missing_ok=True)
+
+
+def current(part: Part) -> Status:
+    """The VM's state; a stale pid file is removed on the way."""
+    files = RunFiles.of(part)
+    pid = _read_pid(files)
+    if pid is not None and is_our_qemu(pid, files):
+        accel = files.accel.read_text().strip() if files.accel.exists() else None
+        return Status(True, pid, accel)
+    if files.pidfile.exists():
+        _clean_run_files(files)
+    return Status(False)
+
+
+def console_tail(part: Part, lines: int = CONSOLE_TAIL_LINES) -> str:
+    try:
+        text = RunFiles.of(part).console_log.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _details(part: Part, stderr: str = "") -> str:
+    sections = []
+    tail = console_tail(part)
+    if tail:
+        sections.append(f"--- last lines of {RunFiles.of(part).console_log} ---\n{tail}")
+    if stderr.strip():
+        sections.append(f"--- qemu's stderr ---\n{stderr.strip()}")
+    return "\n".join(sections)
+
+
+def choose_accel(part: Part) -> Accel:
+    accel = part.effective_accel
+    if accel is Accel.AUTO:
+        return Accel.KVM if os.access("/dev/kvm", os.R_OK | os.W_OK) else Accel.TCG
+    return accel
+
+
+def _preflight(part: Part) -> str:
+    """Check what qemu needs before starting it; return the forwards' listen address."""
+    files = RunFiles.of(part)
+    command.find(part.kvm_binary)
+    if not part.image_path.exists():
+        raise VmError(f"{part.name}: image {part.image_path} not found; run: doit provision:{part.name}")
+    if len(str(files.qmp_socket)) > SOCKET_PATH_MAX:
+        raise VmError(f"{part.name}: kvm_run_directory path is too long for a unix socket: {files.qmp_socket}")
+    address = listen_address(part.ssh_hostname)
+    for forward in forwards(part):
+        _check_port_free(part, forward.protocol, address, forward.host_port)
+    return address
+
+
+def _check_port_free(part: Part, protocol: str, address: str, port: int) -> None:
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as probe:
+        try:
+            probe.bind((address, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise VmError(f"{part.name}: host port {port} ({protocol} on {address}) is already in use") from None
+            raise VmError(f"{part.name}: cannot listen on {address}:{port}: {error.strerror}") from None
+
+
+def start(part: Part, say: Say = print) -> None:
+    """Start the VM and wait until it answers; leave nothing running on failure."""
+    status = current(part)
+    if status.running:
+        say(f"{part.name} is already running (pid {status.pid})")
+        return
+    address = _preflight(part)
+    part.state_directory.mkdir(parents=True, exist_ok=True)
+    accel = choose_accel(part)
+    try:
+        _boot(part, accel, address)
+    except KvmUnusable as error:
+        if part.effective_accel is not Accel.AUTO:
+            raise
+        say(f"{part.name}: {error}; starting again under TCG (software emulation, slower)")
+        _boot(part, Accel.TCG, address)
+    say(f"{part.name} is running (pid {current(part).pid}, accel {RunFiles.of(part).accel.read_text()})")
+
+
+def _boot(part: Part, accel: Accel, address: str) -> None:
+    files = RunFiles.of(part)
+    argv = qemu_argv(part, accel=accel.value, disk_format=_disk_format(part), listen_address=address)
+    started_at = time.monotonic()
+    result = command.run(argv, timeout=120)
+    if result.exit_code != 0:
+        _clean_run_files(files)
+        message = _first_error_line(result.stderr) or f"exit status {result.exit_code}"
+        if accel is Accel.KVM and "kvm" in result.stderr.lower():
+            raise KvmUnusable(f"qemu could not start under KVM ({message})")
+        raise VmError(f"{part.name}: qemu failed to start: {message}", _details(part, result.stderr))
+    files.accel.write_text(accel.value)
+    try:
+        _wait_until_ready(part, accel, started_at + part.kvm_boot_timeout)
+    except VmError:
+        _kill(part)
+        raise
+
+
+def _disk_format(part: Part) -> str:
+    return "raw" if part.is_block_device else image.disk_format(part.image_path)
+
+
+def _first_error_line(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _wait_until_ready(part: Part, accel: Accel, deadline: float) -> None:
+    files = RunFiles.of(part)
+    while True:
+        if not current(part).running:
+            raise VmError(f"{part.name}: qemu exited while the guest was booting", _details(part))
+        state = _query_status(files)
+        if state in DEAD_STATES:
+            if accel is Accel.KVM:
+                raise KvmUnusable(f"the guest stopped under KVM (QMP status {state})")
+            raise VmError(f"{part.name}: the guest stopped (QMP status {state})", _details(part))
+        if part.ssh_port is None:
+            if state == "running":
+                return
+        elif ssh.banner(part.ssh_hostname, part.ssh_port) and ssh.can_log_in(part):
+            return
+        if time.monotonic() > deadline:
+            waited = "an ssh login" if part.ssh_port is not None else "QMP status running"
+            raise VmError(
+                f"{part.name}: no {waited} within kvm_boot_timeout = {part.kvm_boot_timeout:g} s",
+                _details(part),
+            )
+        time.sleep(0.5)
+
+
+def _query_status(files: RunFiles) -> str | None:
+    try:
+        return qmp.query_status(files.qmp_socket, timeout=5.0)
+    except VmError:
+        return None  # QMP not up yet, or busy: ask again on the next round
+
+
+def _wait_gone(pid: int, files: RunFiles, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not is_our_qemu(pid, files):
+            return True
+        time.sleep(0.2)
+    return not is_our_qemu(pid, files)
+
+
+def _qmp_command(files: RunFiles, name: str) -> None:
+    try:
+        with qmp.QmpClient(files.qmp_socket, timeout=5.0) as client:
+            client.execute(name)
+    except VmError:
+        pass  # the escalation to the next, harder step handles it
+
+
+def _kill(part: Part, graceful_seconds: float = 0.0) -> None:
+    """Stop qemu: ACPI power-down, then QMP quit, then SIGTERM and SIGKILL."""
+    files = RunFiles.of(part)
+    pid = _read_pid(files)
+    if pid is not None and is_our_qemu(pid, files):
+        if graceful_seconds > 0:
+            _qmp_command(files, "system_powerdown")
+        if not _wait_gone(pid, files, graceful_seconds):
+            _qmp_command(files, "quit")
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if sig is not None and is_our_qemu(pid, files):
+                    os.kill(pid, sig)
+                if _wait_gone(pid, files, QUIT_WAIT):
+                    break
+    _clean_run_files(files)
+
+
+def stop(part: Part, say: Say = print) -> None:
+    status = current(part)
+    if not status.running:
+        say(f"{part.name} is not running")
+        return
+    _kill(part, part.kvm_shutdown_timeout)
+    say(f"{part.name} stopped")
+
+
+def restart(part: Part, say: Say = print) -> None:
+    stop(part, say)
+    start(part, say)
+
+
+def describe(part: Part) -> list[str]:
+    """The lines ``status`` prints."""
+    status = current(part)
+    if not status.running:
+        return [f"{part.name} is stopped"]
+    address = listen_address(part.ssh_hostname)
+    lines = [f"{part.name} is running (pid {status.pid}, accel {status.accel or 'unknown'})"]
+    for forward in forwards(part):
+        guest = f"{forward.guest_address or 'guest'}:{forward.guest_port}"
+        lines.append(f"  forward {forward.protocol} {address}:{forward.host_port} -> {guest}")
+    if part.kvm_vnc is not None:
+        lines.append(f"  vnc {part.kvm_vnc}")
+    lines.append(f"  console log {RunFiles.of(part).console_log}")
+    return lines
