@@ -204,7 +204,7 @@ def _reference(error: configparser.InterpolationMissingOptionError) -> str:
 def _buildout(parser: configparser.ConfigParser, path: Path) -> Buildout:
     def folder(option: str, base: Path | None) -> Path:
         value = _get(parser, path, "buildout", option)
-        folder_path = Path(value).expanduser()
+        folder_path = _expand_user(value, f"{path}: [buildout] {option}")
         return folder_path if base is None or folder_path.is_absolute() else base / folder_path
 
     directory = folder("directory", None).absolute()
@@ -214,6 +214,15 @@ def _buildout(parser: configparser.ConfigParser, path: Path) -> Buildout:
         parts_directory=folder("parts-directory", directory),
         var_directory=folder("var-directory", directory),
     )
+
+
+def _expand_user(value: str, where: str) -> Path:
+    """~ and ~user expanded; an unknown user is a config error, not a RuntimeError."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        user = value.split("/", 1)[0]
+        raise ConfigError(f"{where} = {value!r}: cannot expand {user} (no such user)") from None
 
 
 def _is_part(parser: configparser.ConfigParser, section: str) -> bool:
@@ -258,12 +267,14 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         value = values.get(option)
         if value is None:
             return None
-        resolved = Path(value).expanduser()
+        resolved = _expand_user(value, f"{where} {option}")
         return resolved if resolved.is_absolute() else buildout.directory / resolved
 
     image, file = values.get("image"), local_path("file")
     if image is not None and file is not None:
-        raise ConfigError(f"{where} set either image or file, not both (image = {image!r}, file = {str(file)!r})")
+        raise ConfigError(
+            f"{where} set either image or file, not both (image = {image!r}, file = {str(file)!r})"
+        )
     if image is None and file is None:
         raise ConfigError(f"{where} needs an image URL or a file")
     download = _digests(values, "download")

@@ -80,7 +80,13 @@ def _copy_local(url: str, dest: Path, algorithms: Iterable[str], label: str) -> 
 def _timeouts() -> tuple[float, float]:
     override = os.environ.get(TIMEOUT_ENV)
     if override:
-        return float(override), float(override)
+        try:
+            seconds = float(override)
+        except ValueError:
+            seconds = 0.0
+        if not 0 < seconds < 1e6:
+            raise FetchError(f"{TIMEOUT_ENV} = {override!r}: not a number of seconds above 0")
+        return seconds, seconds
     return CONNECT_TIMEOUT, READ_TIMEOUT
 
 

@@ -82,6 +82,8 @@ def qemu_argv(part: Part, *, accel: str, disk_format: str, listen_address: str) 
         "-m", part.kvm_memory,
         "-smp", str(part.kvm_smp),
         *disk_args(part, disk_format),
+        # Entropy from the host: guests otherwise stall generating ssh keys at first boot.
+        "-device", "virtio-rng-pci",
     ]
     if part.kvm_snapshot:
         argv.append("-snapshot")

@@ -93,5 +93,12 @@ def banner(host: str, port: int, timeout: float = 3.0) -> bool:
 
 def can_log_in(part: Part) -> bool:
     """A real login: the guest ran ``true`` for us."""
-    return command.run(ssh_argv(part, ["true"]), timeout=CONNECT_TIMEOUT + 20).exit_code == 0
+    result = command.run(ssh_argv(part, ["true"]), timeout=CONNECT_TIMEOUT + 20)
+    if "Host key verification failed" in result.stderr:
+        known_hosts = RunFiles.of(part).known_hosts
+        raise VmError(
+            f"{part.name}: the guest's ssh host key is not the one in {known_hosts}; "
+            "if the guest was reinstalled, delete that file and start again"
+        )
+    return result.exit_code == 0
 

@@ -83,10 +83,12 @@ def console_tail(part: Part, lines: int = CONSOLE_TAIL_LINES) -> str:
 
 
 def _details(part: Part, stderr: str = "") -> str:
-    sections = []
+    console_log = RunFiles.of(part).console_log
     tail = console_tail(part)
     if tail:
-        sections.append(f"--- last lines of {RunFiles.of(part).console_log} ---\n{tail}")
+        sections = [f"--- last lines of {console_log} ---\n{tail}"]
+    else:
+        sections = [f"--- {console_log} is empty: the guest wrote nothing to its serial console ---"]
     if stderr.strip():
         sections.append(f"--- qemu's stderr ---\n{stderr.strip()}")
     return "\n".join(sections)
@@ -106,7 +108,9 @@ def _preflight(part: Part) -> str:
     if not part.image_path.exists():
         raise VmError(f"{part.name}: image {part.image_path} not found; run: doit provision:{part.name}")
     if len(str(files.qmp_socket)) > SOCKET_PATH_MAX:
-        raise VmError(f"{part.name}: kvm_run_directory path is too long for a unix socket: {files.qmp_socket}")
+        raise VmError(
+            f"{part.name}: kvm_run_directory path is too long for a unix socket: {files.qmp_socket}"
+        )
     address = listen_address(part.ssh_hostname)
     for forward in forwards(part):
         _check_port_free(part, forward.protocol, address, forward.host_port)
@@ -120,7 +124,9 @@ def _check_port_free(part: Part, protocol: str, address: str, port: int) -> None
             probe.bind((address, port))
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
-                raise VmError(f"{part.name}: host port {port} ({protocol} on {address}) is already in use") from None
+                raise VmError(
+                    f"{part.name}: host port {port} ({protocol} on {address}) is already in use"
+                ) from None
             raise VmError(f"{part.name}: cannot listen on {address}:{port}: {error.strerror}") from None
 
 
@@ -137,8 +143,8 @@ def start(part: Part, say: Say = print) -> None:
         _boot(part, accel, address)
     except KvmUnusable as error:
         if part.effective_accel is not Accel.AUTO:
-            raise
-        say(f"{part.name}: {error}; starting again under TCG (software emulation, slower)")
+            raise VmError(f"{error}; set kvm_accel = tcg or auto", error.details) from None
+        say(f"{error}; starting again under TCG (software emulation, slower)")
         _boot(part, Accel.TCG, address)
     say(f"{part.name} is running (pid {current(part).pid}, accel {RunFiles.of(part).accel.read_text()})")
 
@@ -152,7 +158,7 @@ def _boot(part: Part, accel: Accel, address: str) -> None:
         _clean_run_files(files)
         message = _first_error_line(result.stderr) or f"exit status {result.exit_code}"
         if accel is Accel.KVM and "kvm" in result.stderr.lower():
-            raise KvmUnusable(f"qemu could not start under KVM ({message})")
+            raise KvmUnusable(f"{part.name}: qemu could not start under KVM ({message})")
         raise VmError(f"{part.name}: qemu failed to start: {message}", _details(part, result.stderr))
     files.accel.write_text(accel.value)
     try:
@@ -179,7 +185,7 @@ def _wait_until_ready(part: Part, accel: Accel, deadline: float) -> None:
         state = _query_status(files)
         if state in DEAD_STATES:
             if accel is Accel.KVM:
-                raise KvmUnusable(f"the guest stopped under KVM (QMP status {state})")
+                raise KvmUnusable(f"{part.name}: the guest stopped under KVM (QMP status {state})")
             raise VmError(f"{part.name}: the guest stopped (QMP status {state})", _details(part))
         if part.ssh_port is None:
             if state == "running":
@@ -187,9 +193,10 @@ def _wait_until_ready(part: Part, accel: Accel, deadline: float) -> None:
         elif ssh.banner(part.ssh_hostname, part.ssh_port) and ssh.can_log_in(part):
             return
         if time.monotonic() > deadline:
-            waited = "an ssh login" if part.ssh_port is not None else "QMP status running"
+            waited = "answered on ssh" if part.ssh_port is not None else "reached QMP status running"
             raise VmError(
-                f"{part.name}: no {waited} within kvm_boot_timeout = {part.kvm_boot_timeout:g} s",
+                f"{part.name}: the guest never {waited} within kvm_boot_timeout = "
+                f"{part.kvm_boot_timeout:g} s",
                 _details(part),
             )
         time.sleep(0.5)

@@ -1,0 +1,138 @@
+"""Unit tests of the QEMU argv builder: pure, nothing is started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvmtasks.config import Part, load_file
+from kvmtasks.qemu import escape, network_args, qemu_argv
+
+README_COMMON = """
+kvm_vnc = 127.0.0.1:3
+kvm_graphic = std
+kvm_redir =
+  tcp:13480::80
+kvm_net =
+  user,hostname=publicmandriva
+  nic,model=ne2k_pci
+ssh_port = 13456
+ssh_key_path = /path/to/mykey.key
+"""
+
+
+def load(tmp_path: Path, body: str, name: str = "vm") -> Part:
+    path = tmp_path / "kvm.cfg"
+    path.write_text(f"[buildout]\ndirectory = {tmp_path}\n\n[{name}]\n{body}")
+    (part,) = load_file(path, tmp_path)
+    return part
+
+
+def argv(part: Part, accel: str = "tcg", disk_format: str = "raw") -> list[str]:
+    return qemu_argv(part, accel=accel, disk_format=disk_format, listen_address="127.0.0.1")
+
+
+def tail(tmp_path: Path, name: str = "vm") -> list[str]:
+    run = tmp_path / "var" / name
+    return [
+        "-chardev", f"file,id=console,path={run}/console.log",
+        "-serial", "chardev:console",
+        "-qmp", f"unix:{run}/qmp.sock,server=on,wait=off",
+        "-monitor", "none",
+        "-pidfile", f"{run}/qemu.pid",
+        "-daemonize",
+    ]
+
+
+def test_readme_remote_gzip_image_with_hda(tmp_path: Path) -> None:
+    part = load(tmp_path, "image = http://example.invalid/public.mdv2010.0_x86_64.qcow2.img.gz\n"
+                          "gzip = true\nimage_type = hda\n" + README_COMMON)
+    image = tmp_path / "parts/vm/public.mdv2010.0_x86_64.qcow2.img"
+    assert argv(part, disk_format="qcow2") == [
+        "qemu-system-x86_64", "-name", "vm", "-accel", "tcg", "-m", "512M", "-smp", "1",
+        "-drive", f"file={image},if=ide,index=0,media=disk,format=qcow2",
+        "-device", "virtio-rng-pci",
+        "-vnc", "127.0.0.1:3",
+        "-vga", "std",
+        "-net", "user,hostname=publicmandriva"
+                ",hostfwd=tcp:127.0.0.1:13480-:80,hostfwd=tcp:127.0.0.1:13456-:22",
+        "-net", "nic,model=ne2k_pci",
+        *tail(tmp_path),
+    ]
+
+
+def test_readme_remote_raw_image_uses_virtio_drive_without_boot_on(tmp_path: Path) -> None:
+    part = load(tmp_path, "image = http://example.invalid/public.img\ngzip = false\n" + README_COMMON)
+    args = argv(part)
+    drive = args[args.index("-drive") + 1]
+    assert drive == f"file={tmp_path}/parts/vm/public.img,if=virtio,cache=none,format=raw"
+    assert "boot=on" not in drive
+
+
+def test_readme_local_image_file_is_used_in_place(tmp_path: Path) -> None:
+    image = tmp_path / "my images" / "disk.qcow2"
+    part = load(tmp_path, f"file = {image}\n" + README_COMMON)
+    args = argv(part, disk_format="qcow2")
+    assert args[args.index("-drive") + 1] == f"file={image},if=virtio,cache=none,format=qcow2"
+
+
+def test_readme_linux_partition_defaults(tmp_path: Path) -> None:
+    part = load(tmp_path, "file = /dev/sdb\n")
+    assert argv(part, accel="kvm") == [
+        "qemu-system-x86_64", "-name", "vm", "-accel", "kvm", "-m", "512M", "-smp", "1",
+        "-drive", "file=/dev/sdb,if=virtio,cache=none,format=raw",
+        "-device", "virtio-rng-pci",
+        "-display", "none",
+        *tail(tmp_path),
+    ]
+
+
+def test_commas_in_paths_and_names_are_doubled(tmp_path: Path) -> None:
+    part = load(tmp_path, f"file = {tmp_path}/a,b.img\nkvm_run_directory = {tmp_path}/run,dir\n")
+    args = argv(part)
+    assert f"file={tmp_path}/a,,b.img,if=virtio,cache=none,format=raw" in args
+    assert f"unix:{tmp_path}/run,,dir/vm/qmp.sock,server=on,wait=off" in args
+    assert f"file,id=console,path={tmp_path}/run,,dir/vm/console.log" in args
+    assert escape("a,,b") == "a,,,,b"
+
+
+def test_forwards_add_user_network_and_default_nic(tmp_path: Path) -> None:
+    redirects = "kvm_redir =\n  udp:5353:10.0.2.15:53\n  8080::80\n"
+    part = load(tmp_path, f"file = /dev/sdb\nssh_port = 2222\n{redirects}")
+    assert network_args(part, "127.0.0.1") == [
+        "-net", "nic",
+        "-net", "user,hostfwd=udp:127.0.0.1:5353-10.0.2.15:53"
+                ",hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.1:2222-:22",
+    ]
+
+
+def test_forwards_listen_on_the_given_address(tmp_path: Path) -> None:
+    part = load(tmp_path, "file = /dev/sdb\nssh_port = 2222\n")
+    assert network_args(part, "0.0.0.0") == ["-net", "nic", "-net", "user,hostfwd=tcp:0.0.0.0:2222-:22"]
+
+
+def test_no_network_options_leave_qemu_defaults(tmp_path: Path) -> None:
+    part = load(tmp_path, "file = /dev/sdb\n")
+    assert network_args(part, "127.0.0.1") == []
+
+
+def test_options_every_user_needs(tmp_path: Path) -> None:
+    part = load(tmp_path, "file = /dev/sdb\nkvm_memory = 2G\nkvm_smp = 2\nkvm_snapshot = yes\n"
+                          "kvm_binary = /opt/qemu/bin/qemu-system-x86_64\n"
+                          "kvm_extra_args =\n  -cpu\n  max,+ssse3\n")
+    args = argv(part)
+    assert args[0] == "/opt/qemu/bin/qemu-system-x86_64"
+    assert args[args.index("-m") + 1] == "2G"
+    assert args[args.index("-smp") + 1] == "2"
+    assert "-snapshot" in args
+    assert args[-2:] == ["-cpu", "max,+ssse3"]
+
+
+@pytest.mark.parametrize("value", ["a b", "$(touch x)", "`id`", "-o ProxyCommand=x", "é;'\"", "a,b"])
+def test_config_values_stay_single_argv_elements(tmp_path: Path, value: str) -> None:
+    written = value.replace("$", "$$")  # buildout syntax: a literal $ is written $$
+    part = load(tmp_path, f"file = {tmp_path}/{written}.img\nkvm_extra_args =\n  {written}\n")
+    args = argv(part)
+    assert f"file={escape(tmp_path / (value + '.img'))},if=virtio,cache=none,format=raw" in args
+    assert args[-1] == value

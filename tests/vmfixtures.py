@@ -1,0 +1,89 @@
+"""Fixtures for tests that boot real QEMU guests: the tiny image, keys, ports, cleanup."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kvmtasks.guestimage import GuestImage, build_guest_image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Guest packages are downloaded once and kept between runs (and shared with the demo).
+PACKAGE_CACHE = REPO_ROOT / ".cache" / "guest"
+
+needs_qemu = pytest.mark.skipif(
+    shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 is not installed"
+)
+
+
+@dataclass(frozen=True)
+class Guest:
+    image: GuestImage
+    key: Path
+
+    def gzipped(self) -> bytes:
+        return gzip.compress(self.image.path.read_bytes(), compresslevel=1)
+
+
+@pytest.fixture(scope="session")
+def guest_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    key = tmp_path_factory.mktemp("key") / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, key: Path, with_sftp_server: bool) -> Guest:
+    folder = tmp_path_factory.mktemp("guest")
+    image = build_guest_image(
+        folder / "guest.img", key.with_suffix(".pub"), PACKAGE_CACHE, with_sftp_server=with_sftp_server
+    )
+    return Guest(image, key)
+
+
+@pytest.fixture(scope="session")
+def guest(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Guest:
+    return _build(tmp_path_factory, guest_key, with_sftp_server=True)
+
+
+@pytest.fixture(scope="session")
+def guest_without_sftp(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Guest:
+    return _build(tmp_path_factory, guest_key, with_sftp_server=False)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def qemu_pids_under(folder: Path) -> list[int]:
+    """Live qemu processes whose command line names a path under folder."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if argv and "qemu-system" in argv[0] and any(str(folder) in arg for arg in argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def no_vm_left(tmp_path: Path) -> Iterator[None]:
+    """Whatever the test did, no qemu started under tmp_path survives it."""
+    yield
+    for pid in qemu_pids_under(tmp_path):
+        os.kill(pid, signal.SIGKILL)
