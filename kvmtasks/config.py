@@ -153,20 +153,31 @@ def load_file(path: Path, cwd: Path) -> list[Part]:
 
 
 def _read(path: Path, cwd: Path) -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(
-        interpolation=configparser.ExtendedInterpolation(),
-        comment_prefixes=("#", ";"),
-        inline_comment_prefixes=None,
-        strict=True,
-        empty_lines_in_values=False,
-    )
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser = _new_parser()
     parser.read_dict({"buildout": {
         "directory": str(cwd).replace("$", "$$"),
         "bin-directory": "${directory}/bin",
         "parts-directory": "${directory}/parts",
         "var-directory": "${directory}/var",
     }})
+    for source in _extended(path, ()):
+        _read_into(parser, source)
+    return parser
+
+
+def _new_parser(interpolation: bool = True) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(
+        interpolation=configparser.ExtendedInterpolation() if interpolation else None,
+        comment_prefixes=("#", ";"),
+        inline_comment_prefixes=None,
+        strict=True,
+        empty_lines_in_values=False,
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    return parser
+
+
+def _read_into(parser: configparser.ConfigParser, path: Path) -> None:
     try:
         with open(path, encoding="utf-8") as handle:
             parser.read_file(handle, source=str(path))
@@ -176,7 +187,22 @@ def _read(path: Path, cwd: Path) -> configparser.ConfigParser:
         raise ConfigError(f"{path}: cannot read config file: {error}") from None
     except configparser.Error as error:
         raise ConfigError(f"{path}: {_one_line(error)}") from None
-    return parser
+
+
+def _extended(path: Path, seen: tuple[Path, ...]) -> list[Path]:
+    """path and, before it, the files its [buildout] extends names (buildout's order)."""
+    raw = _new_parser(interpolation=False)
+    _read_into(raw, path)
+    value = raw.get("buildout", "extends", fallback="")
+    files: list[Path] = []
+    for name in value.split():
+        base = (path.parent / _expand_user(name, f"{path}: [buildout] extends")).resolve()
+        if base in seen or base == path.resolve():
+            raise ConfigError(f"{path}: [buildout] extends = {value!r}: {name} extends itself")
+        if not base.is_file():
+            raise ConfigError(f"{path}: [buildout] extends = {value!r}: {base} not found")
+        files += _extended(base, (*seen, path.resolve()))
+    return [*files, path]
 
 
 def _one_line(error: Exception) -> str:
@@ -242,9 +268,9 @@ def _part(parser: configparser.ConfigParser, path: Path, section: str, buildout:
         )
     values: dict[str, Any] = {}
     for option in parser.options(section):
-        if option in parser.defaults():
-            continue
         known = OPTIONS_BY_NAME.get(option)
+        if known is None and option in parser.defaults():
+            continue  # a [DEFAULT] value for interpolation; known options there apply to every part
         if known is None:
             close = difflib.get_close_matches(option, list(OPTIONS_BY_NAME), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""

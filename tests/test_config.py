@@ -107,10 +107,16 @@ def test_absolute_home_and_interpolated_paths(tmp_path: Path) -> None:
     assert part.ssh_key_path == Path("/etc/key")
 
 
-def test_the_home_of_an_unknown_user_is_a_config_error(tmp_path: Path) -> None:
-    message = config_error(tmp_path, "[vm]\nfile = ~no-such-user-here/disk.img\n")
+@pytest.mark.parametrize(("text", "needle"), [
+    ("[vm]\nfile = ~no-such-user-here/disk.img\n", "[vm] file = '~no-such-user-here/disk.img'"),
+    ("[buildout]\ndirectory = ~no-such-user-here\n", "[buildout] directory = '~no-such-user-here'"),
+    ("[buildout]\nextends = ~no-such-user-here/base.cfg\n", "[buildout] extends = '~no-such-user-here/"),
+])
+def test_the_home_of_an_unknown_user_is_a_config_error(tmp_path: Path, text: str, needle: str) -> None:
+    message = config_error(tmp_path, text)
 
-    assert "[vm] file = '~no-such-user-here/disk.img'" in message
+    assert needle in message
+    assert "no such user" in message
 
 
 @pytest.mark.parametrize(("url", "gzip", "download", "image"), [
@@ -155,6 +161,29 @@ def test_kvmtasks_accel_overrides_the_config(
 def test_localhost_listens_on_the_loopback_address() -> None:
     assert config.listen_address("localhost") == "127.0.0.1"
     assert config.listen_address("127.0.0.2") == "127.0.0.2"
+
+
+def test_default_section_values_interpolate_and_apply_unless_a_part_overrides_them(tmp_path: Path) -> None:
+    path = write(tmp_path / "kvm.cfg", f"""
+[DEFAULT]
+mirror = http://127.0.0.1:9/images
+kvm_memory = 1G
+
+[buildout]
+directory = {tmp_path}
+
+[small]
+image = ${{mirror}}/small.img
+
+[big]
+image = ${{mirror}}/big.img
+kvm_memory = 4G
+""")
+
+    small, big = load_parts([path])
+
+    assert (small.image, small.kvm_memory) == ("http://127.0.0.1:9/images/small.img", "1G")
+    assert (big.image, big.kvm_memory) == ("http://127.0.0.1:9/images/big.img", "4G")
 
 
 # -- which files and sections ------------------------------------------------------------------

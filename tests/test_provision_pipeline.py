@@ -428,6 +428,7 @@ def test_a_local_file_is_used_in_place_and_verified_once(project: Project, tmp_p
 
     first = project.provision()
     second = project.provision()
+    untouched = (disk.read_bytes(), disk.stat().st_mtime_ns)
     os.utime(disk, ns=(mtime + 5_000_000_000, mtime + 5_000_000_000))
     touched = project.provision()
 
@@ -437,6 +438,7 @@ def test_a_local_file_is_used_in_place_and_verified_once(project: Project, tmp_p
     assert second.ran() == set()
     assert_ok(touched)
     assert touched.ran() == {"verify-image"}
+    assert untouched == (data, mtime)
     assert disk.read_bytes() == data
     assert list(project.parts.glob("vm/*.img")) == []
 
@@ -449,8 +451,10 @@ def test_a_local_file_with_a_wrong_md5_image_fails_and_is_kept(project: Project,
     project.write(part(file=disk, md5_image="a" * 32))
 
     run = project.provision()
+    again = project.provision()
 
     assert_one_line_error(run, "verify-image:vm", "md5_image", md5(data))
+    assert_one_line_error(again, "verify-image:vm", "md5_image", md5(data))
     assert disk.read_bytes() == data
     assert disk.stat().st_mtime_ns == mtime
 

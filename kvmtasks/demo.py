@@ -1,0 +1,137 @@
+"""The demo: build a tiny image locally, provision and boot the ``demo`` part, use it.
+
+Run by ``./dev demo``. The image is built from Debian packages that are only
+downloaded and unpacked into ``.cache/``, never installed on this machine.
+Running it again reuses the image, and doit finds the provisioning up to date.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from kvmtasks import command
+from kvmtasks.digest import CHUNK, MultiHasher, hash_file
+from kvmtasks.errors import KvmTasksError
+from kvmtasks.guestimage import GuestImageError, build_guest_image
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache"
+DEMO = CACHE / "demo"
+# configs/demo.cfg reads the image's URL and checksums from this file ([buildout] extends).
+IMAGE_CONFIG = DEMO / "demo-image.cfg"
+BIN = ROOT / "bin"
+
+
+def say(text: str) -> None:
+    print(f"==> {text}", flush=True)
+
+
+def ensure_key() -> Path:
+    key = DEMO / "id_ed25519"
+    if not key.exists():
+        DEMO.mkdir(parents=True, exist_ok=True)
+        result = command.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kvmtasks-demo",
+                              "-f", str(key)])
+        if result.exit_code != 0:
+            raise KvmTasksError(f"ssh-keygen failed: {result.stderr.strip()}")
+    return key
+
+
+def _gzip_and_hash(raw: Path, packed: Path) -> dict[str, str]:
+    """Compress raw into packed; return the four checksums demo.cfg verifies."""
+    image = MultiHasher(("md5", "sha256"))
+    with open(raw, "rb") as reader, gzip.open(packed, "wb", compresslevel=6) as writer:
+        while chunk := reader.read(CHUNK):
+            image.update(chunk)
+            writer.write(chunk)
+    download = hash_file(packed, ("md5", "sha256"))
+    return {
+        **{f"{name}_image": value for name, value in image.hexdigests().items()},
+        **{f"{name}_download": value for name, value in download.items()},
+    }
+
+
+def ensure_image(key: Path) -> None:
+    """Build the demo image once and describe it for configs/demo.cfg."""
+    packed = DEMO / "demo.img.gz"
+    if packed.exists() and IMAGE_CONFIG.exists():
+        say(f"demo image already built: {packed}")
+        return
+    say("building the demo image (Debian kernel, busybox, dropbear; packages go to .cache/guest)")
+    with tempfile.TemporaryDirectory(dir=DEMO) as scratch:
+        raw = Path(scratch) / "demo.img"
+        image = build_guest_image(raw, key.with_suffix(".pub"), CACHE / "guest")
+        digests = _gzip_and_hash(raw, Path(scratch) / "demo.img.gz")
+        os.replace(Path(scratch) / "demo.img.gz", packed)
+    lines = [
+        "# Written by python -m kvmtasks.demo; delete .cache/demo to build a new image.",
+        "[demo-image]",
+        f"url = {packed.as_uri()}",
+        f"kernel = {image.kernel_release}",
+        f"key = {key}",
+        *(f"{name} = {value}" for name, value in sorted(digests.items())),
+    ]
+    IMAGE_CONFIG.write_text("\n".join(lines) + "\n")
+
+
+def doit(*tasks: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "KVMTASKS_CONFIG"}
+    argv = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *tasks]
+    say(" ".join(["doit", *tasks]))
+    if subprocess.run(argv, env=env, check=False).returncode != 0:
+        raise KvmTasksError(f"doit {' '.join(tasks)} failed (see above)")
+
+
+def use_vm() -> None:
+    runscript, sendfile, getfile = (str(BIN / f"demo-{kind}") for kind in ("runscript", "sendfile", "getfile"))
+    say("demo-runscript uname -a")
+    result = command.run([runscript, "uname", "-a"])
+    if result.exit_code != 0:
+        raise KvmTasksError(f"demo-runscript failed: {result.stderr.strip()}")
+    print(f"    the guest says: {result.stdout.strip()}")
+    with tempfile.TemporaryDirectory() as scratch:
+        outbound, inbound = Path(scratch) / "hello.txt", Path(scratch) / "back.txt"
+        outbound.write_text("hello from the host\n")
+        say("demo-sendfile /tmp/hello.txt hello.txt, then demo-getfile it back")
+        for argv in ([sendfile, "/tmp/hello.txt", str(outbound)], [getfile, "/tmp/hello.txt", str(inbound)]):
+            copied = command.run(argv)
+            if copied.exit_code != 0:
+                raise KvmTasksError(f"{Path(argv[0]).name} failed: {copied.stderr.strip()}")
+        same = inbound.read_text() == outbound.read_text()
+        print(f"    the file came back {'unchanged' if same else 'CHANGED'}")
+        if not same:
+            raise KvmTasksError("the file copied through the guest came back changed")
+
+
+def main() -> int:
+    try:
+        if shutil.which("qemu-system-x86_64") is None:
+            raise KvmTasksError("qemu-system-x86_64 not found; install the qemu-system-x86 package")
+        key = ensure_key()
+        ensure_image(key)
+        doit("start:demo")
+        use_vm()
+    except (KvmTasksError, GuestImageError) as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 1
+    print(
+        "\nThe demo VM is running. Use it:\n"
+        "  bin/demo-runscript 'cat /proc/cpuinfo | head -5'\n"
+        "  bin/demo-sendfile /tmp/file.txt ./file.txt    # REMOTEFILE LOCALFILE\n"
+        "  bin/demo-getfile /tmp/file.txt ./copy.txt\n"
+        "  bin/demo-ctl status\n"
+        f"  ssh -p 10022 -i {DEMO / 'id_ed25519'} root@127.0.0.1\n"
+        "Stop it:\n"
+        "  bin/demo-ctl stop        (or: .venv/bin/doit stop:demo)\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
