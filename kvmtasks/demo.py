@@ -89,7 +89,9 @@ def doit(*tasks: str) -> None:
 
 
 def use_vm() -> None:
-    runscript, sendfile, getfile = (str(BIN / f"demo-{kind}") for kind in ("runscript", "sendfile", "getfile"))
+    runscript, sendfile, getfile = (
+        str(BIN / f"demo-{kind}") for kind in ("runscript", "sendfile", "getfile")
+    )
     say("demo-runscript uname -a")
     result = command.run([runscript, "uname", "-a"])
     if result.exit_code != 0:
@@ -98,8 +100,9 @@ def use_vm() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         outbound, inbound = Path(scratch) / "hello.txt", Path(scratch) / "back.txt"
         outbound.write_text("hello from the host\n")
-        say("demo-sendfile /tmp/hello.txt hello.txt, then demo-getfile it back")
-        for argv in ([sendfile, "/tmp/hello.txt", str(outbound)], [getfile, "/tmp/hello.txt", str(inbound)]):
+        say("demo-sendfile /root/hello.txt hello.txt, then demo-getfile it back")
+        remote = "/root/hello.txt"
+        for argv in ([sendfile, remote, str(outbound)], [getfile, remote, str(inbound)]):
             copied = command.run(argv)
             if copied.exit_code != 0:
                 raise KvmTasksError(f"{Path(argv[0]).name} failed: {copied.stderr.strip()}")
