@@ -171,9 +171,9 @@ def parse_user(value: str) -> str:
 
 
 def parse_memory(value: str) -> str:
-    if not re.fullmatch(r"[1-9][0-9]*[KMGT]?", value.strip()):
+    if not re.fullmatch(r"[1-9][0-9]*[KMGT]?", value.strip().upper()):
         raise ValueError("must be a size such as 512M or 2G")
-    return value.strip()
+    return value.strip().upper()
 
 
 def parse_cpus(value: str) -> int:

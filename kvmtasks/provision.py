@@ -98,9 +98,16 @@ def _verify(
         )
     try:
         digest.compare(what, expected, record.digests)
-    except VerifyError:
-        if part.file is None:
-            # Never keep an unverified download or image at its final path.
-            path.unlink(missing_ok=True)
-            record_path.unlink(missing_ok=True)
+    except VerifyError as error:
+        if part.file is not None:
+            raise
+        if not record.matches(path):
+            # A VM has written to it since: the user's work outranks a checksum (a typo?).
+            raise VerifyError(
+                f"{error}; {path} was used by a VM since it was provisioned, so it is kept: "
+                "fix the checksum, or delete the file to provision again"
+            ) from None
+        # Never keep an unverified download or image at its final path.
+        path.unlink(missing_ok=True)
+        record_path.unlink(missing_ok=True)
         raise

@@ -15,7 +15,7 @@ from doit.dependency import FileChangedChecker
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from kvmtasks import provision, render, snapshot, vm
+from kvmtasks import provision, render, vm
 from kvmtasks.config import Part
 from kvmtasks.errors import KvmTasksError
 
@@ -144,7 +144,7 @@ def _render_task(part: Part) -> Task:
         "name": part.name,
         "actions": [guarded(render.render, part, "render")],
         "targets": [str(render.snapshot_path(part)), *map(str, scripts)],
-        "uptodate": [config_changed({"part": snapshot.to_json(part), "scripts": texts})],
+        "uptodate": [config_changed({"part": render.runtime_snapshot(part), "scripts": texts})],
         "clean": True,
         "doc": STEP_DOCS["render"],
     }

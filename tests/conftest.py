@@ -19,6 +19,8 @@ import pytest
 
 from tests.httpserver import FileServer, serve
 
+pytest_plugins = ["tests.vmfixtures"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DODO = REPO_ROOT / "dodo.py"
 # The provisioning steps; other tasks (render, ...) may run too and are not asserted on here.

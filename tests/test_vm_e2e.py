@@ -17,16 +17,7 @@ import pytest
 
 from tests.conftest import Project
 from tests.httpserver import FileServer
-from tests.vmfixtures import (  # noqa: F401 - fixtures
-    Guest,
-    free_port,
-    guest,
-    guest_key,
-    guest_without_sftp,
-    needs_qemu,
-    no_vm_left,
-    qemu_pids_under,
-)
+from tests.vmfixtures import Guest, free_port, needs_qemu, qemu_pids_under
 
 pytestmark = [needs_qemu, pytest.mark.vm, pytest.mark.usefixtures("no_vm_left")]
 
