@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kvmtasks.guestimage import GuestImage, GuestImageError, build_guest_image, main
+from tests.vmfixtures import PACKAGE_CACHE, free_port
 
 BOOT_TIMEOUT = 120.0
 SSH_OPTS = [
@@ -26,18 +26,8 @@ SSH_OPTS = [
 
 
 @pytest.fixture(scope="session")
-def guest_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Private key file; the public one is next to it with .pub."""
-    key = tmp_path_factory.mktemp("guestkey") / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    return key
-
-
-@pytest.fixture(scope="session")
-def guest_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # KVMTASKS_GUEST_CACHE lets a developer keep the ~75 MB of .debs between runs
-    env = os.environ.get("KVMTASKS_GUEST_CACHE")
-    return Path(env) if env else tmp_path_factory.mktemp("guestcache")
+def guest_cache() -> Path:
+    return PACKAGE_CACHE
 
 
 @pytest.fixture(scope="session")
@@ -75,19 +65,12 @@ class Guest:
         return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def booted(
     image: Path, key: Path, workdir: Path, drive: str, net: Callable[[int], list[str]]
 ) -> Iterator[Guest]:
     """Boot image in QEMU and yield once ssh answers; QEMU is always killed afterwards."""
-    port = _free_port()
+    port = free_port()
     console = workdir / "console.log"
     argv = [
         "qemu-system-x86_64", "-accel", "tcg", "-m", "256M", "-display", "none",
