@@ -97,7 +97,7 @@ def can_log_in(part: Part) -> bool:
     if "Host key verification failed" in result.stderr:
         known_hosts = RunFiles.of(part).known_hosts
         raise VmError(
-            f"{part.name}: the guest's ssh host key is not the one in {known_hosts}; "
+            f"the guest's ssh host key is not the one in {known_hosts}; "
             "if the guest was reinstalled, delete that file and start again"
         )
     return result.exit_code == 0

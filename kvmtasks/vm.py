@@ -106,10 +106,10 @@ def _preflight(part: Part) -> str:
     files = RunFiles.of(part)
     command.find(part.kvm_binary)
     if not part.image_path.exists():
-        raise VmError(f"{part.name}: image {part.image_path} not found; run: doit provision:{part.name}")
+        raise VmError(f"image {part.image_path} not found; run: doit provision:{part.name}")
     if len(str(files.qmp_socket)) > SOCKET_PATH_MAX:
         raise VmError(
-            f"{part.name}: kvm_run_directory path is too long for a unix socket: {files.qmp_socket}"
+            f"kvm_run_directory path is too long for a unix socket: {files.qmp_socket}"
         )
     address = listen_address(part.ssh_hostname)
     for forward in forwards(part):
@@ -125,9 +125,9 @@ def _check_port_free(part: Part, protocol: str, address: str, port: int) -> None
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
                 raise VmError(
-                    f"{part.name}: host port {port} ({protocol} on {address}) is already in use"
+                    f"host port {port} ({protocol} on {address}) is already in use"
                 ) from None
-            raise VmError(f"{part.name}: cannot listen on {address}:{port}: {error.strerror}") from None
+            raise VmError(f"cannot listen on {address}:{port}: {error.strerror}") from None
 
 
 def start(part: Part, say: Say = print) -> None:
@@ -144,7 +144,7 @@ def start(part: Part, say: Say = print) -> None:
     except KvmUnusable as error:
         if part.effective_accel is not Accel.AUTO:
             raise VmError(f"{error}; set kvm_accel = tcg or auto", error.details) from None
-        say(f"{error}; starting again under TCG (software emulation, slower)")
+        say(f"{part.name}: {error}; starting again under TCG (software emulation, slower)")
         _boot(part, Accel.TCG, address)
     say(f"{part.name} is running (pid {current(part).pid}, accel {RunFiles.of(part).accel.read_text()})")
 
@@ -158,8 +158,8 @@ def _boot(part: Part, accel: Accel, address: str) -> None:
         _clean_run_files(files)
         message = _first_error_line(result.stderr) or f"exit status {result.exit_code}"
         if accel is Accel.KVM and "kvm" in result.stderr.lower():
-            raise KvmUnusable(f"{part.name}: qemu could not start under KVM ({message})")
-        raise VmError(f"{part.name}: qemu failed to start: {message}", _details(part, result.stderr))
+            raise KvmUnusable(f"qemu could not start under KVM ({message})")
+        raise VmError(f"qemu failed to start: {message}", _details(part, result.stderr))
     files.accel.write_text(accel.value)
     try:
         _wait_until_ready(part, accel, started_at + part.kvm_boot_timeout)
@@ -181,12 +181,12 @@ def _wait_until_ready(part: Part, accel: Accel, deadline: float) -> None:
     files = RunFiles.of(part)
     while True:
         if not current(part).running:
-            raise VmError(f"{part.name}: qemu exited while the guest was booting", _details(part))
+            raise VmError("qemu exited while the guest was booting", _details(part))
         state = _query_status(files)
         if state in DEAD_STATES:
             if accel is Accel.KVM:
-                raise KvmUnusable(f"{part.name}: the guest stopped under KVM (QMP status {state})")
-            raise VmError(f"{part.name}: the guest stopped (QMP status {state})", _details(part))
+                raise KvmUnusable(f"the guest stopped under KVM (QMP status {state})")
+            raise VmError(f"the guest stopped (QMP status {state})", _details(part))
         if part.ssh_port is None:
             if state == "running":
                 return
@@ -195,7 +195,7 @@ def _wait_until_ready(part: Part, accel: Accel, deadline: float) -> None:
         if time.monotonic() > deadline:
             waited = "answered on ssh" if part.ssh_port is not None else "reached QMP status running"
             raise VmError(
-                f"{part.name}: the guest never {waited} within kvm_boot_timeout = "
+                f"the guest never {waited} within kvm_boot_timeout = "
                 f"{part.kvm_boot_timeout:g} s",
                 _details(part),
             )
