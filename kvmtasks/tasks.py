@@ -7,6 +7,7 @@ running anything.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from doit.tools import config_changed
 from kvmtasks import provision, render, vm
 from kvmtasks.config import Part
 from kvmtasks.errors import KvmTasksError
+from kvmtasks.report import Reporter
 
 Task = dict[str, Any]
 
@@ -53,6 +55,7 @@ def doit_config(parts: Sequence[Part], default_var: Path) -> dict[str, Any]:
         "backend": "json",
         "check_file_uptodate": SizeMtimeChecker,
         "default_tasks": [],
+        "reporter": Reporter,
     }
 
 
@@ -65,6 +68,10 @@ def guarded(step: Callable[[Part], None], part: Part, name: str) -> Callable[[],
         except KvmTasksError as error:
             details = getattr(error, "details", "")
             return TaskFailed(f"{name}:{part.name}: {error}" + (f"\n{details}" if details else ""))
+        except KeyboardInterrupt:
+            # Ctrl-C: one line, then doit stops as a whole (saving what completed), exit 128 + SIGINT.
+            print(f"{name}:{part.name}: interrupted; run it again to carry on", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
         return None
 
     action.__name__ = f"{name}:{part.name}"
