@@ -111,6 +111,8 @@ def _preflight(part: Part) -> str:
         raise VmError(
             f"kvm_run_directory path is too long for a unix socket: {files.qmp_socket}"
         )
+    if part.ssh_port is not None:
+        ssh.common_options(part)  # a path ssh cannot take is refused before qemu starts
     address = listen_address(part.ssh_hostname)
     for forward in forwards(part):
         _check_port_free(part, forward.protocol, address, forward.host_port)
@@ -138,6 +140,7 @@ def start(part: Part, say: Say = print) -> None:
         return
     address = _preflight(part)
     part.state_directory.mkdir(parents=True, exist_ok=True)
+    _keep_previous_console_log(part)
     accel = choose_accel(part)
     try:
         _boot(part, accel, address)
@@ -147,6 +150,13 @@ def start(part: Part, say: Say = print) -> None:
         say(f"{part.name}: {error}; starting again under TCG (software emulation, slower)")
         _boot(part, Accel.TCG, address)
     say(f"{part.name} is running (pid {current(part).pid}, accel {RunFiles.of(part).accel.read_text()})")
+
+
+def _keep_previous_console_log(part: Part) -> None:
+    """QEMU truncates console.log at start: keep the last boot's as console.log.1."""
+    console_log = RunFiles.of(part).console_log
+    if console_log.exists():
+        os.replace(console_log, console_log.with_name(console_log.name + ".1"))
 
 
 def _boot(part: Part, accel: Accel, address: str) -> None:
@@ -163,7 +173,7 @@ def _boot(part: Part, accel: Accel, address: str) -> None:
     files.accel.write_text(accel.value)
     try:
         _wait_until_ready(part, accel, started_at + part.kvm_boot_timeout)
-    except VmError:
+    except (VmError, KeyboardInterrupt):
         _kill(part)
         raise
 
@@ -226,14 +236,19 @@ def _qmp_command(files: RunFiles, name: str) -> None:
         pass  # the escalation to the next, harder step handles it
 
 
-def _kill(part: Part, graceful_seconds: float = 0.0) -> None:
-    """Stop qemu: ACPI power-down, then QMP quit, then SIGTERM and SIGKILL."""
+def _kill(part: Part, graceful_seconds: float = 0.0) -> bool:
+    """Stop qemu: ACPI power-down, then QMP quit, then SIGTERM and SIGKILL.
+
+    Returns True when the guest powered itself off within graceful_seconds.
+    """
     files = RunFiles.of(part)
     pid = _read_pid(files)
+    powered_off = False
     if pid is not None and is_our_qemu(pid, files):
         if graceful_seconds > 0:
             _qmp_command(files, "system_powerdown")
-        if not _wait_gone(pid, files, graceful_seconds):
+        powered_off = graceful_seconds > 0 and _wait_gone(pid, files, graceful_seconds)
+        if not powered_off:
             _qmp_command(files, "quit")
             for sig in (None, signal.SIGTERM, signal.SIGKILL):
                 if sig is not None and is_our_qemu(pid, files):
@@ -241,6 +256,7 @@ def _kill(part: Part, graceful_seconds: float = 0.0) -> None:
                 if _wait_gone(pid, files, QUIT_WAIT):
                     break
     _clean_run_files(files)
+    return powered_off
 
 
 def stop(part: Part, say: Say = print) -> None:
@@ -248,8 +264,11 @@ def stop(part: Part, say: Say = print) -> None:
     if not status.running:
         say(f"{part.name} is not running")
         return
-    _kill(part, part.kvm_shutdown_timeout)
-    say(f"{part.name} stopped")
+    if _kill(part, part.kvm_shutdown_timeout):
+        say(f"{part.name} stopped (the guest powered off)")
+    else:
+        say(f"{part.name} stopped (no power-off within kvm_shutdown_timeout = "
+            f"{part.kvm_shutdown_timeout:g} s, so QEMU was told to quit)")
 
 
 def restart(part: Part, say: Say = print) -> None:
