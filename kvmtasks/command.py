@@ -12,8 +12,6 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import sh
-
 from kvmtasks.errors import CommandError
 
 log = logging.getLogger(__name__)
@@ -49,6 +47,8 @@ def find(program: str) -> str:
 
 def run(argv: Sequence[str], *, timeout: float | None = None) -> Result:
     """Run argv to completion, capturing its output; never raises on exit status."""
+    import sh  # here, not at the top: doit runs that start nothing should not pay for loading it
+
     command = sh.Command(find(argv[0]))
     log.debug("running %s", shlex.join(argv))
     try:
@@ -66,6 +66,8 @@ def run(argv: Sequence[str], *, timeout: float | None = None) -> Result:
 
 def run_foreground(argv: Sequence[str]) -> int:
     """Run argv with the caller's stdin, stdout and stderr; return its exit status."""
+    import sh
+
     command = sh.Command(find(argv[0]))
     log.debug("running %s", shlex.join(argv))
     try:

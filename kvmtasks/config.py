@@ -262,8 +262,9 @@ def _is_part(parser: configparser.ConfigParser, section: str) -> bool:
 
 def _part(parser: configparser.ConfigParser, path: Path, section: str, buildout: Buildout) -> Part:
     if not PART_NAME.fullmatch(section):
+        shown = section if section.isprintable() else repr(section)[1:-1]  # no control characters
         raise ConfigError(
-            f"{path}: [{section}] part name must be letters, digits, '.', '_', '+' or '-', "
+            f"{path}: [{shown}] part name must be letters, digits, '.', '_', '+' or '-', "
             "starting with a letter or digit"
         )
     values: dict[str, Any] = {}

@@ -9,27 +9,74 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kvmtasks.errors import VerifyError
 
 CHUNK = 1 << 20
+# Chunks waiting for one hash: enough to ride out scheduling jitter, little memory.
+_QUEUE_CHUNKS = 8
 
 
 class MultiHasher:
-    """Feeds every chunk to each requested hash algorithm."""
+    """Feeds every chunk to each requested hash algorithm, each in a thread of its own.
+
+    hashlib releases the GIL on large buffers, so md5 and sha256 run on other cores
+    while the caller receives, inflates or writes the next chunk: hashing a chunk
+    costs the caller a queue put, not the hash.
+    """
 
     def __init__(self, algorithms: Iterable[str]) -> None:
         self._hashes = {name: hashlib.new(name) for name in sorted(set(algorithms))}
+        self._queues: list[queue.Queue[bytes | None]] = []
+        self._threads: list[threading.Thread] = []
 
     def update(self, chunk: bytes | memoryview) -> None:
-        for hash_object in self._hashes.values():
-            hash_object.update(chunk)
+        if not self._hashes:
+            return
+        if not self._threads:
+            self._start()
+        # The threads hash it later: never hand them a buffer the caller may reuse.
+        data = chunk if isinstance(chunk, bytes) else bytes(chunk)
+        for pending in self._queues:
+            pending.put(data)
 
     def hexdigests(self) -> dict[str, str]:
+        self._finish()
         return {name: h.hexdigest() for name, h in self._hashes.items()}
+
+    def _start(self) -> None:
+        for name, hash_object in self._hashes.items():
+            pending: queue.Queue[bytes | None] = queue.Queue(_QUEUE_CHUNKS)
+            thread = threading.Thread(target=_hash_chunks, args=(hash_object, pending),
+                                      name=f"hash-{name}", daemon=True)
+            thread.start()
+            self._queues.append(pending)
+            self._threads.append(thread)
+        # A hasher dropped half-way (a failed download) must not leave its threads waiting.
+        weakref.finalize(self, _stop, list(self._queues))
+
+    def _finish(self) -> None:
+        _stop(self._queues)
+        for thread in self._threads:
+            thread.join()
+        self._queues, self._threads = [], []
+
+
+def _hash_chunks(hash_object: Any, pending: queue.Queue[bytes | None]) -> None:
+    while (chunk := pending.get()) is not None:
+        hash_object.update(chunk)
+
+
+def _stop(queues: list[queue.Queue[bytes | None]]) -> None:
+    for pending in queues:
+        pending.put(None)
 
 
 def hash_file(path: Path, algorithms: Iterable[str]) -> dict[str, str]:

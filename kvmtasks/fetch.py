@@ -11,19 +11,19 @@ from __future__ import annotations
 import json
 import os
 import sys
-import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import requests
-import urllib3
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from kvmtasks.digest import CHUNK, MultiHasher
 from kvmtasks.errors import FetchError
+
+if TYPE_CHECKING:
+    # Imported where used: loading them costs a doit run with nothing to download a third of its time.
+    import requests
+    from tqdm import tqdm
 
 TIMEOUT_ENV = "KVMTASKS_HTTP_TIMEOUT"
 CONNECT_TIMEOUT = 15.0
@@ -56,6 +56,9 @@ def _partial_paths(dest: Path) -> tuple[Path, Path]:
 
 
 def _copy_local(url: str, dest: Path, algorithms: Iterable[str], label: str) -> dict[str, str]:
+    import urllib.parse
+    import urllib.request  # here: it loads http.client and email, which no-op runs never need
+
     source = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
     partial, _ = _partial_paths(dest)
     hasher = MultiHasher(algorithms)
@@ -115,6 +118,9 @@ def _resume_offset(partial: Path, meta: Path, url: str, hasher: MultiHasher) -> 
 
 
 def _download(url: str, dest: Path, algorithms: Iterable[str], label: str) -> dict[str, str]:
+    import requests
+    import urllib3
+
     algorithms = tuple(algorithms)
     partial, meta = _partial_paths(dest)
     hasher = MultiHasher(algorithms)
@@ -159,9 +165,24 @@ def _download(url: str, dest: Path, algorithms: Iterable[str], label: str) -> di
     return hasher.hexdigests()
 
 
-def _reason(error: Exception) -> str:
-    text = " ".join(str(error).split())
-    return text[-200:]
+def _reason(error: BaseException) -> str:
+    """What went wrong, in a few words: the innermost cause, not the layers of retry wrapping."""
+    import ssl  # here, as requests is: only a failed download needs it
+
+    seen: set[int] = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "reason", None)  # urllib3's MaxRetryError
+        if not isinstance(inner, BaseException):
+            inner = error.__cause__ or next((a for a in error.args if isinstance(a, BaseException)), None)
+        if inner is None:
+            break
+        error = inner
+    if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
+        return str(error.verify_message)
+    if isinstance(error, OSError) and error.strerror:
+        return str(error.strerror)
+    return " ".join(str(error).split())[-200:]
 
 
 def _range_start(response: requests.Response) -> int | None:
@@ -190,6 +211,8 @@ def _save_validator(meta: Path, url: str, response: requests.Response) -> None:
 def _stream(response: requests.Response, partial: Path, mode: str, hasher: MultiHasher,
             offset: int, total: int, label: str) -> int:
     """Write the raw (still encoded) body to partial; return the size reached."""
+    import requests
+
     received = offset
     try:
         with open(partial, mode) as writer, _progress(total or None, label, offset) as bar:
@@ -207,6 +230,8 @@ def _stream(response: requests.Response, partial: Path, mode: str, hasher: Multi
 
 @contextmanager
 def _progress(total: int | None, label: str, initial: int = 0) -> Iterator[tqdm]:  # type: ignore[type-arg]
+    from tqdm import tqdm
+
     with tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
               desc=label, disable=not sys.stderr.isatty(), leave=False) as bar:
         yield bar

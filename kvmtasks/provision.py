@@ -7,12 +7,17 @@ re-runs only a comparison and no image is ever read twice.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fcntl
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from kvmtasks import digest, fetch, image, vm
 from kvmtasks.config import Part
-from kvmtasks.errors import VerifyError, VmError
+from kvmtasks.errors import KvmTasksError, VerifyError, VmError
 from kvmtasks.qemu import RunFiles
 
 
@@ -30,6 +35,47 @@ def image_record(part: Part) -> Path:
     return record_directory(part) / "image.json"
 
 
+def lock_path(part: Part) -> Path:
+    return record_directory(part) / "lock"
+
+
+@contextmanager
+def exclusive(part: Part, step: str) -> Iterator[None]:
+    """Hold the part's lock: a second doit run provisioning the same part waits for the first."""
+    path = lock_path(part)
+    with _open_lock(part, path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            print(f"{step}:{part.name}: waiting for another run provisioning {part.name} "
+                  f"(pid {holder}, lock {path})", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+
+
+def _open_lock(part: Part, path: Path) -> TextIO:
+    if part.location.exists() and not part.location.is_dir():
+        raise KvmTasksError(f"location = {str(part.location)!r} is not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a+")
+    except OSError as error:
+        raise KvmTasksError(f"cannot create {path}: {error.strerror or error}") from None
+
+
+def _write_record(record_path: Path, file_path: Path, digests: Mapping[str, str]) -> None:
+    try:
+        digest.write_record(record_path, file_path, digests)
+    except OSError as error:
+        raise KvmTasksError(f"writing {record_path}: {error.strerror or error}") from None
+
+
 def _refuse_if_running(part: Part) -> None:
     """Never replace the disk under a running VM; a new image also has new host keys."""
     if vm.current(part).running:
@@ -39,18 +85,20 @@ def _refuse_if_running(part: Part) -> None:
 
 def download(part: Part) -> None:
     assert part.image is not None
-    _refuse_if_running(part)
-    algorithms = set(part.download_digests)
-    if not part.gzip:
-        algorithms |= set(part.image_digests)
-    digests = fetch.fetch(part.image, part.download_path, algorithms, part.name)
-    digest.write_record(download_record(part), part.download_path, digests)
+    with exclusive(part, "download"):
+        _refuse_if_running(part)
+        algorithms = set(part.download_digests)
+        if not part.gzip:
+            algorithms |= set(part.image_digests)
+        digests = fetch.fetch(part.image, part.download_path, algorithms, part.name)
+        _write_record(download_record(part), part.download_path, digests)
 
 
 def decompress(part: Part) -> None:
-    _refuse_if_running(part)
-    digests = image.gunzip(part.download_path, part.image_path, part.image_digests)
-    digest.write_record(image_record(part), part.image_path, digests)
+    with exclusive(part, "decompress"):
+        _refuse_if_running(part)
+        digests = image.gunzip(part.download_path, part.image_path, part.image_digests)
+        _write_record(image_record(part), part.image_path, digests)
 
 
 def verify_download(part: Part) -> None:
@@ -72,8 +120,14 @@ def local_file_verified(part: Part) -> bool:
 def _hash_local_file(part: Part) -> None:
     if local_file_verified(part):
         return
-    digests = digest.hash_file(part.image_path, part.image_digests)
-    digest.write_record(image_record(part), part.image_path, digests)
+    if not part.image_path.is_file():
+        what = "is not a file" if part.image_path.exists() else "not found"
+        raise VerifyError(f"file = {str(part.image_path)!r} {what}")
+    try:
+        digests = digest.hash_file(part.image_path, part.image_digests)
+    except OSError as error:
+        raise VerifyError(f"cannot read {part.image_path}: {error.strerror or error}") from None
+    _write_record(image_record(part), part.image_path, digests)
 
 
 def _verify(
@@ -106,6 +160,12 @@ def _verify(
             raise VerifyError(
                 f"{error}; {path} was used by a VM since it was provisioned, so it is kept: "
                 "fix the checksum, or delete the file to provision again"
+            ) from None
+        if vm.current(part).running:
+            # Deleted, the disk would take every later write of the guest with it.
+            raise VerifyError(
+                f"{error}; {path} is the disk of the running VM, so it is kept: stop it, "
+                "then fix the checksum or provision again"
             ) from None
         # Never keep an unverified download or image at its final path.
         path.unlink(missing_ok=True)

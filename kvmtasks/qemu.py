@@ -97,7 +97,9 @@ def qemu_argv(part: Part, *, accel: str, disk_format: str, listen_address: str) 
     argv += [
         "-chardev", f"file,id=console,path={escape(files.console_log)}",
         "-serial", "chardev:console",
-        "-qmp", f"unix:{escape(files.qmp_socket)},server=on,wait=off",
+        # Not -qmp unix:PATH: there QEMU reads a PATH holding '=' as an option name.
+        "-chardev", f"socket,id=qmp,path={escape(files.qmp_socket)},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
         "-monitor", "none",
         "-pidfile", str(files.pidfile),
         "-daemonize",

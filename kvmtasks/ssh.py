@@ -14,18 +14,34 @@ from kvmtasks.qemu import RunFiles
 CONNECT_TIMEOUT = 10
 # What scp says when the guest has no SFTP server: retry with the legacy protocol.
 NO_SFTP_MARKERS = ("sftp-server", "subsystem request failed", "Connection closed")
+GLOB_CHARACTERS = frozenset("*?[]{}\\")
+
+
+def config_path(path: Path) -> str:
+    """path as the value of an ssh ``-o`` option, where ssh splits words and expands %h, ~ and ${VAR}.
+
+    Quoted, a space no longer makes two files of one; ``%%`` is a literal ``%``. ``${`` has no
+    escape in ssh, so such a path is refused rather than read as an environment variable.
+    """
+    text = str(path)
+    if "${" in text:
+        raise VmError(f"{text}: ssh would read the ${{...}} in this path as an environment variable; "
+                      "choose a path without it")
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'"{escaped}"'
 
 
 def common_options(part: Part) -> list[str]:
     options = [
         "-o", "BatchMode=yes",
         "-o", f"ConnectTimeout={CONNECT_TIMEOUT}",
-        "-o", f"UserKnownHostsFile={RunFiles.of(part).known_hosts}",
+        "-o", f"UserKnownHostsFile={config_path(RunFiles.of(part).known_hosts)}",
         "-o", "StrictHostKeyChecking=accept-new",
         "-o", "LogLevel=ERROR",
     ]
     if part.ssh_key_path is not None:
-        options += ["-i", str(part.ssh_key_path), "-o", "IdentitiesOnly=yes"]
+        # -o, not -i: ssh checks an -i path before expanding it, so %% would not be found.
+        options += ["-o", f"IdentityFile={config_path(part.ssh_key_path)}", "-o", "IdentitiesOnly=yes"]
     return options
 
 
@@ -55,7 +71,24 @@ def scp_argv(part: Part, source: str, target: str, *, legacy: bool) -> list[str]
     ]
 
 
-def remote(part: Part, path: str) -> str:
+def remote(part: Part, path: str, *, legacy: bool, source: bool) -> str:
+    """``user@host:path`` for scp, naming that one file, whatever its name.
+
+    A leading ``-`` would read as an option and ``~`` as a home folder: such a name gets ``./``.
+    SFTP reads a source as a glob pattern: its glob characters are escaped. The legacy protocol
+    hands the path to the guest's shell, then checks the name that comes back against it as a
+    pattern: a backslash before every character but letters, digits and ``_./-`` means "this
+    very character" to both.
+    """
+    if path.startswith(("-", "~")):
+        path = "./" + path
+    if legacy:
+        if "\n" in path:
+            raise VmError(f"{path!r}: the guest has no SFTP server, and without one scp cannot "
+                          "name a file with a line break")
+        path = "".join(c if c.isalnum() or c in "_./-" else "\\" + c for c in path)
+    elif source:
+        path = "".join("\\" + c if c in GLOB_CHARACTERS else c for c in path)
     return f"{part.ssh_user}@{part.ssh_hostname}:{path}"
 
 
@@ -63,23 +96,31 @@ def runscript(part: Part, remote_command: Sequence[str]) -> int:
     return command.run_foreground(ssh_argv(part, remote_command))
 
 
-def copy(part: Part, source: str, target: str) -> None:
+def copy_argv(part: Part, remote_file: str, local_file: Path, *, upload: bool, legacy: bool) -> list[str]:
+    far = remote(part, remote_file, legacy=legacy, source=not upload)
+    near = str(local_file.absolute())  # relative, a name with a colon would read as host:path
+    source, target = (near, far) if upload else (far, near)
+    return scp_argv(part, source, target, legacy=legacy)
+
+
+def copy(part: Part, remote_file: str, local_file: Path, *, upload: bool) -> None:
     """scp, falling back to the legacy protocol for guests without an SFTP server."""
-    result = command.run(scp_argv(part, source, target, legacy=False))
+    result = command.run(copy_argv(part, remote_file, local_file, upload=upload, legacy=False))
     if result.exit_code != 0 and any(m in result.stderr for m in NO_SFTP_MARKERS):
-        result = command.run(scp_argv(part, source, target, legacy=True))
+        result = command.run(copy_argv(part, remote_file, local_file, upload=upload, legacy=True))
     if result.exit_code != 0:
+        source, target = (local_file, remote_file) if upload else (remote_file, local_file)
         raise VmError(f"scp {source} {target} failed: {' '.join(result.stderr.split()) or result.exit_code}")
 
 
 def sendfile(part: Part, remote_file: str, local_file: Path) -> None:
     if not local_file.is_file():
         raise VmError(f"{local_file}: no such file")
-    copy(part, str(local_file), remote(part, remote_file))
+    copy(part, remote_file, local_file, upload=True)
 
 
 def getfile(part: Part, remote_file: str, local_file: Path) -> None:
-    copy(part, remote(part, remote_file), str(local_file))
+    copy(part, remote_file, local_file, upload=False)
 
 
 def banner(host: str, port: int, timeout: float = 3.0) -> bool:

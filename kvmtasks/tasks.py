@@ -7,9 +7,13 @@ running anything.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from doit.dependency import FileChangedChecker
@@ -59,19 +63,44 @@ def doit_config(parts: Sequence[Part], default_var: Path) -> dict[str, Any]:
     }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a step: it ends the step like Ctrl-C does."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While a step runs, SIGTERM interrupts it instead of killing doit, which then keeps the
+    record of the steps that completed (killed, it would redo them all)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set a signal handler
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def guarded(step: Callable[[Part], None], part: Part, name: str) -> Callable[[], TaskFailed | None]:
     """A doit action that turns an expected failure into one line, not a traceback."""
 
     def action() -> TaskFailed | None:
         try:
-            step(part)
+            with _sigterm_interrupts():
+                step(part)
         except KvmTasksError as error:
             details = getattr(error, "details", "")
             return TaskFailed(f"{name}:{part.name}: {error}" + (f"\n{details}" if details else ""))
-        except KeyboardInterrupt:
-            # Ctrl-C: one line, then doit stops as a whole (saving what completed), exit 128 + SIGINT.
-            print(f"{name}:{part.name}: interrupted; run it again to carry on", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
+        except KeyboardInterrupt as interrupt:
+            # One line, then doit stops as a whole, saving what completed; exit 128 + the signal.
+            signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+            print(f"{name}:{part.name}: interrupted ({signum.name}); run it again to carry on",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum) from None
         return None
 
     action.__name__ = f"{name}:{part.name}"

@@ -19,7 +19,7 @@ import pytest
 
 from tests.httpserver import FileServer, serve
 
-pytest_plugins = ["tests.vmfixtures"]
+pytest_plugins = ["tests.vmfixtures", "tests.reliability"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DODO = REPO_ROOT / "dodo.py"

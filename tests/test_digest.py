@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,29 @@ def test_compare_names_the_option_the_expected_and_the_actual_digest() -> None:
         digest.compare("download", {"md5": "aa", "sha256": "bb"}, {"md5": "aa", "sha256": "cc"})
 
     assert str(error.value) == "sha256_download mismatch: expected bb, got cc"
+
+
+def test_a_chunk_changed_after_update_is_hashed_as_it_was() -> None:
+    buffer = bytearray(b"a" * 5000)
+    hasher = digest.MultiHasher(["md5"])
+    hasher.update(memoryview(buffer))
+    buffer[:] = b"b" * 5000
+
+    assert hasher.hexdigests() == {"md5": hashlib.md5(b"a" * 5000).hexdigest()}
+
+
+def test_a_hasher_dropped_half_way_leaves_no_thread_behind() -> None:
+    def hash_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("hash-")]
+
+    before = set(hash_threads())
+    hasher = digest.MultiHasher(["md5", "sha256"])
+    for _ in range(20):
+        hasher.update(os.urandom(100_000))
+    started = [t for t in hash_threads() if t not in before]
+    assert len(started) == 2
+    del hasher  # as when a download fails: nobody asks for the digests
+
+    for thread in started:
+        thread.join(timeout=10)
+        assert not thread.is_alive()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvmtasks import image
 from kvmtasks.errors import KvmTasksError, VerifyError
@@ -95,3 +98,39 @@ def test_an_unreadable_image_is_reported(tmp_path: Path) -> None:
         image.disk_format(tmp_path / "missing")
     with pytest.raises(KvmTasksError, match="cannot read image"):
         image.disk_format(tmp_path)
+
+
+def test_gunzip_leaves_holes_for_zero_blocks_and_reads_back_the_same(tmp_path: Path) -> None:
+    block = 4096
+    raw = (os.urandom(10_000) + bytes(3 << 20) + os.urandom(block) + bytes(5 * block)
+           + os.urandom(7) + bytes(100 * block))
+    source = tmp_path / "disk.img.gz"
+    source.write_bytes(gzip.compress(raw, compresslevel=1))
+    dest = tmp_path / "disk.img"
+
+    digests = image.gunzip(source, dest, ["sha256"])
+
+    assert dest.read_bytes() == raw
+    assert digests == {"sha256": hashlib.sha256(raw).hexdigest()}
+    allocated = dest.stat().st_blocks * 512
+    assert allocated <= len(raw) - (3 << 20), "zero blocks take no disk space"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 3 * 4096)), max_size=12))
+def test_holes_cover_every_aligned_zero_block_and_nothing_else(pieces: list[tuple[bool, int]]) -> None:
+    block = 4096
+    chunk = b"".join(bytes(size) if zero else b"\x01" * size for zero, size in pieces)
+
+    holes = list(image._holes(chunk))
+
+    for (_, end), (start, _) in itertools.pairwise(holes):
+        assert end < start, "in order, apart"
+    covered = set()
+    for start, end in holes:
+        assert start % block == 0 and start < end and (end % block == 0 or end == len(chunk))
+        assert chunk[start:end] == bytes(end - start)
+        covered |= set(range(start, end, block))
+    zero_blocks = {offset for offset in range(0, len(chunk) - block + 1, block)
+                   if chunk[offset:offset + block] == bytes(block)}
+    assert zero_blocks <= covered

@@ -38,7 +38,8 @@ def tail(tmp_path: Path, name: str = "vm") -> list[str]:
     return [
         "-chardev", f"file,id=console,path={run}/console.log",
         "-serial", "chardev:console",
-        "-qmp", f"unix:{run}/qmp.sock,server=on,wait=off",
+        "-chardev", f"socket,id=qmp,path={run}/qmp.sock,server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
         "-monitor", "none",
         "-pidfile", f"{run}/qemu.pid",
         "-daemonize",
@@ -92,7 +93,7 @@ def test_commas_in_paths_and_names_are_doubled(tmp_path: Path) -> None:
     part = load(tmp_path, f"file = {tmp_path}/a,b.img\nkvm_run_directory = {tmp_path}/run,dir\n")
     args = argv(part)
     assert f"file={tmp_path}/a,,b.img,if=virtio,cache=none,format=raw" in args
-    assert f"unix:{tmp_path}/run,,dir/vm/qmp.sock,server=on,wait=off" in args
+    assert f"socket,id=qmp,path={tmp_path}/run,,dir/vm/qmp.sock,server=on,wait=off" in args
     assert f"file,id=console,path={tmp_path}/run,,dir/vm/console.log" in args
     assert escape("a,,b") == "a,,,,b"
 

@@ -1,0 +1,348 @@
+"""Benchmark provisioning a gzipped image over HTTP against the naive shell recipe.
+
+    python bench/provision.py --size 1G
+
+Makes a synthetic disk-like image (random, text and zero blocks), gzips it
+(both cached in .cache/bench), serves the .gz on 127.0.0.1 and times, in fresh
+folders, alternating, repeated:
+
+- provision: ``doit provision:bench`` with md5_download, md5_image, sha256_image;
+- naive: curl, md5sum of the .gz, gunzip, md5sum and sha256sum of the image;
+- bound: ``sha256sum`` of the image alone;
+- no-op: ``doit provision:bench`` again, nothing changed;
+- touch: ``touch`` the image, then ``doit provision:bench`` again.
+
+Prints a table and a last line of ratios, and writes the table into
+docs/benchmarks.md (or --output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchlib import (
+    CACHE,
+    DOCS,
+    MB,
+    Measured,
+    OpenWatch,
+    Quiet,
+    doit_argv,
+    environment,
+    hash_speeds,
+    machine_lines,
+    measure,
+    median,
+    parse_size,
+    serve_files,
+    size_label,
+    table,
+    write_section,
+)
+
+PART = "bench"
+BLOCK = 64 << 10
+# The share of blocks of each kind, roughly what a used root filesystem image holds.
+MIX = {"random": 0.35, "text": 0.20, "zero": 0.45}
+SEED = 5
+GZIP_LEVEL = 6  # gzip's default, what images are usually published with
+WORDS = (
+    "the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at",
+    "from", "it", "this", "be", "are", "or", "an", "not", "kernel", "module", "systemd", "service",
+    "package", "install", "config", "error", "warning", "debug", "info", "usr", "lib", "bin", "etc",
+    "var", "log", "python", "share", "doc", "README", "LICENSE", "copyright", "version", "build",
+    "libc6", "openssl", "0", "1", "2", "7", "10", "42", "255", "1024", "=", ":", "/", "-", "#",
+    "{", "}", "(", ")", ";", ".", ",", " ", " ", " ", " ", " ", " ", " ", " ", "\n", "\n\t",
+)
+PROVISION_STEPS = ("download", "verify-download", "decompress", "verify-image", "render")
+
+
+@dataclass(frozen=True)
+class Source:
+    raw: Path
+    packed: Path
+    digests: dict[str, str]  # md5_download, md5_image, sha256_image
+
+
+def _blocks(size: int, rng: random.Random) -> Iterator[bytes]:
+    count = size // BLOCK
+    kinds = [kind for kind, share in MIX.items() for _ in range(round(count * share))]
+    kinds = (kinds + ["zero"] * count)[:count]
+    rng.shuffle(kinds)
+    text = "".join(rng.choices(WORDS, k=(4 * BLOCK) // 3)).encode()
+    zero = bytes(BLOCK)
+    for kind in kinds:
+        if kind == "random":
+            yield rng.randbytes(BLOCK)
+        elif kind == "text":
+            start = rng.randrange(len(text) - BLOCK)
+            yield text[start:start + BLOCK]
+        else:
+            yield zero
+    if size % BLOCK:
+        yield rng.randbytes(size % BLOCK)
+
+
+def synthesize(size: int, cache: Path) -> Source:
+    """The image of that size and its .gz, made once and kept in cache."""
+    folder = cache / f"image-{size_label(size)}-seed{SEED}"
+    raw, packed, record = folder / "image.raw", folder / "image.raw.gz", folder / "digests.json"
+    if record.exists() and raw.exists() and packed.exists():
+        return Source(raw, packed, json.loads(record.read_text()))
+    print(f"making a {size_label(size)} image and its .gz (once; kept in {folder})", file=sys.stderr)
+    folder.mkdir(parents=True, exist_ok=True)
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
+    with open(raw, "wb") as image, gzip.open(packed, "wb", compresslevel=GZIP_LEVEL) as compressed:
+        for block in _blocks(size, random.Random(SEED)):
+            md5.update(block)
+            sha256.update(block)
+            image.write(block)
+            compressed.write(block)
+    download_md5 = hashlib.md5()
+    with open(packed, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            download_md5.update(chunk)
+    digests = {
+        "md5_download": download_md5.hexdigest(),
+        "md5_image": md5.hexdigest(),
+        "sha256_image": sha256.hexdigest(),
+    }
+    record.write_text(json.dumps(digests))
+    return Source(raw, packed, digests)
+
+
+@dataclass(frozen=True)
+class Rerun:
+    """A doit run after provisioning: what it cost, what it ran, which image files it opened."""
+
+    run: Measured
+    steps: list[str]
+    opened: set[str]
+
+    @property
+    def image_read(self) -> int:
+        """Bytes of the image and download read: none when neither was opened, else at most rchar."""
+        return self.run.rchar if self.opened else 0
+
+
+@dataclass(frozen=True)
+class ProvisionRuns:
+    provision: Measured
+    noop: Rerun
+    touch: Rerun
+    allocated: int  # bytes of disk the image takes
+
+
+def _rerun(argv: list[str], env: dict[str, str], folder: Path, images: Path, quiet: Quiet) -> Rerun:
+    stdout = folder / "doit.out"
+    quiet.wait()
+    with OpenWatch(images) as watch:
+        run = measure(argv, env=env, cwd=folder, stdout=stdout).check()
+        opened = watch.touched()
+    # doit prints ".  STEP:PART" for each task it runs, "-- STEP:PART" for one up to date.
+    ran = re.findall(r"^\.  (\S+):" + PART + "$", stdout.read_text(), re.MULTILINE)
+    return Rerun(run, [step for step in ran if step in PROVISION_STEPS], opened)
+
+
+def run_provision(folder: Path, url: str, source: Source, quiet: Quiet) -> ProvisionRuns:
+    """doit provision in a fresh folder, then again with nothing changed, then after a touch."""
+    folder.mkdir(parents=True)
+    config = folder / "bench.cfg"
+    checksums = "\n".join(f"{name} = {value}" for name, value in source.digests.items())
+    config.write_text(
+        f"[buildout]\ndirectory = {folder}\n\n[{PART}]\nimage = {url}\ngzip = true\n{checksums}\n"
+        "kvm_accel = tcg\n"
+    )
+    env = environment(KVMTASKS_CONFIG=str(config), HOME=str(folder / "home"))
+    argv = doit_argv(f"provision:{PART}")
+    stdout = folder / "doit.out"
+    quiet.wait()
+    provision = measure(argv, env=env, cwd=folder, stdout=stdout).check()
+    image = folder / "parts" / PART / "image.raw"
+    if not image.is_file():
+        raise SystemExit(f"doit provision did not make {image}:\n{stdout.read_text()}")
+    noop = _rerun(argv, env, folder, image.parent, quiet)
+    subprocess.run(["touch", str(image)], check=True)
+    touch = _rerun(argv, env, folder, image.parent, quiet)
+    return ProvisionRuns(provision, noop, touch, image.stat().st_blocks * 512)
+
+
+def run_naive(folder: Path, url: str, source: Source, quiet: Quiet) -> float:
+    """What the original recipe did: download, md5 the .gz, gunzip, md5 and sha256 the image."""
+    folder.mkdir(parents=True)
+    packed, image = folder / "img.gz", folder / "img"
+    quiet.wait()
+    started = time.perf_counter()
+    measure(["curl", "--fail", "--silent", "--show-error", "-o", str(packed), url]).check()
+    measure(["md5sum", str(packed)]).check()
+    measure(["gunzip", "-c", str(packed)], stdout=image).check()
+    measure(["md5sum", str(image)]).check()
+    measure(["sha256sum", str(image)]).check()
+    seconds = time.perf_counter() - started
+    if image.stat().st_size != source.raw.stat().st_size:
+        raise SystemExit("naive: gunzip made an image of the wrong size")
+    return seconds
+
+
+def run_bound(source: Source, quiet: Quiet) -> float:
+    """sha256sum alone on the (cached) image: the least any verified provisioning must cost."""
+    quiet.wait()
+    return measure(["sha256sum", str(source.raw)]).check().seconds
+
+
+@dataclass
+class Results:
+    provisions: list[ProvisionRuns] = field(default_factory=list)
+    naive: list[float] = field(default_factory=list)
+    bound: list[float] = field(default_factory=list)
+
+    @property
+    def provision(self) -> list[float]:
+        return [runs.provision.seconds for runs in self.provisions]
+
+    def reruns(self, kind: str) -> list[Rerun]:
+        return [getattr(runs, kind) for runs in self.provisions]
+
+    @property
+    def rss(self) -> list[int]:
+        return [runs.provision.maxrss_kib * 1024 for runs in self.provisions]
+
+
+def benchmark(source: Source, url: str, work: Path, repeat: int, quiet: Quiet) -> Results:
+    results = Results()
+    kinds = ["provision", "naive", "bound"]
+    for round_number in range(repeat):
+        # Rotate the order so that no kind always goes first, or always after the same one.
+        shift = round_number % len(kinds)
+        for kind in kinds[shift:] + kinds[:shift]:
+            folder = work / f"{kind}-{round_number}"
+            if kind == "provision":
+                results.provisions.append(run_provision(folder, url, source, quiet))
+            elif kind == "naive":
+                results.naive.append(run_naive(folder, url, source, quiet))
+            else:
+                results.bound.append(run_bound(source, quiet))
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"  round {round_number + 1}/{repeat}: {kind} done", file=sys.stderr)
+    return results
+
+
+def summary_line(results: Results) -> str:
+    provision = median(results.provision)
+    noop, touch = results.reruns("noop"), results.reruns("touch")
+    return (
+        f"provision/naive={provision / median(results.naive):.2f} "
+        f"provision/bound={provision / median(results.bound):.2f} "
+        f"noop_s={median([rerun.run.seconds for rerun in noop]):.2f} "
+        f"noop_read_mb={max(rerun.image_read for rerun in noop) / MB:.0f} "
+        f"touch_s={median([rerun.run.seconds for rerun in touch]):.2f} "
+        f"rss_mb={max(results.rss) / MB:.0f}"
+    )
+
+
+def _row(what: str, values: list[float], unit: str, digits: int = 2, pick: str = "median") -> list[str]:
+    chosen = median(values) if pick == "median" else max(values)
+    return [what, f"{chosen:.{digits}f} {unit}", ", ".join(f"{value:.{digits}f}" for value in values)]
+
+
+def _rerun_rows(kind: str, what: str, reruns: list[Rerun]) -> list[list[str]]:
+    opened = sorted(set().union(*(rerun.opened for rerun in reruns))) or ["none"]
+    steps = sorted({step for rerun in reruns for step in rerun.steps}) or ["none"]
+    return [
+        _row(f"{kind}: {what}", [rerun.run.seconds for rerun in reruns], "s"),
+        _row(f"{kind}: MB the doit process read (rchar, all files)",
+             [rerun.run.rchar / MB for rerun in reruns], "MB", 1),
+        [f"{kind}: image files opened; steps run", f"{', '.join(opened)}; {', '.join(steps)}", ""],
+    ]
+
+
+def report(source: Source, results: Results, repeat: int, quiet: Quiet) -> str:
+    size, packed = source.raw.stat().st_size, source.packed.stat().st_size
+    speeds = hash_speeds()
+    rows = [
+        _row("provision: `doit provision:bench`", results.provision, "s"),
+        _row("naive: curl; md5sum .gz; gunzip; md5sum; sha256sum", results.naive, "s"),
+        _row("bound: `sha256sum` of the image", results.bound, "s"),
+        *_rerun_rows("no-op", "`doit provision:bench` again", results.reruns("noop")),
+        *_rerun_rows("touch", "`touch` the image, `doit provision:bench`", results.reruns("touch")),
+        _row("provision: peak RSS (highest)", [value / MB for value in results.rss], "MB", 0, "max"),
+        _row("provision: disk the image takes (sparse; highest)",
+             [runs.allocated / MB for runs in results.provisions], "MB", 0, "max"),
+    ]
+    label = size_label(size)
+    mix = ", ".join(f"{share:.0%} {kind}" for kind, share in MIX.items())
+    return "\n".join([
+        f"## Provisioning a {label} image",
+        "",
+        f"`python bench/provision.py --size {label}`: median of {repeat} rounds; the three kinds "
+        "take turns going first, every run in a fresh folder, page cache warm, `sync` before each "
+        "run. " + quiet.note(),
+        "",
+        f"Image: {size / MB:.0f} MB raw ({mix}, in blocks of {BLOCK >> 10} KiB), {packed / MB:.0f} MB "
+        f"gzipped (level {GZIP_LEVEL}), served on 127.0.0.1 with sendfile. The part checks "
+        "md5_download, md5_image and sha256_image.",
+        "",
+        *machine_lines(),
+        "",
+        table(["measurement", "median", "runs"], rows),
+        "",
+        f"For scale: `sha256sum` (the bound) hashed {size / MB / median(results.bound):.0f} MB/s; "
+        f"Python's hashlib does sha256 at {speeds['sha256']:.0f} MB/s and md5 at {speeds['md5']:.0f} "
+        "MB/s on one core. md5 is the slowest of the work kvmtasks does, and it cannot be split: "
+        "the download's md5 and the image's md5 are the floor of the two steps.",
+        "",
+        "What is measured: wall time of each process from start to exit; peak RSS is the "
+        "`ru_maxrss` that `wait4` returns for the doit process; rchar is from `/proc/PID/io` of "
+        "the doit process, read after it exited and before it was reaped: every byte it read "
+        "through read()-like calls, page-cache hits included, mostly Python's own modules. "
+        "Image files opened are those in the image's folder that inotify saw opened or read "
+        "during the run: none means not one byte of the image or the download was read, and "
+        "`noop_read_mb` below counts the no-op run's rchar only if one was.",
+        "",
+        "```",
+        summary_line(results),
+        "```",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="1G", help="image size, e.g. 8M, 1G, 4G (default 1G)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is reported (default 3)")
+    parser.add_argument("--output", type=Path, default=DOCS, help=f"report file (default {DOCS})")
+    parser.add_argument("--cache", type=Path, default=CACHE, help=f"where images are kept (default {CACHE})")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the fresh folders go (default: a temporary folder)")
+    parser.add_argument("--patience", type=float, default=120.0,
+                        help="seconds to wait for a quiet machine before each run (default 120)")
+    options = parser.parse_args(argv)
+    for program in ("curl", "md5sum", "gunzip", "sha256sum", "touch"):
+        if shutil.which(program) is None:
+            parser.error(f"{program} not found")
+    source = synthesize(parse_size(options.size), options.cache)
+    quiet = Quiet(patience=options.patience)
+    with tempfile.TemporaryDirectory(prefix="kvmtasks-bench-", dir=options.workdir) as work, \
+            serve_files({"/image.raw.gz": source.packed}) as base:
+        results = benchmark(source, f"{base}/image.raw.gz", Path(work), options.repeat, quiet)
+    text = report(source, results, options.repeat, quiet)
+    write_section(options.output, f"provision {size_label(source.raw.stat().st_size)}", text)
+    print(text)
+    print(summary_line(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

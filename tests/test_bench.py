@@ -1,0 +1,101 @@
+"""The benchmark scripts keep working: a small, fast run of each, and their helpers.
+
+The numbers of these runs mean nothing (tiny sizes, one round, a busy machine):
+only that the scripts run to the end and report what they should.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.vmfixtures import needs_qemu
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH = REPO_ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+benchlib = importlib.import_module("benchlib")
+
+PROVISION_LINE = re.compile(
+    r"provision/naive=\d+\.\d\d provision/bound=\d+\.\d\d noop_s=\d+\.\d\d noop_read_mb=(\d+) "
+    r"touch_s=\d+\.\d\d rss_mb=\d+"
+)
+
+
+def run_script(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True, text=True,
+                          timeout=timeout, check=False, cwd=REPO_ROOT)
+
+
+def test_provision_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    output = tmp_path / "benchmarks.md"
+    done = run_script("provision.py", "--size", "8M", "--repeat", "1", "--output", str(output),
+                      "--cache", str(tmp_path / "cache"), "--patience", "0", timeout=300)
+
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    match = PROVISION_LINE.fullmatch(last)
+    assert match, last
+    assert match.group(1) == "0", "a no-op run must not open the image"
+    text = output.read_text()
+    assert text.startswith(benchlib.HEADER)
+    assert "## Provisioning a 8M image" in text
+    assert "| no-op: image files opened; steps run | none; none |" in text
+    assert last in text
+
+
+@pytest.mark.vm
+@needs_qemu
+def test_boot_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    output = tmp_path / "benchmarks.md"
+    done = run_script("boot.py", "--repeat", "1", "--output", str(output), "--patience", "0", timeout=600)
+
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"start/raw=\d+\.\d\d start_s=\d+\.\d\d raw_s=\d+\.\d\d", last), last
+    assert "## Booting the tiny guest" in output.read_text()
+
+
+def test_a_section_is_replaced_and_the_others_are_kept(tmp_path: Path) -> None:
+    output = tmp_path / "benchmarks.md"
+    benchlib.write_section(output, "one", "first\n")
+    benchlib.write_section(output, "two", "second\n")
+    benchlib.write_section(output, "one", "first, again\n")
+
+    text = output.read_text()
+    assert text.startswith(benchlib.HEADER)
+    assert "first, again" in text and "second" in text and "first\n" not in text
+    assert text.index("first, again") < text.index("second")
+
+
+def test_measure_reports_what_a_child_read(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.write_bytes(b"x" * 3_000_000)
+
+    measured = benchlib.measure(["cat", str(data)], stdout=tmp_path / "copy")
+
+    assert measured.returncode == 0
+    assert measured.rchar >= 3_000_000
+    assert measured.maxrss_kib > 0
+    assert (tmp_path / "copy").read_bytes() == data.read_bytes()
+
+
+def test_open_watch_sees_a_file_opened_and_not_one_only_looked_at(tmp_path: Path) -> None:
+    (tmp_path / "image").write_bytes(b"disk")
+    (tmp_path / "other").write_bytes(b"x")
+    with benchlib.OpenWatch(tmp_path) as watch:
+        (tmp_path / "other").stat()
+        subprocess.run(["cat", str(tmp_path / "image")], check=True, capture_output=True)
+        assert watch.touched() == {"image"}
+        assert watch.touched() == set()
+
+
+@pytest.mark.parametrize(("text", "size"), [("8M", 8 << 20), ("1G", 1 << 30), ("512k", 512 << 10)])
+def test_sizes_are_binary(text: str, size: int) -> None:
+    assert benchlib.parse_size(text) == size
+    assert benchlib.parse_size(benchlib.size_label(size)) == size
