@@ -98,11 +98,12 @@ class Quiet:
                 return
 
     def note(self) -> str:
+        waited = (f"Each run first waited for the CPUs to be under {self.threshold:.0%} busy "
+                  f"(up to {self.patience:.0f} s); load that starts during a run is not controlled "
+                  "and shows as spread between the runs.")
         if not self.busy_runs:
-            return (f"Every run started on a quiet machine (under {self.threshold:.0%} CPU busy "
-                    "over the half second before).")
-        return (f"{self.busy_runs} of {self.runs} runs started while other work kept the CPUs "
-                f"over {self.threshold:.0%} busy for {self.patience:.0f} s: those numbers are noisier.")
+            return waited
+        return f"{waited} {self.busy_runs} of {self.runs} runs started on a busy machine."
 
 
 def doit_argv(*tasks: str) -> list[str]:

@@ -171,6 +171,7 @@ def summary_line(ctl: list[float], raw: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the VMs are killed on the way out
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is reported (default 3)")
     parser.add_argument("--output", type=Path, default=DOCS, help=f"report file (default {DOCS})")

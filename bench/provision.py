@@ -25,6 +25,7 @@ import json
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,7 @@ BLOCK = 64 << 10
 # The share of blocks of each kind, roughly what a used root filesystem image holds.
 MIX = {"random": 0.35, "text": 0.20, "zero": 0.45}
 SEED = 5
+GENERATOR = 2  # bump when _blocks changes, so that no image made the old way is reused
 GZIP_LEVEL = 6  # gzip's default, what images are usually published with
 WORDS = (
     "the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at",
@@ -98,7 +100,7 @@ def _blocks(size: int, rng: random.Random) -> Iterator[bytes]:
 
 def synthesize(size: int, cache: Path) -> Source:
     """The image of that size and its .gz, made once and kept in cache."""
-    folder = cache / f"image-{size_label(size)}-seed{SEED}"
+    folder = cache / f"image-{size_label(size)}-seed{SEED}-v{GENERATOR}"
     raw, packed, record = folder / "image.raw", folder / "image.raw.gz", folder / "digests.json"
     if record.exists() and raw.exists() and packed.exists():
         return Source(raw, packed, json.loads(record.read_text()))
@@ -319,6 +321,7 @@ def report(source: Source, results: Results, repeat: int, quiet: Quiet) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on the way out
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="1G", help="image size, e.g. 8M, 1G, 4G (default 1G)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is reported (default 3)")

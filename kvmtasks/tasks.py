@@ -7,22 +7,16 @@ running anything.
 from __future__ import annotations
 
 import os
-import signal
-import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from doit.dependency import FileChangedChecker
-from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from kvmtasks import provision, render, vm
+from kvmtasks.actions import clean_unless_running, guarded
 from kvmtasks.config import Part
-from kvmtasks.errors import KvmTasksError
 from kvmtasks.report import Reporter
 
 Task = dict[str, Any]
@@ -55,56 +49,14 @@ def doit_config(parts: Sequence[Part], default_var: Path) -> dict[str, Any]:
     var = parts[0].buildout.var_directory if parts else default_var
     var.mkdir(parents=True, exist_ok=True)
     return {
-        "dep_file": str(var / ".doit.json"),
-        "backend": "json",
+        # sqlite3 writes only the tasks a run changed, under sqlite's lock: two doit runs
+        # at once (say, two parts started in parallel) never overwrite each other's state.
+        "dep_file": str(var / ".doit.sqlite3"),
+        "backend": "sqlite3",
         "check_file_uptodate": SizeMtimeChecker,
         "default_tasks": [],
         "reporter": Reporter,
     }
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM during a step: it ends the step like Ctrl-C does."""
-
-
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated
-
-
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """While a step runs, SIGTERM interrupts it instead of killing doit, which then keeps the
-    record of the steps that completed (killed, it would redo them all)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set a signal handler
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def guarded(step: Callable[[Part], None], part: Part, name: str) -> Callable[[], TaskFailed | None]:
-    """A doit action that turns an expected failure into one line, not a traceback."""
-
-    def action() -> TaskFailed | None:
-        try:
-            with _sigterm_interrupts():
-                step(part)
-        except KvmTasksError as error:
-            details = getattr(error, "details", "")
-            return TaskFailed(f"{name}:{part.name}: {error}" + (f"\n{details}" if details else ""))
-        except KeyboardInterrupt as interrupt:
-            # One line, then doit stops as a whole, saving what completed; exit 128 + the signal.
-            signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
-            print(f"{name}:{part.name}: interrupted ({signum.name}); run it again to carry on",
-                  file=sys.stderr, flush=True)
-            raise SystemExit(128 + signum) from None
-        return None
-
-    action.__name__ = f"{name}:{part.name}"
-    return action
 
 
 def part_tasks(part: Part) -> Iterator[Task]:
@@ -117,7 +69,7 @@ def part_tasks(part: Part) -> Iterator[Task]:
             "actions": [guarded(provision.download, part, "download")],
             "targets": [str(part.download_path), str(provision.download_record(part))],
             "uptodate": [config_changed({"url": part.image})],
-            "clean": True,
+            "clean": [clean_unless_running(part)],
             "doc": f"{STEP_DOCS['download']} ({part.image})",
         }
         yield {
@@ -138,7 +90,7 @@ def part_tasks(part: Part) -> Iterator[Task]:
             "file_dep": [str(part.download_path)],
             "targets": [str(part.image_path), str(provision.image_record(part))],
             "task_dep": [f"verify-download:{part.name}"],
-            "clean": True,
+            "clean": [clean_unless_running(part)],
             "doc": STEP_DOCS["decompress"],
         }
         steps.append("decompress")
@@ -181,7 +133,7 @@ def _render_task(part: Part) -> Task:
         "actions": [guarded(render.render, part, "render")],
         "targets": [str(render.snapshot_path(part)), *map(str, scripts)],
         "uptodate": [config_changed({"part": render.runtime_snapshot(part), "scripts": texts})],
-        "clean": True,
+        "clean": [clean_unless_running(part)],
         "doc": STEP_DOCS["render"],
     }
 

@@ -6,9 +6,11 @@ config files, HOME, and the doit state file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -128,8 +130,10 @@ class Project:
     def provision(self, part: str = "vm") -> DoitRun:
         return self.run(f"provision:{part}")
 
-    def doit_state(self) -> object:
-        return json.loads((self.var / ".doit.json").read_text())
+    def doit_state(self) -> dict[str, object]:
+        """doit's state file: task name -> its saved data."""
+        with contextlib.closing(sqlite3.connect(self.var / ".doit.sqlite3")) as db:
+            return {task: json.loads(data) for task, data in db.execute("select task_id, task_data from doit")}
 
 
 @pytest.fixture

@@ -68,6 +68,10 @@ def test_refused_while_running_then_killed_from_outside_then_restarted_over_a_st
         reliability.fault("running")
         assert_one_line_error(refused, "download:vm: vm is running; stop it first: doit stop:vm")
     assert not any(request.path == "/v2/guest.img" for request in http_server.requests)
+    # doit clean would delete the disk under the VM: it refuses instead.
+    cleaned = project.run("clean", "-a")
+    reliability.fault("running")
+    assert "vm is running; stop it first" in cleaned.output and image.exists()
     assert reliability.lost() == 0
     assert script(project, "vm-runscript", "true").returncode == 0
     assert script(project, "vm-ctl", "status").returncode == 0

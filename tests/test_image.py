@@ -8,6 +8,7 @@ import itertools
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,23 @@ def test_holes_cover_every_aligned_zero_block_and_nothing_else(pieces: list[tupl
     zero_blocks = {offset for offset in range(0, len(chunk) - block + 1, block)
                    if chunk[offset:offset + block] == bytes(block)}
     assert zero_blocks <= covered
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_without_zlib_ng_the_standard_library_inflates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    monkeypatch.setitem(sys.modules, "zlib_ng", None)  # as if it were not installed
+    raw = os.urandom(300_000) + bytes(1 << 20)
+    source = tmp_path / "disk.img.gz"
+    source.write_bytes(gzip.compress(raw))
+    dest = tmp_path / "disk.img"
+
+    assert image.gunzip(source, dest, ["md5"]) == {"md5": hashlib.md5(raw).hexdigest()}
+    assert dest.read_bytes() == raw
+
+    packed = gzip.compress(os.urandom(200_000))
+    source.write_bytes(packed[:20] + bytes(b ^ 0x5A for b in packed[20:2000]) + packed[2000:]
+                       if damage == "corrupt" else packed[:-100])
+    with pytest.raises(VerifyError, match="is not a valid gzip file"):
+        image.gunzip(source, tmp_path / "other.img", ["md5"])

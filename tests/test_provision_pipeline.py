@@ -97,7 +97,7 @@ def test_gzip_download_with_every_checksum_then_a_no_op_run(
     assert len(http_server.requests) == requests_before
 
 
-def test_doit_state_is_a_json_file_in_the_var_directory(project: Project, http_server: FileServer) -> None:
+def test_doit_state_is_a_sqlite_file_in_the_var_directory(project: Project, http_server: FileServer) -> None:
     url = http_server.put("disk.img", payload(4096))
     project.write(part(image=url))
 
