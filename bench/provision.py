@@ -182,21 +182,30 @@ def run_provision(folder: Path, url: str, source: Source, quiet: Quiet) -> Provi
     return ProvisionRuns(provision, noop, touch, image.stat().st_blocks * 512)
 
 
-def run_naive(folder: Path, url: str, source: Source, quiet: Quiet) -> float:
+@dataclass(frozen=True)
+class Naive:
+    seconds: float
+    user_s: float
+    sys_s: float
+
+
+def run_naive(folder: Path, url: str, source: Source, quiet: Quiet) -> Naive:
     """What the original recipe did: download, md5 the .gz, gunzip, md5 and sha256 the image."""
     folder.mkdir(parents=True)
     packed, image = folder / "img.gz", folder / "img"
     quiet.wait()
     started = time.perf_counter()
-    measure(["curl", "--fail", "--silent", "--show-error", "-o", str(packed), url]).check()
-    measure(["md5sum", str(packed)]).check()
-    measure(["gunzip", "-c", str(packed)], stdout=image).check()
-    measure(["md5sum", str(image)]).check()
-    measure(["sha256sum", str(image)]).check()
+    runs = [
+        measure(["curl", "--fail", "--silent", "--show-error", "-o", str(packed), url]).check(),
+        measure(["md5sum", str(packed)]).check(),
+        measure(["gunzip", "-c", str(packed)], stdout=image).check(),
+        measure(["md5sum", str(image)]).check(),
+        measure(["sha256sum", str(image)]).check(),
+    ]
     seconds = time.perf_counter() - started
     if image.stat().st_size != source.raw.stat().st_size:
         raise SystemExit("naive: gunzip made an image of the wrong size")
-    return seconds
+    return Naive(seconds, sum(run.user_s for run in runs), sum(run.sys_s for run in runs))
 
 
 def run_bound(source: Source, quiet: Quiet) -> float:
@@ -208,12 +217,16 @@ def run_bound(source: Source, quiet: Quiet) -> float:
 @dataclass
 class Results:
     provisions: list[ProvisionRuns] = field(default_factory=list)
-    naive: list[float] = field(default_factory=list)
+    naives: list[Naive] = field(default_factory=list)
     bound: list[float] = field(default_factory=list)
 
     @property
     def provision(self) -> list[float]:
         return [runs.provision.seconds for runs in self.provisions]
+
+    @property
+    def naive(self) -> list[float]:
+        return [naive.seconds for naive in self.naives]
 
     def reruns(self, kind: str) -> list[Rerun]:
         return [getattr(runs, kind) for runs in self.provisions]
@@ -234,7 +247,7 @@ def benchmark(source: Source, url: str, work: Path, repeat: int, quiet: Quiet) -
             if kind == "provision":
                 results.provisions.append(run_provision(folder, url, source, quiet))
             elif kind == "naive":
-                results.naive.append(run_naive(folder, url, source, quiet))
+                results.naives.append(run_naive(folder, url, source, quiet))
             else:
                 results.bound.append(run_bound(source, quiet))
             shutil.rmtree(folder, ignore_errors=True)
@@ -260,6 +273,11 @@ def _row(what: str, values: list[float], unit: str, digits: int = 2, pick: str =
     return [what, f"{chosen:.{digits}f} {unit}", ", ".join(f"{value:.{digits}f}" for value in values)]
 
 
+def _cpu_row(what: str, times: list[tuple[float, float]]) -> list[str]:
+    user, system = median([t[0] for t in times]), median([t[1] for t in times])
+    return [what, f"{user:.2f} / {system:.2f} s", ", ".join(f"{u:.2f} / {s:.2f}" for u, s in times)]
+
+
 def _rerun_rows(kind: str, what: str, reruns: list[Rerun]) -> list[list[str]]:
     opened = sorted(set().union(*(rerun.opened for rerun in reruns))) or ["none"]
     steps = sorted({step for rerun in reruns for step in rerun.steps}) or ["none"]
@@ -278,6 +296,9 @@ def report(source: Source, results: Results, repeat: int, quiet: Quiet) -> str:
         _row("provision: `doit provision:bench`", results.provision, "s"),
         _row("naive: curl; md5sum .gz; gunzip; md5sum; sha256sum", results.naive, "s"),
         _row("bound: `sha256sum` of the image", results.bound, "s"),
+        _cpu_row("provision: CPU time, user / system",
+                 [(runs.provision.user_s, runs.provision.sys_s) for runs in results.provisions]),
+        _cpu_row("naive: CPU time, user / system", [(naive.user_s, naive.sys_s) for naive in results.naives]),
         *_rerun_rows("no-op", "`doit provision:bench` again", results.reruns("noop")),
         *_rerun_rows("touch", "`touch` the image, `doit provision:bench`", results.reruns("touch")),
         _row("provision: peak RSS (highest)", [value / MB for value in results.rss], "MB", 0, "max"),

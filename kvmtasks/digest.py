@@ -12,7 +12,7 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from kvmtasks.errors import VerifyError
 CHUNK = 1 << 20
 # Chunks waiting for one hash: enough to ride out scheduling jitter, little memory.
 _QUEUE_CHUNKS = 8
+
+_Pending = queue.Queue["tuple[bytes | bytearray, _Countdown | None] | None"]
 
 
 class MultiHasher:
@@ -34,18 +36,31 @@ class MultiHasher:
 
     def __init__(self, algorithms: Iterable[str]) -> None:
         self._hashes = {name: hashlib.new(name) for name in sorted(set(algorithms))}
-        self._queues: list[queue.Queue[bytes | None]] = []
+        self._queues: list[_Pending] = []
         self._threads: list[threading.Thread] = []
 
-    def update(self, chunk: bytes | memoryview) -> None:
+    def update(self, chunk: bytes | bytearray | memoryview,
+               release: Callable[[], None] | None = None) -> None:
+        """Hash chunk, later, in the threads.
+
+        Without release, a chunk that could change (not bytes) is copied first. With
+        release, the caller lends chunk: it stays unchanged until release() is called,
+        once every hash is done with it (see Buffers).
+        """
         if not self._hashes:
+            if release is not None:
+                release()
             return
         if not self._threads:
             self._start()
-        # The threads hash it later: never hand them a buffer the caller may reuse.
-        data = chunk if isinstance(chunk, bytes) else bytes(chunk)
+        if release is None:
+            data: bytes | bytearray = chunk if isinstance(chunk, bytes) else bytes(chunk)
+            countdown = None
+        else:
+            data = chunk if isinstance(chunk, bytes | bytearray) else bytes(chunk)
+            countdown = _Countdown(len(self._queues), release)
         for pending in self._queues:
-            pending.put(data)
+            pending.put((data, countdown))
 
     def hexdigests(self) -> dict[str, str]:
         self._finish()
@@ -53,7 +68,7 @@ class MultiHasher:
 
     def _start(self) -> None:
         for name, hash_object in self._hashes.items():
-            pending: queue.Queue[bytes | None] = queue.Queue(_QUEUE_CHUNKS)
+            pending: _Pending = queue.Queue(_QUEUE_CHUNKS)
             thread = threading.Thread(target=_hash_chunks, args=(hash_object, pending),
                                       name=f"hash-{name}", daemon=True)
             thread.start()
@@ -69,12 +84,51 @@ class MultiHasher:
         self._queues, self._threads = [], []
 
 
-def _hash_chunks(hash_object: Any, pending: queue.Queue[bytes | None]) -> None:
-    while (chunk := pending.get()) is not None:
+class Buffers:
+    """A fixed set of chunk buffers to read into, lent to a MultiHasher and given back.
+
+    Reusing them spares the allocator, and the kernel, a fresh MiB for every chunk:
+    with chunks freed by the hash threads, that churn costs more system time than
+    the writes.
+    """
+
+    def __init__(self, count: int = _QUEUE_CHUNKS + 2, size: int = CHUNK) -> None:
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(bytearray(size))
+
+    def get(self) -> bytearray:
+        """A free buffer; waits while all are lent (the hashes are behind)."""
+        return self._free.get()
+
+    def give_back(self, buffer: bytearray) -> Callable[[], None]:
+        """What puts buffer back into the free set: a release for MultiHasher.update."""
+        return lambda: self._free.put(buffer)
+
+
+class _Countdown:
+    """Calls release once count threads have each called done()."""
+
+    def __init__(self, count: int, release: Callable[[], None]) -> None:
+        self._count, self._release, self._lock = count, release, threading.Lock()
+
+    def done(self) -> None:
+        with self._lock:
+            self._count -= 1
+            finished = self._count == 0
+        if finished:
+            self._release()
+
+
+def _hash_chunks(hash_object: Any, pending: _Pending) -> None:
+    while (item := pending.get()) is not None:
+        chunk, countdown = item
         hash_object.update(chunk)
+        if countdown is not None:
+            countdown.done()
 
 
-def _stop(queues: list[queue.Queue[bytes | None]]) -> None:
+def _stop(queues: list[_Pending]) -> None:
     for pending in queues:
         pending.put(None)
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import cast
 
-from kvmtasks.digest import CHUNK, MultiHasher
+from kvmtasks.digest import CHUNK, Buffers, MultiHasher
 from kvmtasks.errors import KvmTasksError, VerifyError
 
 # Magic numbers of the formats QEMU is most often given; anything else is raw.
@@ -27,12 +27,13 @@ _ZERO_CHUNK = bytes(CHUNK)
 def gunzip(source: Path, dest: Path, algorithms: Iterable[str]) -> dict[str, str]:
     """Decompress source (one or more gzip members) into dest; return dest's digests."""
     partial = dest.with_name(dest.name + ".part")
-    hasher = MultiHasher(algorithms)
+    hasher, buffers = MultiHasher(algorithms), Buffers()
     open_gzip, bad_data = _gzip_reader()
     try:
         with open_gzip(source) as reader, open(partial, "wb", buffering=0) as writer:
-            while chunk := reader.read(CHUNK):
-                hasher.update(chunk)
+            while count := reader.readinto(buffer := buffers.get()):
+                chunk = buffer if count == len(buffer) else buffer[:count]
+                hasher.update(chunk, release=buffers.give_back(buffer))
                 _write_sparse(writer, chunk)
             writer.truncate()  # the size, when the image ends with a hole
     except bad_data as error:
@@ -45,7 +46,7 @@ def gunzip(source: Path, dest: Path, algorithms: Iterable[str]) -> dict[str, str
     return hasher.hexdigests()
 
 
-def _write_sparse(writer: io.RawIOBase, chunk: bytes) -> None:
+def _write_sparse(writer: io.RawIOBase, chunk: bytes | bytearray) -> None:
     """Write chunk, seeking over its zero blocks: the image is sparse, as qemu-img makes them.
 
     Disk images are often half zeros; a hole costs neither disk space nor the
@@ -60,7 +61,7 @@ def _write_sparse(writer: io.RawIOBase, chunk: bytes) -> None:
     _write_all(writer, view[written:])
 
 
-def _holes(chunk: bytes) -> Iterator[tuple[int, int]]:
+def _holes(chunk: bytes | bytearray) -> Iterator[tuple[int, int]]:
     """The (start, end) of each run of whole zero blocks in chunk (or all of it, when it
     is all zeros), in order."""
     if chunk and _ZERO_CHUNK.startswith(chunk):

@@ -133,7 +133,8 @@ class Project:
     def doit_state(self) -> dict[str, object]:
         """doit's state file: task name -> its saved data."""
         with contextlib.closing(sqlite3.connect(self.var / ".doit.sqlite3")) as db:
-            return {task: json.loads(data) for task, data in db.execute("select task_id, task_data from doit")}
+            rows = db.execute("select task_id, task_data from doit")
+            return {task: json.loads(data) for task, data in rows}
 
 
 @pytest.fixture

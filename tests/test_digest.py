@@ -118,3 +118,20 @@ def test_a_hasher_dropped_half_way_leaves_no_thread_behind() -> None:
     for thread in started:
         thread.join(timeout=10)
         assert not thread.is_alive()
+
+
+def test_a_lent_buffer_is_hashed_in_place_and_given_back_once_every_hash_is_done() -> None:
+    buffers = digest.Buffers(count=1, size=4)
+    given_back = []
+    hasher = digest.MultiHasher(["md5", "sha256"])
+    expected = {"md5": hashlib.md5(), "sha256": hashlib.sha256()}
+    for text in (b"abcd", b"efgh", b"ijkl"):
+        buffer = buffers.get()  # the only one: waits until the hashes gave it back
+        buffer[:] = text
+        release = buffers.give_back(buffer)
+        hasher.update(buffer, release=lambda release=release: (given_back.append(1), release()))
+        for hash_object in expected.values():
+            hash_object.update(text)
+
+    assert hasher.hexdigests() == {name: h.hexdigest() for name, h in expected.items()}
+    assert len(given_back) == 3
