@@ -332,7 +332,7 @@ def write_section(output: Path, name: str, body: str) -> None:
     block = f"{start}\n{body.strip()}\n{end}\n"
     text = output.read_text() if output.exists() else HEADER
     # The header is always this script's: what comes before the first section is replaced.
-    text = HEADER + text[text.index("<!-- "):] if "<!-- " in text else HEADER
+    text = f"{HEADER}\n{text[text.index('<!-- '):]}" if "<!-- " in text else HEADER
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
     # A section not there yet goes last.
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text.rstrip()}\n\n{block}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -203,6 +204,9 @@ def hostile_root() -> Iterator[tuple[Path, Path]]:
         yield root, canary
         assert not canary.exists(), "a hostile path was run as a command"
     finally:
+        # The folder is outside tmp_path, where no_vm_left looks: stop its VMs here.
+        for pid in qemu_pids_under(base):
+            os.kill(pid, signal.SIGKILL)
         shutil.rmtree(base, ignore_errors=True)
 
 
