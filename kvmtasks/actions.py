@@ -55,12 +55,15 @@ def guarded(step: Callable[[Part], None], part: Part, name: str) -> Callable[[],
             details = getattr(error, "details", "")
             return TaskFailed(f"{name}:{part.name}: {error}" + (f"\n{details}" if details else ""))
         except KeyboardInterrupt as interrupt:
-            # One line, then doit stops as a whole, saving what completed; exit 128 + the signal.
             signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
-            print(f"{name}:{part.name}: interrupted ({signum.name}); run it again to carry on",
-                  file=sys.stderr, flush=True)
-            raise SystemExit(128 + signum) from None
-        return None
+        else:
+            return None
+        # One line, then doit stops as a whole, saving what completed; exit 128 + the signal.
+        # Raised out here, the exit holds no traceback: the step's objects (hash threads)
+        # are released now, not during the interpreter's shutdown.
+        print(f"{name}:{part.name}: interrupted ({signum.name}); run it again to carry on",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
 
     action.__name__ = f"{name}:{part.name}"
     return action

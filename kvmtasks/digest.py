@@ -6,6 +6,7 @@ so that no step ever reads an image a second time to verify it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -74,8 +75,8 @@ class MultiHasher:
             thread.start()
             self._queues.append(pending)
             self._threads.append(thread)
-        # A hasher dropped half-way (a failed download) must not leave its threads waiting.
-        weakref.finalize(self, _stop, list(self._queues))
+        # A hasher dropped half-way (a failed download, Ctrl-C) must not leave its threads waiting.
+        weakref.finalize(self, _abandon, list(self._queues))
 
     def _finish(self) -> None:
         _stop(self._queues)
@@ -131,6 +132,21 @@ def _hash_chunks(hash_object: Any, pending: _Pending) -> None:
 def _stop(queues: list[_Pending]) -> None:
     for pending in queues:
         pending.put(None)
+
+
+def _abandon(queues: list[_Pending]) -> None:
+    """Stop the threads of a dropped hasher without ever blocking.
+
+    This runs from the garbage collector, possibly while the interpreter shuts down,
+    when daemon threads no longer run: a put into a full queue would wait forever.
+    The chunks still queued are not wanted any more.
+    """
+    for pending in queues:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                pending.get_nowait()
+        with contextlib.suppress(queue.Full):
+            pending.put_nowait(None)
 
 
 def hash_file(path: Path, algorithms: Iterable[str]) -> dict[str, str]:
