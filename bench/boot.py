@@ -50,6 +50,9 @@ from kvmtasks.guestimage import build_guest_image
 from kvmtasks.qemu import RunFiles, qemu_argv
 from kvmtasks.ssh import CONNECT_TIMEOUT, ssh_argv
 
+sys.path.insert(0, str(REPO_ROOT))  # the test suite's helpers, shared rather than copied
+from tests.vmfixtures import qemu_pids_under
+
 PART = "boot"
 GUEST_CACHE = REPO_ROOT / ".cache" / "guest"
 BOOT_TIMEOUT = 300.0
@@ -74,31 +77,17 @@ def make_project(folder: Path, image: Path, key: Path) -> Part:
     return part
 
 
-def _qemu_pids_under(folder: Path) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if argv and "qemu-system" in argv[0] and any(str(folder) in arg for arg in argv):
-            pids.append(int(entry.name))
-    return pids
-
-
 @contextmanager
 def killed_afterwards(folder: Path) -> Iterator[None]:
     """Whatever happens inside, no qemu started on a file under folder outlives the block."""
     try:
         yield
     finally:
-        for pid in _qemu_pids_under(folder):
+        for pid in qemu_pids_under(folder):
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while _qemu_pids_under(folder) and time.monotonic() < deadline:
+        while qemu_pids_under(folder) and time.monotonic() < deadline:
             time.sleep(0.05)
 
 

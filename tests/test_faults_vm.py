@@ -22,7 +22,7 @@ from tests.httpserver import FileServer
 from tests.reliability import Recorder
 from tests.test_provision_pipeline import assert_one_line_error, sha256
 from tests.test_vm_e2e import script, vm_config
-from tests.vmfixtures import Guest, free_port, needs_qemu, qemu_pids_under
+from tests.vmfixtures import Guest, free_port, loop_device, needs_qemu, qemu_pids_under
 
 pytestmark = [needs_qemu, pytest.mark.vm, pytest.mark.usefixtures("no_vm_left")]
 
@@ -109,19 +109,10 @@ def test_refused_while_running_then_killed_from_outside_then_restarted_over_a_st
 @pytest.fixture
 def guest_on_a_loop_device(guest: Guest, tmp_path: Path) -> Iterator[Path]:
     """A real block device holding the guest's disk."""
-    if os.geteuid() != 0:
-        pytest.skip("a loop device needs root")
     backing = tmp_path / "backing.img"
     shutil.copyfile(guest.image.path, backing)
-    made = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True,
-                          check=False)
-    if made.returncode != 0:
-        pytest.skip(f"losetup cannot attach a loop device here: {made.stderr.strip()}")
-    device = Path(made.stdout.strip())
-    try:
+    with loop_device(backing) as device:
         yield device
-    finally:
-        subprocess.run(["losetup", "-d", str(device)], check=False)
 
 
 def test_a_block_device_boots_with_snapshot_and_keeps_every_byte(

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.vmfixtures import loop_device
+
 if TYPE_CHECKING:
     from tests.conftest import DoitRun, Project
     from tests.httpserver import FileServer
@@ -460,26 +462,19 @@ def test_a_local_file_with_a_wrong_md5_image_fails_and_is_kept(project: Project,
 
 
 @pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[tuple[Path, bytes]]:
-    """A real block device backed by a small file in tmp_path."""
-    if os.geteuid() != 0:
-        pytest.skip("a loop device needs root")
+def data_on_a_loop_device(tmp_path: Path) -> Iterator[tuple[Path, bytes]]:
+    """A real block device backed by a small file in tmp_path, and its bytes."""
     backing = tmp_path / "backing.img"
     data = payload(SIZE, seed=7)
     backing.write_bytes(data)
-    made = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True,
-                          check=False)
-    if made.returncode != 0:
-        pytest.skip(f"losetup cannot attach a loop device here: {made.stderr.strip()}")
-    device = Path(made.stdout.strip())
-    try:
+    with loop_device(backing) as device:
         yield device, data
-    finally:
-        subprocess.run(["losetup", "-d", str(device)], check=False)
 
 
-def test_a_block_device_is_never_written(project: Project, loop_device: tuple[Path, bytes]) -> None:
-    device, data = loop_device
+def test_a_block_device_is_never_written(
+    project: Project, data_on_a_loop_device: tuple[Path, bytes]
+) -> None:
+    device, data = data_on_a_loop_device
     project.write(part(file=device))
 
     run = project.provision()
@@ -489,9 +484,9 @@ def test_a_block_device_is_never_written(project: Project, loop_device: tuple[Pa
 
 
 def test_md5_image_with_a_block_device_is_a_config_error(
-    project: Project, loop_device: tuple[Path, bytes]
+    project: Project, data_on_a_loop_device: tuple[Path, bytes]
 ) -> None:
-    device, data = loop_device
+    device, data = data_on_a_loop_device
     config = project.write(part(file=device, md5_image=md5(data)))
 
     run = project.provision()

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,3 +88,19 @@ def no_vm_left(tmp_path: Path) -> Iterator[None]:
     yield
     for pid in qemu_pids_under(tmp_path):
         os.kill(pid, signal.SIGKILL)
+
+
+@contextmanager
+def loop_device(backing: Path) -> Iterator[Path]:
+    """backing attached as a real block device; skips where loop devices cannot be made."""
+    if os.geteuid() != 0:
+        pytest.skip("a loop device needs root")
+    made = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True,
+                          check=False)
+    if made.returncode != 0:
+        pytest.skip(f"losetup cannot attach a loop device here: {made.stderr.strip()}")
+    device = Path(made.stdout.strip())
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", str(device)], check=False)
