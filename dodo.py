@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from kvmtasks.dodo_support import load
-from kvmtasks.tasks import all_tasks
+from kvmtasks.graph.dodo_support import load
+from kvmtasks.graph.tasks import all_tasks
 
 PARTS, DOIT_CONFIG = load(Path(__file__).parent)
 

@@ -2,12 +2,12 @@
 
     python bench/boot.py
 
-Builds the tiny guest image of the demo (kvmtasks.guestimage, packages cached
+Builds the tiny guest image of the demo (kvmtasks.demo.guestimage, packages cached
 in .cache/guest) and times, alternating, repeated, each time in a fresh folder
 with a fresh copy of the image:
 
 - start: ``bin/PART-ctl start``, which returns once an ssh login works;
-- raw: the same qemu argv (kvmtasks.qemu.qemu_argv) run by hand, then
+- raw: the same qemu argv (kvmtasks.engines.qemu.qemu_argv) run by hand, then
   ``ssh ... true`` in a tight loop until it succeeds.
 
 Guests run under TCG (KVM crashes guests on the nested machines this runs on).
@@ -45,10 +45,12 @@ from benchlib import (
     write_section,
 )
 
-from kvmtasks.config import Part, load_file
-from kvmtasks.guestimage import build_guest_image
-from kvmtasks.qemu import RunFiles, qemu_argv
-from kvmtasks.ssh import CONNECT_TIMEOUT, ssh_argv
+from kvmtasks.config.loader import load_file
+from kvmtasks.config.part import Part
+from kvmtasks.config.runfiles import RunFiles
+from kvmtasks.demo.guestimage import build_guest_image
+from kvmtasks.engines.qemu import qemu_argv
+from kvmtasks.guest.ssh import CONNECT_TIMEOUT, ssh_argv
 
 sys.path.insert(0, str(REPO_ROOT))  # the test suite's helpers, shared rather than copied
 from tests.vmfixtures import qemu_pids_under

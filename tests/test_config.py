@@ -10,10 +10,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kvmtasks import config
-from kvmtasks.config import Part, config_paths, load_file, load_parts
+from kvmtasks.config import loader as config
+from kvmtasks.config import part as config_part
+from kvmtasks.config.loader import config_paths, load_file, load_parts
+from kvmtasks.config.options import OPTIONS, OPTIONS_BY_NAME, Accel, ImageType, Option
+from kvmtasks.config.part import Part
 from kvmtasks.errors import ConfigError
-from kvmtasks.options import OPTIONS, OPTIONS_BY_NAME, Accel, ImageType, Option
 
 IMAGE = "http://127.0.0.1:9/images/disk.img"
 
@@ -50,7 +52,8 @@ def test_the_buildout_directory_defaults_to_the_current_directory(
 
     (part,) = load_parts([path])
 
-    assert part.buildout == config.Buildout(tmp_path, tmp_path / "bin", tmp_path / "parts", tmp_path / "var")
+    expected = config_part.Buildout(tmp_path, tmp_path / "bin", tmp_path / "parts", tmp_path / "var")
+    assert part.buildout == expected
     assert load_file(path, tmp_path / "other")[0].buildout.directory == tmp_path / "other"
 
 
@@ -153,14 +156,14 @@ def test_kvmtasks_accel_overrides_the_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, override: str | None, expected: Accel
 ) -> None:
     if override is not None:
-        monkeypatch.setenv(config.ACCEL_ENV, override)
+        monkeypatch.setenv(config_part.ACCEL_ENV, override)
 
     assert load_one(tmp_path, f"image = {IMAGE}\nkvm_accel = kvm").effective_accel is expected
 
 
 def test_localhost_listens_on_the_loopback_address() -> None:
-    assert config.listen_address("localhost") == "127.0.0.1"
-    assert config.listen_address("127.0.0.2") == "127.0.0.2"
+    assert config_part.listen_address("localhost") == "127.0.0.1"
+    assert config_part.listen_address("127.0.0.2") == "127.0.0.2"
 
 
 def test_default_section_values_interpolate_and_apply_unless_a_part_overrides_them(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmtasks import digest
 from kvmtasks.errors import VerifyError
+from kvmtasks.provision import digest
 
 
 def test_multihasher_matches_hashlib_across_chunks() -> None:

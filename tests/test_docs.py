@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmtasks.config import load_file
-from kvmtasks.options import OPTIONS, with_reference
-from kvmtasks.qemu import qemu_argv
+from kvmtasks.config.loader import load_file
+from kvmtasks.config.options import OPTIONS, with_reference
+from kvmtasks.engines.qemu import qemu_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "configs" / "examples").glob("*.cfg"))
@@ -34,7 +34,7 @@ def test_example_parses_and_renders_a_qemu_command_line(example: Path, tmp_path:
 
 def test_readme_option_table_is_generated_from_the_option_table() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert with_reference(readme) == readme, "run: python -m kvmtasks.options README.md"
+    assert with_reference(readme) == readme, "run: python -m kvmtasks.config.options README.md"
     for option in OPTIONS:
         assert f"| `{option.name}` |" in readme
 

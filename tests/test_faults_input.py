@@ -15,10 +15,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kvmtasks import qemu, render, snapshot, ssh
-from kvmtasks.config import PART_NAME, load_file
+from kvmtasks.config import snapshot
+from kvmtasks.config.loader import PART_NAME, load_file
+from kvmtasks.config.options import OPTIONS, OPTIONS_BY_NAME, Option
+from kvmtasks.engines import qemu
 from kvmtasks.errors import ConfigError, KvmTasksError
-from kvmtasks.options import OPTIONS, OPTIONS_BY_NAME, Option
+from kvmtasks.guest import ssh
+from kvmtasks.scripts import render
 from tests.conftest import REPO_ROOT, Project
 from tests.httpserver import FileServer
 from tests.reliability import Recorder

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from kvmtasks import fetch
 from kvmtasks.errors import FetchError
+from kvmtasks.provision import fetch
 
 if TYPE_CHECKING:
     from tests.httpserver import FileServer

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmtasks.guestimage import GuestImage, GuestImageError, build_guest_image, main
+from kvmtasks.demo.guestimage import GuestImage, GuestImageError, build_guest_image, main
 from tests.vmfixtures import PACKAGE_CACHE, free_port
 
 BOOT_TIMEOUT = 120.0

@@ -20,11 +20,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kvmtasks import ssh
-from kvmtasks.config import PART_NAME, Part, load_file
+from kvmtasks.config.loader import PART_NAME, load_file
+from kvmtasks.config.options import NET_TYPES, VGA_TYPES, ImageType, Redirect
+from kvmtasks.config.part import Part
+from kvmtasks.config.runfiles import RunFiles
+from kvmtasks.engines.qemu import forwards, qemu_argv
 from kvmtasks.errors import VmError
-from kvmtasks.options import NET_TYPES, VGA_TYPES, ImageType, Redirect
-from kvmtasks.qemu import RunFiles, forwards, qemu_argv
+from kvmtasks.guest import ssh
 from tests.conftest import Project
 from tests.reliability import Recorder
 from tests.test_provision_pipeline import assert_ok

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmtasks import options
-from kvmtasks.options import OPTIONS, OPTIONS_BY_NAME, Accel, ImageType, Redirect
+from kvmtasks.config import options
+from kvmtasks.config.options import OPTIONS, OPTIONS_BY_NAME, Accel, ImageType, Redirect
 
 from .conftest import REPO_ROOT
 
@@ -130,7 +130,7 @@ def test_the_reference_lists_every_option_once() -> None:
 
 
 def test_the_module_prints_the_reference() -> None:
-    printed = subprocess.run([sys.executable, "-m", "kvmtasks.options"], cwd=REPO_ROOT,
+    printed = subprocess.run([sys.executable, "-m", "kvmtasks.config.options"], cwd=REPO_ROOT,
                              capture_output=True, text=True, check=True)
 
     assert printed.stdout == options.reference_markdown()

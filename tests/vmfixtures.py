@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmtasks.guestimage import GuestImage, build_guest_image
+from kvmtasks.demo.guestimage import GuestImage, build_guest_image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Guest packages are downloaded once and kept between runs (and shared with the demo).

@@ -16,11 +16,11 @@ import tempfile
 from pathlib import Path
 
 from kvmtasks import command
-from kvmtasks.digest import CHUNK, MultiHasher, hash_file
+from kvmtasks.demo.guestimage import GuestImageError, build_guest_image
 from kvmtasks.errors import KvmTasksError
-from kvmtasks.guestimage import GuestImageError, build_guest_image
+from kvmtasks.provision.digest import CHUNK, MultiHasher, hash_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache"
 DEMO = CACHE / "demo"
 # configs/demo.cfg reads the image's URL and checksums from this file ([buildout] extends).

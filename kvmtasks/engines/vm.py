@@ -8,14 +8,16 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
-from kvmtasks import command, image, qmp, ssh
-from kvmtasks.config import Part, listen_address
+from kvmtasks import command
+from kvmtasks.config.diskformat import disk_format
+from kvmtasks.config.options import Accel
+from kvmtasks.config.part import Part, listen_address
+from kvmtasks.config.runfiles import RunFiles, clean_run_files, current, is_our_qemu, read_pid
+from kvmtasks.engines import qmp
+from kvmtasks.engines.qemu import forwards, qemu_argv
 from kvmtasks.errors import VmError
-from kvmtasks.options import Accel
-from kvmtasks.qemu import RunFiles, forwards, qemu_argv
+from kvmtasks.guest import ssh
 
 Say = Callable[[str], None]
 # Run states after which the guest will never answer.
@@ -27,51 +29,6 @@ SOCKET_PATH_MAX = 107
 
 class KvmUnusable(VmError):
     """KVM looked usable but qemu or the guest died under it (nested virtualisation)."""
-
-
-@dataclass(frozen=True)
-class Status:
-    running: bool
-    pid: int | None = None
-    accel: str | None = None
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return raw.decode(errors="replace").split("\0")
-
-
-def is_our_qemu(pid: int, files: RunFiles) -> bool:
-    """True only for a live qemu started with this part's pid file (never another process)."""
-    return str(files.pidfile) in _cmdline(pid)
-
-
-def _read_pid(files: RunFiles) -> int | None:
-    try:
-        text = files.pidfile.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
-
-
-def _clean_run_files(files: RunFiles) -> None:
-    for path in (files.pidfile, files.qmp_socket, files.accel):
-        path.unlink(missing_ok=True)
-
-
-def current(part: Part) -> Status:
-    """The VM's state; a stale pid file is removed on the way."""
-    files = RunFiles.of(part)
-    pid = _read_pid(files)
-    if pid is not None and is_our_qemu(pid, files):
-        accel = files.accel.read_text().strip() if files.accel.exists() else None
-        return Status(True, pid, accel)
-    if files.pidfile.exists():
-        _clean_run_files(files)
-    return Status(False)
 
 
 def console_tail(part: Part, lines: int = CONSOLE_TAIL_LINES) -> str:
@@ -165,7 +122,7 @@ def _boot(part: Part, accel: Accel, address: str) -> None:
     started_at = time.monotonic()
     result = command.run(argv, timeout=120)
     if result.exit_code != 0:
-        _clean_run_files(files)
+        clean_run_files(files)
         message = _first_error_line(result.stderr) or f"exit status {result.exit_code}"
         if accel is Accel.KVM and "kvm" in result.stderr.lower():
             raise KvmUnusable(f"qemu could not start under KVM ({message})")
@@ -179,7 +136,7 @@ def _boot(part: Part, accel: Accel, address: str) -> None:
 
 
 def _disk_format(part: Part) -> str:
-    return "raw" if part.is_block_device else image.disk_format(part.image_path)
+    return "raw" if part.is_block_device else disk_format(part.image_path)
 
 
 def _first_error_line(stderr: str) -> str:
@@ -242,7 +199,7 @@ def _kill(part: Part, graceful_seconds: float = 0.0) -> bool:
     Returns True when the guest powered itself off within graceful_seconds.
     """
     files = RunFiles.of(part)
-    pid = _read_pid(files)
+    pid = read_pid(files)
     powered_off = False
     if pid is not None and is_our_qemu(pid, files):
         if graceful_seconds > 0:
@@ -255,7 +212,7 @@ def _kill(part: Part, graceful_seconds: float = 0.0) -> bool:
                     os.kill(pid, sig)
                 if _wait_gone(pid, files, QUIT_WAIT):
                     break
-    _clean_run_files(files)
+    clean_run_files(files)
     return powered_off
 
 

@@ -10,12 +10,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import cast
 
-from kvmtasks.digest import CHUNK, Buffers, MultiHasher
 from kvmtasks.errors import KvmTasksError, VerifyError
+from kvmtasks.provision.digest import CHUNK, Buffers, MultiHasher
 
-# Magic numbers of the formats QEMU is most often given; anything else is raw.
-_MAGIC = ((b"QFI\xfb", "qcow2"), (b"KDMV", "vmdk"), (b"QED\x00", "qed"), (b"conectix", "vpc"))
-_VDI_SIGNATURE = (0x40, b"\x7f\x10\xda\xbe")
 # A zero run becomes a hole when it covers whole blocks of the file system's usual size.
 _BLOCK = 4096
 _ZERO_BLOCK = bytes(_BLOCK)
@@ -103,19 +100,3 @@ def _gzip_reader() -> tuple[Callable[[Path], gzip.GzipFile], tuple[type[Exceptio
         lambda path: gzip_ng.open(path, "rb"),  # type: ignore[no-untyped-call]  # untyped package
         (gzip.BadGzipFile, EOFError, zlib.error, fast_error),
     )
-
-
-def disk_format(path: Path) -> str:
-    """The image format from its header, so QEMU never probes a raw image."""
-    try:
-        with open(path, "rb") as handle:
-            header = handle.read(512)
-    except OSError as error:
-        raise KvmTasksError(f"cannot read image {path}: {error.strerror or error}") from None
-    for magic, name in _MAGIC:
-        if header.startswith(magic):
-            return name
-    offset, signature = _VDI_SIGNATURE
-    if header[offset:offset + len(signature)] == signature:
-        return "vdi"
-    return "raw"

@@ -7,9 +7,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvmtasks import snapshot, ssh, vm
-from kvmtasks.config import Part
+from kvmtasks.config import snapshot
+from kvmtasks.config.part import Part
+from kvmtasks.config.runfiles import current
+from kvmtasks.engines import vm
 from kvmtasks.errors import KvmTasksError, VmError
+from kvmtasks.guest import ssh
 
 EXIT_STOPPED = 3  # LSB: program is not running
 
@@ -40,7 +43,7 @@ def _parser(part: Part, kind: str) -> argparse.ArgumentParser:
 def _ctl(part: Part, action: str) -> int:
     if action == "status":
         print("\n".join(vm.describe(part)))
-        return 0 if vm.current(part).running else EXIT_STOPPED
+        return 0 if current(part).running else EXIT_STOPPED
     {"start": vm.start, "stop": vm.stop, "restart": vm.restart}[action](part, print)
     return 0
 

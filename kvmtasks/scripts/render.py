@@ -1,7 +1,7 @@
 """Write a part's control scripts: PART-ctl, -sendfile, -getfile, -runscript.
 
 A script holds no config value in shell code: it is a few lines of Python
-that load the part's JSON snapshot and call kvmtasks.cli.
+that load the part's JSON snapshot and call kvmtasks.scripts.cli.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import kvmtasks
-from kvmtasks import snapshot
-from kvmtasks.config import Part
+from kvmtasks.config import snapshot
+from kvmtasks.config.part import Part
 
 SCRIPTS = ("ctl", "sendfile", "getfile", "runscript")
 PACKAGE_ROOT = Path(kvmtasks.__file__).resolve().parent.parent
@@ -33,7 +33,7 @@ def script_text(part_name: str, kind: str, snapshot_file: Path) -> str:
         f"# {part_name}-{kind}: written by kvmtasks (doit render:{part_name}); edits are overwritten.\n"
         "import sys\n"
         f"sys.path.insert(0, {str(PACKAGE_ROOT)!r})\n"
-        "from kvmtasks.cli import main\n"
+        "from kvmtasks.scripts.cli import main\n"
         f"sys.exit(main({kind!r}, {str(snapshot_file)!r}))\n"
     )
 

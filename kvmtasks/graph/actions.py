@@ -17,8 +17,8 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from kvmtasks import vm
-from kvmtasks.config import Part
+from kvmtasks.config.part import Part
+from kvmtasks.config.runfiles import current
 from kvmtasks.errors import KvmTasksError
 
 
@@ -73,7 +73,7 @@ def clean_unless_running(part: Part) -> Callable[..., TaskFailed | None]:
     """A clean action for ``doit clean``: remove the task's targets, never a running VM's disk."""
 
     def clean(task: Any, dryrun: bool = False) -> TaskFailed | None:
-        if vm.current(part).running:
+        if current(part).running:
             return TaskFailed(f"clean:{part.name}: {part.name} is running; stop it first: "
                               f"doit stop:{part.name}")
         for target in map(Path, task.targets):

@@ -7,12 +7,13 @@ from typing import Any
 
 from doit.exceptions import InvalidDodoFile
 
-from kvmtasks import config
+from kvmtasks.config import loader as config
+from kvmtasks.config.part import Part
 from kvmtasks.errors import KvmTasksError
-from kvmtasks.tasks import doit_config
+from kvmtasks.graph.tasks import doit_config
 
 
-def load(dodo_directory: Path) -> tuple[list[config.Part], dict[str, Any]]:
+def load(dodo_directory: Path) -> tuple[list[Part], dict[str, Any]]:
     """Parse every config before any task runs; a bad one stops doit with one line."""
     try:
         parts = config.load_parts(config.config_paths(dodo_directory))

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvmtasks.digest import CHUNK, MultiHasher
 from kvmtasks.errors import FetchError
+from kvmtasks.provision.digest import CHUNK, MultiHasher
 
 if TYPE_CHECKING:
     # Imported where used: loading them costs a doit run with nothing to download a third of its time.

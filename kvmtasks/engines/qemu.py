@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from kvmtasks.config import Part
-from kvmtasks.options import ImageType, Redirect
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    """The files QEMU and the control scripts share in a part's state folder."""
-
-    pidfile: Path
-    qmp_socket: Path
-    console_log: Path
-    known_hosts: Path
-    accel: Path
-
-    @classmethod
-    def of(cls, part: Part) -> RunFiles:
-        folder = part.state_directory
-        return cls(
-            pidfile=folder / "qemu.pid",
-            qmp_socket=folder / "qmp.sock",
-            console_log=folder / "console.log",
-            known_hosts=folder / "known_hosts",
-            accel=folder / "accel",
-        )
+from kvmtasks.config.options import ImageType, Redirect
+from kvmtasks.config.part import Part
+from kvmtasks.config.runfiles import RunFiles
 
 
 def escape(value: str | Path) -> str:

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvmtasks import command
-from kvmtasks.config import Part
+from kvmtasks.config.part import Part
+from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.errors import VmError
-from kvmtasks.qemu import RunFiles
 
 CONNECT_TIMEOUT = 10
 # What scp says when the guest has no SFTP server: retry with the legacy protocol.

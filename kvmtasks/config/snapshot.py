@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kvmtasks.config import Buildout, Part
-from kvmtasks.options import Accel, ImageType, Redirect
+from kvmtasks.config.options import Accel, ImageType, Redirect
+from kvmtasks.config.part import Buildout, Part
 
 _PATHS = {"config_file", "file", "location", "kvm_bin_directory", "kvm_run_directory", "ssh_key_path"}
 

@@ -15,10 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-from kvmtasks import digest, fetch, image, vm
-from kvmtasks.config import Part
+from kvmtasks.config.part import Part
+from kvmtasks.config.runfiles import RunFiles, current
 from kvmtasks.errors import KvmTasksError, VerifyError, VmError
-from kvmtasks.qemu import RunFiles
+from kvmtasks.provision import digest, fetch
+from kvmtasks.provision.decompress import gunzip
 
 
 def record_directory(part: Part) -> Path:
@@ -78,7 +79,7 @@ def _write_record(record_path: Path, file_path: Path, digests: Mapping[str, str]
 
 def _refuse_if_running(part: Part) -> None:
     """Never replace the disk under a running VM; a new image also has new host keys."""
-    if vm.current(part).running:
+    if current(part).running:
         raise VmError(f"{part.name} is running; stop it first: doit stop:{part.name}")
     RunFiles.of(part).known_hosts.unlink(missing_ok=True)
 
@@ -97,7 +98,7 @@ def download(part: Part) -> None:
 def decompress(part: Part) -> None:
     with exclusive(part, "decompress"):
         _refuse_if_running(part)
-        digests = image.gunzip(part.download_path, part.image_path, part.image_digests)
+        digests = gunzip(part.download_path, part.image_path, part.image_digests)
         _write_record(image_record(part), part.image_path, digests)
 
 
@@ -161,7 +162,7 @@ def _verify(
                 f"{error}; {path} was used by a VM since it was provisioned, so it is kept: "
                 "fix the checksum, or delete the file to provision again"
             ) from None
-        if vm.current(part).running:
+        if current(part).running:
             # Deleted, the disk would take every later write of the guest with it.
             raise VerifyError(
                 f"{error}; {path} is the disk of the running VM, so it is kept: stop it, "

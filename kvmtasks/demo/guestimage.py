@@ -307,7 +307,7 @@ def build_guest_image(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvmtasks.guestimage", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m kvmtasks.demo.guestimage", description=__doc__)
     parser.add_argument("dest", type=Path, help="raw disk image to write")
     parser.add_argument("--key", type=Path, required=True, help="ssh public key to authorize for root")
     parser.add_argument("--cache", type=Path, required=True, help="download/unpack cache directory")

@@ -6,117 +6,17 @@ import configparser
 import difflib
 import os
 import re
-import socket
-import stat
-import urllib.parse
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME
+from kvmtasks.config.part import Buildout, Part, path_is_block_device
 from kvmtasks.errors import ConfigError
-from kvmtasks.options import (
-    DIGEST_LENGTHS,
-    OPTIONS,
-    OPTIONS_BY_NAME,
-    Accel,
-    ImageType,
-    Redirect,
-)
 
 CONFIG_ENV = "KVMTASKS_CONFIG"
-ACCEL_ENV = "KVMTASKS_ACCEL"
 RECIPES = frozenset({"erp5.recipe.kvm", "kvmtasks"})
 PART_NAME = re.compile(r"[^\W_][\w.+-]*")
-SAFE_FILE_NAME = re.compile(r"[\w][\w.+-]*")
-
-
-@dataclass(frozen=True)
-class Buildout:
-    """The ``[buildout]`` folders, as buildout names them."""
-
-    directory: Path
-    bin_directory: Path
-    parts_directory: Path
-    var_directory: Path
-
-
-@dataclass(frozen=True)
-class Part:
-    """One virtual machine, fully parsed and validated."""
-
-    name: str
-    config_file: Path
-    buildout: Buildout
-    image: str | None
-    file: Path | None
-    location: Path
-    image_type: ImageType
-    gzip: bool
-    download_digests: Mapping[str, str]
-    image_digests: Mapping[str, str]
-    kvm_binary: str
-    kvm_memory: str
-    kvm_smp: int
-    kvm_accel: Accel
-    kvm_boot_timeout: float
-    kvm_shutdown_timeout: float
-    kvm_vnc: str | None
-    kvm_graphic: str | None
-    kvm_net: tuple[str, ...]
-    kvm_redir: tuple[Redirect, ...]
-    kvm_snapshot: bool
-    kvm_extra_args: tuple[str, ...]
-    kvm_bin_directory: Path
-    kvm_run_directory: Path
-    ssh_port: int | None
-    ssh_hostname: str
-    ssh_key_path: Path | None
-    ssh_user: str
-
-    @property
-    def download_path(self) -> Path:
-        """Where the downloaded file lands (the image itself unless gzipped)."""
-        assert self.image is not None, "only parts with an image URL download"
-        url_path = urllib.parse.urlsplit(self.image).path
-        name = urllib.parse.unquote(url_path.rsplit("/", 1)[-1])
-        if not SAFE_FILE_NAME.fullmatch(name):
-            name = "image.gz" if self.gzip else "image"
-        return self.location / name
-
-    @property
-    def image_path(self) -> Path:
-        """The disk QEMU boots."""
-        if self.file is not None:
-            return self.file
-        download = self.download_path
-        if not self.gzip:
-            return download
-        if download.name.endswith(".gz") and len(download.name) > 3:
-            return download.with_name(download.name[:-3])
-        return download.with_name(download.name + ".img")
-
-    @property
-    def state_directory(self) -> Path:
-        """This part's own folder for runtime and bookkeeping files."""
-        return self.kvm_run_directory / self.name
-
-    @property
-    def is_block_device(self) -> bool:
-        return self.file is not None and _is_block_device(self.file)
-
-    @property
-    def effective_accel(self) -> Accel:
-        """The accelerator asked for, KVMTASKS_ACCEL winning over the config."""
-        override = os.environ.get(ACCEL_ENV, "").strip().lower()
-        return Accel(override) if override in {a.value for a in Accel} else self.kvm_accel
-
-
-def _is_block_device(path: Path) -> bool:
-    try:
-        return stat.S_ISBLK(path.stat().st_mode)
-    except OSError:
-        return False
 
 
 def config_paths(dodo_directory: Path) -> list[Path]:
@@ -312,7 +212,7 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
             raise ConfigError(f"{where} {name} needs an image URL; with file there is no download")
         if values["gzip"]:
             raise ConfigError(f"{where} gzip = true needs an image URL; a file is used as it is")
-        if image_digests and _is_block_device(file):
+        if image_digests and path_is_block_device(file):
             name = next(f"{a}_image" for a in image_digests)
             raise ConfigError(
                 f"{where} {name} = {image_digests[name[:-6]]!r}: not allowed with a block device "
@@ -363,13 +263,3 @@ def _digests(values: Mapping[str, Any], what: str) -> dict[str, str]:
         for algorithm in DIGEST_LENGTHS
         if values.get(f"{algorithm}_{what}") is not None
     }
-
-
-def listen_address(hostname: str) -> str:
-    """The IPv4 address forwarded ports listen on, from ssh_hostname."""
-    if hostname == "localhost":
-        return "127.0.0.1"
-    try:
-        return socket.gethostbyname(hostname)
-    except OSError:
-        raise ConfigError(f"ssh_hostname = {hostname!r}: cannot resolve to an IPv4 address") from None

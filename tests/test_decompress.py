@@ -15,8 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmtasks import image
+from kvmtasks.config import diskformat
 from kvmtasks.errors import KvmTasksError, VerifyError
+from kvmtasks.provision import decompress
 
 
 def test_gunzip_writes_the_image_and_returns_its_digests(tmp_path: Path) -> None:
@@ -25,7 +26,7 @@ def test_gunzip_writes_the_image_and_returns_its_digests(tmp_path: Path) -> None
     source.write_bytes(gzip.compress(raw))
     dest = tmp_path / "disk.img"
 
-    assert image.gunzip(source, dest, ["md5", "sha256"]) == {
+    assert decompress.gunzip(source, dest, ["md5", "sha256"]) == {
         "md5": hashlib.md5(raw).hexdigest(), "sha256": hashlib.sha256(raw).hexdigest()}
     assert dest.read_bytes() == raw
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.img", "disk.img.gz"]
@@ -36,7 +37,7 @@ def test_gunzip_reads_every_member(tmp_path: Path) -> None:
     source.write_bytes(gzip.compress(b"first ") + gzip.compress(b"second ") + gzip.compress(b"third"))
     dest = tmp_path / "disk.img"
 
-    image.gunzip(source, dest, [])
+    decompress.gunzip(source, dest, [])
 
     assert dest.read_bytes() == b"first second third"
 
@@ -55,7 +56,7 @@ def test_a_bad_gzip_is_a_verify_error_and_leaves_nothing(tmp_path: Path, damage:
     dest = tmp_path / "disk.img"
 
     with pytest.raises(VerifyError) as error:
-        image.gunzip(source, dest, ["md5"])
+        decompress.gunzip(source, dest, ["md5"])
 
     assert str(error.value).startswith(f"{source} is not a valid gzip file (")
     assert "\n" not in str(error.value)
@@ -64,7 +65,7 @@ def test_a_bad_gzip_is_a_verify_error_and_leaves_nothing(tmp_path: Path, damage:
 
 def test_a_missing_download_is_reported(tmp_path: Path) -> None:
     with pytest.raises(KvmTasksError, match=r"decompressing .*missing\.gz"):
-        image.gunzip(tmp_path / "missing.gz", tmp_path / "disk.img", [])
+        decompress.gunzip(tmp_path / "missing.gz", tmp_path / "disk.img", [])
 
 
 @pytest.mark.parametrize(("header", "expected"), [
@@ -81,7 +82,7 @@ def test_disk_format_from_the_header(tmp_path: Path, header: bytes, expected: st
     path = tmp_path / "disk"
     path.write_bytes(header)
 
-    assert image.disk_format(path) == expected
+    assert diskformat.disk_format(path) == expected
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "qed", "vpc", "vdi", "raw"])
@@ -91,14 +92,14 @@ def test_disk_format_of_images_made_by_qemu_img(tmp_path: Path, fmt: str) -> Non
     path = tmp_path / f"disk.{fmt}"
     subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), "1M"], check=True)
 
-    assert image.disk_format(path) == fmt
+    assert diskformat.disk_format(path) == fmt
 
 
 def test_an_unreadable_image_is_reported(tmp_path: Path) -> None:
     with pytest.raises(KvmTasksError, match=f"cannot read image {tmp_path / 'missing'}"):
-        image.disk_format(tmp_path / "missing")
+        diskformat.disk_format(tmp_path / "missing")
     with pytest.raises(KvmTasksError, match="cannot read image"):
-        image.disk_format(tmp_path)
+        diskformat.disk_format(tmp_path)
 
 
 def test_gunzip_leaves_holes_for_zero_blocks_and_reads_back_the_same(tmp_path: Path) -> None:
@@ -109,7 +110,7 @@ def test_gunzip_leaves_holes_for_zero_blocks_and_reads_back_the_same(tmp_path: P
     source.write_bytes(gzip.compress(raw, compresslevel=1))
     dest = tmp_path / "disk.img"
 
-    digests = image.gunzip(source, dest, ["sha256"])
+    digests = decompress.gunzip(source, dest, ["sha256"])
 
     assert dest.read_bytes() == raw
     assert digests == {"sha256": hashlib.sha256(raw).hexdigest()}
@@ -123,7 +124,7 @@ def test_holes_cover_every_aligned_zero_block_and_nothing_else(pieces: list[tupl
     block = 4096
     chunk = b"".join(bytes(size) if zero else b"\x01" * size for zero, size in pieces)
 
-    holes = list(image._holes(chunk))
+    holes = list(decompress._holes(chunk))
 
     for (_, end), (start, _) in itertools.pairwise(holes):
         assert end < start, "in order, apart"
@@ -147,11 +148,11 @@ def test_without_zlib_ng_the_standard_library_inflates(
     source.write_bytes(gzip.compress(raw))
     dest = tmp_path / "disk.img"
 
-    assert image.gunzip(source, dest, ["md5"]) == {"md5": hashlib.md5(raw).hexdigest()}
+    assert decompress.gunzip(source, dest, ["md5"]) == {"md5": hashlib.md5(raw).hexdigest()}
     assert dest.read_bytes() == raw
 
     packed = gzip.compress(os.urandom(200_000))
     source.write_bytes(packed[:20] + bytes(b ^ 0x5A for b in packed[20:2000]) + packed[2000:]
                        if damage == "corrupt" else packed[:-100])
     with pytest.raises(VerifyError, match="is not a valid gzip file"):
-        image.gunzip(source, tmp_path / "other.img", ["md5"])
+        decompress.gunzip(source, tmp_path / "other.img", ["md5"])

@@ -14,10 +14,12 @@ from typing import Any
 from doit.dependency import FileChangedChecker
 from doit.tools import config_changed
 
-from kvmtasks import provision, render, vm
-from kvmtasks.actions import clean_unless_running, guarded
-from kvmtasks.config import Part
-from kvmtasks.report import Reporter
+from kvmtasks.config.part import Part
+from kvmtasks.engines import vm
+from kvmtasks.graph.actions import clean_unless_running, guarded
+from kvmtasks.graph.report import Reporter
+from kvmtasks.provision import steps as provision
+from kvmtasks.scripts import render
 
 Task = dict[str, Any]
 

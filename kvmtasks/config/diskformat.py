@@ -1,0 +1,27 @@
+"""Disk image formats, read from the header so that QEMU never probes a raw image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvmtasks.errors import KvmTasksError
+
+# Magic numbers of the formats QEMU is most often given; anything else is raw.
+_MAGIC = ((b"QFI\xfb", "qcow2"), (b"KDMV", "vmdk"), (b"QED\x00", "qed"), (b"conectix", "vpc"))
+_VDI_SIGNATURE = (0x40, b"\x7f\x10\xda\xbe")
+
+
+def disk_format(path: Path) -> str:
+    """The image format from its header, so QEMU never probes a raw image."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(512)
+    except OSError as error:
+        raise KvmTasksError(f"cannot read image {path}: {error.strerror or error}") from None
+    for magic, name in _MAGIC:
+        if header.startswith(magic):
+            return name
+    offset, signature = _VDI_SIGNATURE
+    if header[offset:offset + len(signature)] == signature:
+        return "vdi"
+    return "raw"

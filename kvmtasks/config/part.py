@@ -1,0 +1,116 @@
+"""A part: one virtual machine's settings, parsed, validated and immutable."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmtasks.config.options import Accel, ImageType, Redirect
+from kvmtasks.errors import ConfigError
+
+ACCEL_ENV = "KVMTASKS_ACCEL"
+SAFE_FILE_NAME = re.compile(r"[\w][\w.+-]*")
+
+
+@dataclass(frozen=True)
+class Buildout:
+    """The ``[buildout]`` folders, as buildout names them."""
+
+    directory: Path
+    bin_directory: Path
+    parts_directory: Path
+    var_directory: Path
+
+
+@dataclass(frozen=True)
+class Part:
+    """One virtual machine, fully parsed and validated."""
+
+    name: str
+    config_file: Path
+    buildout: Buildout
+    image: str | None
+    file: Path | None
+    location: Path
+    image_type: ImageType
+    gzip: bool
+    download_digests: Mapping[str, str]
+    image_digests: Mapping[str, str]
+    kvm_binary: str
+    kvm_memory: str
+    kvm_smp: int
+    kvm_accel: Accel
+    kvm_boot_timeout: float
+    kvm_shutdown_timeout: float
+    kvm_vnc: str | None
+    kvm_graphic: str | None
+    kvm_net: tuple[str, ...]
+    kvm_redir: tuple[Redirect, ...]
+    kvm_snapshot: bool
+    kvm_extra_args: tuple[str, ...]
+    kvm_bin_directory: Path
+    kvm_run_directory: Path
+    ssh_port: int | None
+    ssh_hostname: str
+    ssh_key_path: Path | None
+    ssh_user: str
+
+    @property
+    def download_path(self) -> Path:
+        """Where the downloaded file lands (the image itself unless gzipped)."""
+        assert self.image is not None, "only parts with an image URL download"
+        url_path = urllib.parse.urlsplit(self.image).path
+        name = urllib.parse.unquote(url_path.rsplit("/", 1)[-1])
+        if not SAFE_FILE_NAME.fullmatch(name):
+            name = "image.gz" if self.gzip else "image"
+        return self.location / name
+
+    @property
+    def image_path(self) -> Path:
+        """The disk QEMU boots."""
+        if self.file is not None:
+            return self.file
+        download = self.download_path
+        if not self.gzip:
+            return download
+        if download.name.endswith(".gz") and len(download.name) > 3:
+            return download.with_name(download.name[:-3])
+        return download.with_name(download.name + ".img")
+
+    @property
+    def state_directory(self) -> Path:
+        """This part's own folder for runtime and bookkeeping files."""
+        return self.kvm_run_directory / self.name
+
+    @property
+    def is_block_device(self) -> bool:
+        return self.file is not None and path_is_block_device(self.file)
+
+    @property
+    def effective_accel(self) -> Accel:
+        """The accelerator asked for, KVMTASKS_ACCEL winning over the config."""
+        override = os.environ.get(ACCEL_ENV, "").strip().lower()
+        return Accel(override) if override in {a.value for a in Accel} else self.kvm_accel
+
+
+def path_is_block_device(path: Path) -> bool:
+    try:
+        return stat.S_ISBLK(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def listen_address(hostname: str) -> str:
+    """The IPv4 address forwarded ports listen on, from ssh_hostname."""
+    if hostname == "localhost":
+        return "127.0.0.1"
+    try:
+        return socket.gethostbyname(hostname)
+    except OSError:
+        raise ConfigError(f"ssh_hostname = {hostname!r}: cannot resolve to an IPv4 address") from None

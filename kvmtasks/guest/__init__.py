@@ -1,0 +1,1 @@
+"""Talking to a running guest: ssh and scp."""

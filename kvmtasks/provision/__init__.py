@@ -1,0 +1,1 @@
+"""Provisioning: download, decompress, verify, with digests recorded while streaming."""

@@ -1,0 +1,1 @@
+"""The generated control scripts: writing them, and the entry point they call."""
