@@ -140,8 +140,9 @@ def test_a_server_ignoring_range_restarts_cleanly(http_server: FileServer, tmp_p
     assert http_server.requests[-1].status == 200
 
 
-def test_a_complete_partial_file_is_not_stitched(http_server: FileServer, tmp_path: Path) -> None:
-    """A .part as long as the file gets 416 from the server; the result is still exact."""
+def test_a_complete_partial_file_is_finished_on_416(http_server: FileServer, tmp_path: Path) -> None:
+    """A .part as long as the file gets 416 from the server: it is complete, so it is renamed
+    into place with its digests, and no byte is fetched again."""
     data = payload(100_000)
     url = http_server.put("disk.img", data)
     dest = tmp_path / "disk.img"
@@ -149,11 +150,32 @@ def test_a_complete_partial_file_is_not_stitched(http_server: FileServer, tmp_pa
     with pytest.raises(FetchError):
         fetch.fetch(url, dest, ALGORITHMS, "vm")
     partial(dest).write_bytes(data)
+    sent_before = http_server.bytes_sent
 
     assert fetch.fetch(url, dest, ALGORITHMS, "vm") == digests(data)
 
     assert dest.read_bytes() == data
-    assert 416 in [request.status for request in http_server.requests]
+    assert [request.status for request in http_server.requests][-1] == 416
+    assert http_server.bytes_sent == sent_before
+    assert not partial(dest).exists()
+
+
+def test_a_416_for_a_partial_file_of_another_size_starts_over(
+    http_server: FileServer, tmp_path: Path
+) -> None:
+    """A .part longer than the file on the server is not the file: fetched again from zero."""
+    data = payload(100_000)
+    url = http_server.put("disk.img", data)
+    dest = tmp_path / "disk.img"
+    http_server.drop_after = [50_000]
+    with pytest.raises(FetchError):
+        fetch.fetch(url, dest, ALGORITHMS, "vm")
+    partial(dest).write_bytes(data + b"extra")
+
+    assert fetch.fetch(url, dest, ALGORITHMS, "vm") == digests(data)
+
+    assert dest.read_bytes() == data
+    assert [request.status for request in http_server.requests][-2:] == [416, 200]
 
 
 def test_a_partial_file_of_another_url_is_not_resumed(http_server: FileServer, tmp_path: Path) -> None:

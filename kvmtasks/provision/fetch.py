@@ -130,6 +130,11 @@ def _download(url: str, dest: Path, algorithms: Iterable[str], label: str) -> di
         headers.update({"Range": f"bytes={offset}-", "If-Range": if_range or ""})
     try:
         with requests.get(url, headers=headers, stream=True, timeout=_timeouts()) as response:
+            if response.status_code == 416 and offset and _complete_length(response) == offset:
+                # The .part already holds the whole file (the run stopped before the rename).
+                os.replace(partial, dest)
+                meta.unlink(missing_ok=True)
+                return hasher.hexdigests()
             if response.status_code == 206 and offset and _range_start(response) == offset:
                 mode, total = "ab", offset + _content_length(response, 0)
             elif response.status_code in (200, 206, 416) and offset:
@@ -191,6 +196,15 @@ def _range_start(response: requests.Response) -> int | None:
         return int(content_range.split()[1].split("-")[0])
     except (IndexError, ValueError):
         return None
+
+
+def _complete_length(response: requests.Response) -> int | None:
+    """The file's whole size from a 416's ``Content-Range: bytes */SIZE``."""
+    content_range = response.headers.get("Content-Range", "")
+    if not content_range.startswith("bytes */"):
+        return None
+    size = content_range.removeprefix("bytes */")
+    return int(size) if size.isdigit() else None
 
 
 def _content_length(response: requests.Response, default: int) -> int:
