@@ -114,12 +114,15 @@ def test_absolute_home_and_interpolated_paths(tmp_path: Path) -> None:
     ("[vm]\nfile = ~no-such-user-here/disk.img\n", "[vm] file = '~no-such-user-here/disk.img'"),
     ("[buildout]\ndirectory = ~no-such-user-here\n", "[buildout] directory = '~no-such-user-here'"),
     ("[buildout]\nextends = ~no-such-user-here/base.cfg\n", "[buildout] extends = '~no-such-user-here/"),
+    # A control character that str.splitlines() reads as a line break stays escaped.
+    ("[vm]\nfile = /d.img\nkvm_bin_directory = ~\x1e0\n", "[vm] kvm_bin_directory = '~\\x1e0'"),
 ])
 def test_the_home_of_an_unknown_user_is_a_config_error(tmp_path: Path, text: str, needle: str) -> None:
     message = config_error(tmp_path, text)
 
     assert needle in message
     assert "no such user" in message
+    assert len(message.splitlines()) == 1
 
 
 @pytest.mark.parametrize(("url", "gzip", "download", "image"), [

@@ -148,7 +148,7 @@ def _expand_user(value: str, where: str) -> Path:
         return Path(value).expanduser()
     except RuntimeError:
         user = value.split("/", 1)[0]
-        raise ConfigError(f"{where} = {value!r}: cannot expand {user} (no such user)") from None
+        raise ConfigError(f"{where} = {value!r}: cannot expand {user!r} (no such user)") from None
 
 
 def _is_part(parser: configparser.ConfigParser, section: str) -> bool:
