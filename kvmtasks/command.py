@@ -22,6 +22,7 @@ PACKAGES = {
     "qemu-img": "qemu-utils",
     "ssh": "openssh-client",
     "scp": "openssh-client",
+    "virsh": "libvirt-clients",
 }
 
 

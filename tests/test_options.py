@@ -47,6 +47,11 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
                                                         "d41d8cd98f00b204e9800998ecf8427e")],
     "sha256": [("ab" * 32, "ab" * 32), (" " + "0" * 64 + " ", "0" * 64)],
     "sha512": [("f" * 128, "f" * 128)],
+    "parse_engine": [("qemu", options.Engine.QEMU), ("LibVirt", options.Engine.LIBVIRT)],
+    "parse_libvirt_uri": [("qemu:///system", "qemu:///system"), ("qemu:///session", "qemu:///session"),
+                          ("qemu+ssh://root@h:22/system?keyfile=/k&no_verify=1",
+                           "qemu+ssh://root@h:22/system?keyfile=/k&no_verify=1")],
+    "parse_pool": [("kvmtasks", "kvmtasks"), ("pool_2.a-b", "pool_2.a-b")],
 }
 
 BAD: dict[str, list[str]] = {
@@ -58,6 +63,9 @@ BAD: dict[str, list[str]] = {
     "parse_path": ["", "a\nb", "a\x00b"],
     "parse_image_type": ["", "ide", "virtio"],
     "parse_accel": ["", "xen", "hvf"],
+    "parse_engine": ["", "docker", "virsh"],
+    "parse_libvirt_uri": ["", "xen:///system", "qemu://", "qemu+ssh://h/other", "qemu:///system x"],
+    "parse_pool": ["", "-pool", "a b", "a/b"],
     "parse_vnc": ["", "1", "host", "a b:1"],
     "parse_vga": ["", "vga", "STD"],
     "parse_net": ["bogus,a=b", "user\nnonsense"],

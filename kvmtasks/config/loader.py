@@ -10,8 +10,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME
+from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Engine
 from kvmtasks.config.part import Buildout, Part, path_is_block_device
+from kvmtasks.config.remote import remote_host
 from kvmtasks.errors import ConfigError
 
 CONFIG_ENV = "KVMTASKS_CONFIG"
@@ -224,6 +225,13 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
             raise ConfigError(
                 f"{where} ssh_port = {values['ssh_port']}: host port also used in kvm_redir"
             )
+    try:
+        remote_host(values["libvirt_uri"])  # its user, host and port reach ssh's config
+    except ConfigError as error:
+        raise ConfigError(f"{where} {error}") from None
+    if values["kvm_engine"] is Engine.LIBVIRT and file is not None and path_is_block_device(file):
+        raise ConfigError(f"{where} file = {str(file)!r}: a block device cannot be copied into a "
+                          "libvirt storage pool; use kvm_engine = qemu")
     key = local_path("ssh_key_path")
     return Part(
         name=section,
@@ -254,6 +262,9 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         ssh_hostname=values["ssh_hostname"],
         ssh_key_path=key,
         ssh_user=values["ssh_user"],
+        kvm_engine=values["kvm_engine"],
+        libvirt_uri=values["libvirt_uri"],
+        libvirt_pool=values["libvirt_pool"],
     )
 
 

@@ -25,6 +25,13 @@ class Accel(enum.StrEnum):
     TCG = "tcg"
 
 
+class Engine(enum.StrEnum):
+    """What runs a part's VM: QEMU started directly, or a libvirt host (local or remote)."""
+
+    QEMU = "qemu"
+    LIBVIRT = "libvirt"
+
+
 @dataclass(frozen=True)
 class Redirect:
     """One port forward, from the old ``-redir`` syntax."""
@@ -113,6 +120,26 @@ def parse_accel(value: str) -> Accel:
         return Accel(value.strip().lower())
     except ValueError:
         raise ValueError("must be auto, kvm or tcg") from None
+
+
+def parse_engine(value: str) -> Engine:
+    try:
+        return Engine(value.strip().lower())
+    except ValueError:
+        raise ValueError("must be qemu or libvirt") from None
+
+
+def parse_libvirt_uri(value: str) -> str:
+    text = parse_text(value.strip())
+    if not re.fullmatch(r"qemu(\+(ssh|tcp|tls|unix|libssh2?))?://\S*/(system|session)(\?\S*)?", text):
+        raise ValueError("not a libvirt QEMU URI, e.g. qemu:///system or qemu+ssh://user@host/system")
+    return text
+
+
+def parse_pool(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value.strip()):
+        raise ValueError("not a storage pool name (letters, digits, '_', '.', '-')")
+    return value.strip()
 
 
 def parse_vnc(value: str) -> str:
@@ -263,6 +290,14 @@ OPTIONS: tuple[Option, ...] = (
            "Host used to reach the guest; forwarded ports listen on its address."),
     Option("ssh_key_path", parse_path, None, "Private key for ssh/scp (`-i`)."),
     Option("ssh_user", parse_user, "root", "User to log in as in the guest."),
+    Option("kvm_engine", parse_engine, "qemu",
+           "`qemu` starts QEMU directly on this machine; `libvirt` runs the VM as a libvirt domain "
+           "named after the part, on the host of `libvirt_uri`."),
+    Option("libvirt_uri", parse_libvirt_uri, "qemu:///system",
+           "The libvirt host for `kvm_engine = libvirt`, e.g. "
+           "`qemu+ssh://root@host/system?keyfile=/path/key`."),
+    Option("libvirt_pool", parse_pool, "kvmtasks",
+           "The libvirt storage pool that receives the image (a directory pool, created if missing)."),
 )
 
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}

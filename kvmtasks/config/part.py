@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmtasks.config.options import Accel, ImageType, Redirect
+from kvmtasks.config.options import Accel, Engine, ImageType, Redirect
 from kvmtasks.errors import ConfigError
 
 ACCEL_ENV = "KVMTASKS_ACCEL"
@@ -60,6 +60,9 @@ class Part:
     ssh_hostname: str
     ssh_key_path: Path | None
     ssh_user: str
+    kvm_engine: Engine
+    libvirt_uri: str
+    libvirt_pool: str
 
     @property
     def download_path(self) -> Path:

@@ -1,1 +1,1 @@
-"""Running a part's VM: the QEMU command line, QMP, start, stop and status."""
+"""Running a part's VM: directly with QEMU (argv, QMP, start/stop/status) or as a libvirt domain."""

@@ -228,11 +228,6 @@ def stop(part: Part, say: Say = print) -> None:
             f"{part.kvm_shutdown_timeout:g} s, so QEMU was told to quit)")
 
 
-def restart(part: Part, say: Say = print) -> None:
-    stop(part, say)
-    start(part, say)
-
-
 def describe(part: Part) -> list[str]:
     """The lines ``status`` prints."""
     status = current(part)

@@ -15,7 +15,7 @@ from doit.dependency import FileChangedChecker
 from doit.tools import config_changed
 
 from kvmtasks.config.part import Part
-from kvmtasks.engines import vm
+from kvmtasks.engines import engine
 from kvmtasks.graph.actions import clean_unless_running, guarded
 from kvmtasks.graph.report import Reporter
 from kvmtasks.provision import steps as provision
@@ -142,11 +142,11 @@ def _render_task(part: Part) -> Task:
 
 def _vm_tasks(part: Part) -> Iterator[Task]:
     def status(part: Part) -> None:
-        print("\n".join(vm.describe(part)))
+        print("\n".join(engine.describe(part)))
 
     for name, step, deps in (
-        ("start", vm.start, [f"provision:{part.name}"]),
-        ("stop", vm.stop, []),
+        ("start", engine.start, [f"provision:{part.name}"]),
+        ("stop", engine.stop, []),
         ("status", status, []),
     ):
         yield {

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 from kvmtasks import command
 from kvmtasks.config.part import Part
+from kvmtasks.config.remote import RemoteHost, remote_of
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.errors import VmError
 
@@ -15,6 +17,9 @@ CONNECT_TIMEOUT = 10
 # What scp says when the guest has no SFTP server: retry with the legacy protocol.
 NO_SFTP_MARKERS = ("sftp-server", "subsystem request failed", "Connection closed")
 GLOB_CHARACTERS = frozenset("*?[]{}\\")
+# The libvirt host of a remote part, as named in the part's ssh config file.
+JUMP_HOST = "kvmtasks-libvirt-host"
+SHELL_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+-]+")
 
 
 def config_path(path: Path) -> str:
@@ -42,7 +47,44 @@ def common_options(part: Part) -> list[str]:
     if part.ssh_key_path is not None:
         # -o, not -i: ssh checks an -i path before expanding it, so %% would not be found.
         options += ["-o", f"IdentityFile={config_path(part.ssh_key_path)}", "-o", "IdentitiesOnly=yes"]
+    if remote_of(part) is not None:
+        options += ["-F", str(jump_config_path(part)), "-o", f"ProxyJump={JUMP_HOST}"]
     return options
+
+
+def jump_config_path(part: Part) -> Path:
+    """The ssh config naming the part's remote libvirt host.
+
+    ssh hands this path to a shell when it starts the jump connection, so a path a shell
+    would read differently is refused rather than quoted.
+    """
+    path = part.state_directory / "ssh_config"
+    if not SHELL_SAFE_PATH.fullmatch(str(path)):
+        raise VmError(f"kvm_run_directory = {str(part.kvm_run_directory)!r}: with a remote libvirt host "
+                      "it may hold only letters, digits and '_./+-' (ssh passes it through a shell)")
+    return path
+
+
+def jump_config(remote: RemoteHost, known_hosts: Path) -> str:
+    """The ssh config of the jump to a remote libvirt host, as its URI describes it."""
+    lines = [f"Host {JUMP_HOST}", f"  HostName {remote.host}", "  BatchMode yes",
+             f"  ConnectTimeout {CONNECT_TIMEOUT}",
+             f"  UserKnownHostsFile {config_path(known_hosts)}",
+             f"  StrictHostKeyChecking {'accept-new' if remote.verify_host_key else 'no'}"]
+    if remote.user:
+        lines.append(f"  User {remote.user}")
+    if remote.port:
+        lines.append(f"  Port {remote.port}")
+    if remote.keyfile:
+        lines += [f"  IdentityFile {config_path(remote.keyfile)}", "  IdentitiesOnly yes"]
+    return "\n".join(lines) + "\n"
+
+
+def write_jump_config(part: Part) -> None:
+    remote = remote_of(part)
+    if remote is not None:
+        known_hosts = part.state_directory / "known_hosts.libvirt-host"
+        jump_config_path(part).write_text(jump_config(remote, known_hosts))
 
 
 def _require_port(part: Part) -> int:

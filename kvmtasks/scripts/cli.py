@@ -10,7 +10,7 @@ from pathlib import Path
 from kvmtasks.config import snapshot
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import current
-from kvmtasks.engines import vm
+from kvmtasks.engines import engine
 from kvmtasks.errors import KvmTasksError, VmError
 from kvmtasks.guest import ssh
 
@@ -42,9 +42,9 @@ def _parser(part: Part, kind: str) -> argparse.ArgumentParser:
 
 def _ctl(part: Part, action: str) -> int:
     if action == "status":
-        print("\n".join(vm.describe(part)))
+        print("\n".join(engine.describe(part)))
         return 0 if current(part).running else EXIT_STOPPED
-    {"start": vm.start, "stop": vm.stop, "restart": vm.restart}[action](part, print)
+    {"start": engine.start, "stop": engine.stop, "restart": engine.restart}[action](part, print)
     return 0
 
 

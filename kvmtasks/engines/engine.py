@@ -1,0 +1,52 @@
+"""The engine seam: what runs a part's VM, chosen by ``kvm_engine``.
+
+An engine is a module with start, stop and describe; both engines share
+config.runfiles.current for "is it running", so provisioning, ``doit clean``
+and the scripts ask the same question whatever the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from kvmtasks.config.options import Engine as EngineName
+from kvmtasks.config.part import Part
+
+Say = Callable[[str], None]
+
+
+class Engine(Protocol):
+    def start(self, part: Part, say: Say = ...) -> None: ...
+
+    def stop(self, part: Part, say: Say = ...) -> None: ...
+
+    def describe(self, part: Part) -> list[str]: ...
+
+
+def engine_for(part: Part) -> Engine:
+    # Imported here: a script of a direct-QEMU part never loads the libvirt engine.
+    if part.kvm_engine is EngineName.LIBVIRT:
+        from kvmtasks.engines import libvirt
+
+        return libvirt
+    from kvmtasks.engines import vm
+
+    return vm
+
+
+def start(part: Part, say: Say = print) -> None:
+    engine_for(part).start(part, say)
+
+
+def stop(part: Part, say: Say = print) -> None:
+    engine_for(part).stop(part, say)
+
+
+def restart(part: Part, say: Say = print) -> None:
+    stop(part, say)
+    start(part, say)
+
+
+def describe(part: Part) -> list[str]:
+    return engine_for(part).describe(part)

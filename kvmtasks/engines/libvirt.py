@@ -1,0 +1,244 @@
+"""Run a part's VM as a libvirt domain named after the part, on a local or remote host.
+
+Everything goes through ``virsh`` (one argv per call, through command.run):
+the pool is created when missing, the verified image is streamed into a
+volume of it once (skipped while the volume holds the same bytes), the domain
+is defined from engines/domain.py and started, and the guest is reached over
+ssh as with the direct QEMU engine.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kvmtasks.config.diskformat import disk_format
+from kvmtasks.config.options import Accel
+from kvmtasks.config.part import Part, listen_address
+from kvmtasks.config.remote import remote_of
+from kvmtasks.config.runfiles import RunFiles, current, virsh
+from kvmtasks.engines.domain import Disk, domain_xml, made_by_kvmtasks
+from kvmtasks.engines.qemu import forwards
+from kvmtasks.errors import VmError
+from kvmtasks.guest import ssh
+from kvmtasks.provision.digest import hash_file
+
+Say = Callable[[str], None]
+POOL_ROOT = "/var/lib/libvirt"
+POLL = 0.5
+# A domain that stops by itself while booting under KVM: KVM is unusable (nested virtualisation).
+STOPPED_STATES = frozenset({"shut off", "crashed"})
+
+
+def _volume_record(part: Part) -> Path:
+    return part.state_directory / "libvirt-volume.json"
+
+
+def volume_name(part: Part) -> str:
+    """The part's own volume: the guest writes to it unless kvm_snapshot is set."""
+    return f"{part.name}-{part.image_path.name}"
+
+
+def _ensure_pool(part: Part) -> None:
+    pools = virsh(part, "pool-list", "--all", "--name").split()
+    if part.libvirt_pool not in pools:
+        target = f"{POOL_ROOT}/{part.libvirt_pool}"
+        virsh(part, "pool-define-as", part.libvirt_pool, "dir", "--target", target)
+        virsh(part, "pool-build", part.libvirt_pool)
+        virsh(part, "pool-autostart", part.libvirt_pool)
+    info = virsh(part, "pool-info", part.libvirt_pool)
+    if "running" not in info:
+        virsh(part, "pool-start", part.libvirt_pool)
+
+
+def _uploaded(part: Part) -> dict[str, object]:
+    try:
+        data: dict[str, object] = json.loads(_volume_record(part).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data
+
+
+def _upload(part: Part, say: Say) -> None:
+    """Stream the verified image into the pool, unless the volume already holds those bytes."""
+    image = part.image_path
+    info = image.stat()
+    record = _uploaded(part)
+    where = {"uri": part.libvirt_uri, "pool": part.libvirt_pool, "volume": volume_name(part)}
+    exists = _volume_exists(part)
+    present = exists and all(record.get(k) == v for k, v in where.items())
+    if present and [record.get("size"), record.get("mtime_ns")] == [info.st_size, info.st_mtime_ns]:
+        return
+    sha256 = hash_file(image, ["sha256"])["sha256"]
+    if present and record.get("sha256") == sha256:
+        return
+    say(f"{part.name}: uploading {image.name} ({info.st_size} bytes) to pool {part.libvirt_pool} "
+        f"on {part.libvirt_uri}")
+    if exists:
+        virsh(part, "vol-delete", "--pool", part.libvirt_pool, volume_name(part))
+    virsh(part, "vol-create-as", part.libvirt_pool, volume_name(part), str(info.st_size), "--format", "raw")
+    virsh(part, "vol-upload", "--pool", part.libvirt_pool, volume_name(part), str(image), timeout=3600)
+    _volume_record(part).write_text(json.dumps(
+        {**where, "size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": sha256}
+    ))
+
+
+def _volume_exists(part: Part) -> bool:
+    try:
+        virsh(part, "vol-info", "--pool", part.libvirt_pool, volume_name(part))
+    except VmError as error:
+        if "not found" in str(error).lower():
+            return False
+        raise
+    return True
+
+
+def _our_domain_uuid(part: Part) -> str | None:
+    """The uuid of the part's domain when kvmtasks defined it before; a foreign one is refused."""
+    names = virsh(part, "list", "--all", "--name").split()
+    if part.name not in names:
+        return None
+    if not made_by_kvmtasks(virsh(part, "dumpxml", part.name)):
+        raise VmError(
+            f"a domain named {part.name} exists on {part.libvirt_uri} and was not made by kvmtasks; "
+            "it is left alone: rename the part or remove that domain"
+        )
+    return virsh(part, "domuuid", part.name).strip()
+
+
+def _domain_type(part: Part) -> str:
+    accel = part.effective_accel
+    if accel is Accel.TCG:
+        return "qemu"
+    if accel is Accel.KVM:
+        return "kvm"
+    probe = ["domcapabilities", "--virttype", "kvm"]
+    try:
+        virsh(part, *probe, timeout=60)
+    except VmError:
+        return "qemu"
+    return "kvm"
+
+
+def _listen_address(part: Part) -> str:
+    # On a remote host the forwards listen on its loopback; ssh reaches them through it.
+    return "127.0.0.1" if remote_of(part) is not None else listen_address(part.ssh_hostname)
+
+
+def _define(part: Part, domain_type: str, uuid: str | None) -> None:
+    remote = remote_of(part) is not None
+    xml = domain_xml(
+        part, domain_type=domain_type,
+        disk=Disk(part.libvirt_pool, volume_name(part), disk_format(part.image_path)),
+        listen_address=_listen_address(part),
+        console_log=None if remote else RunFiles.of(part).console_log,
+        uuid=uuid,
+    )
+    with tempfile.NamedTemporaryFile("w", dir=part.state_directory, suffix=".xml",
+                                     delete=False) as handle:
+        handle.write(xml)
+    try:
+        virsh(part, "define", handle.name)
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+
+
+def start(part: Part, say: Say = print) -> None:
+    status = current(part)
+    if status.running:
+        say(f"{part.name} is already running (libvirt domain {part.name} on {part.libvirt_uri})")
+        return
+    if not part.image_path.exists():
+        raise VmError(f"image {part.image_path} not found; run: doit provision:{part.name}")
+    if part.ssh_port is not None:
+        ssh.common_options(part)  # a path ssh cannot take is refused before anything starts
+    part.state_directory.mkdir(parents=True, exist_ok=True)
+    ssh.write_jump_config(part)
+    uuid = _our_domain_uuid(part)
+    _ensure_pool(part)
+    _upload(part, say)
+    domain_type = _domain_type(part)
+    if not _boot(part, domain_type, uuid):
+        say(f"{part.name}: the guest stopped under KVM; starting again under TCG "
+            "(software emulation, slower)")
+        if not _boot(part, "qemu", virsh(part, "domuuid", part.name).strip()):
+            raise VmError("the guest stopped while booting (libvirt domain shut off)")
+    accel = RunFiles.of(part).accel.read_text()
+    say(f"{part.name} is running (libvirt domain {part.name} on {part.libvirt_uri}, accel {accel})")
+
+
+def _boot(part: Part, domain_type: str, uuid: str | None) -> bool:
+    """Define and start the domain, wait for ssh; False when it stopped by itself under KVM."""
+    files = RunFiles.of(part)
+    _define(part, domain_type, uuid)
+    virsh(part, "start", part.name)
+    files.domain.write_text(json.dumps({"uri": part.libvirt_uri, "name": part.name}))
+    files.accel.write_text("tcg" if domain_type == "qemu" else "kvm")
+    try:
+        return _wait_until_ready(part, domain_type, time.monotonic() + part.kvm_boot_timeout)
+    except (VmError, KeyboardInterrupt):
+        _destroy(part)
+        raise
+
+
+def _wait_until_ready(part: Part, domain_type: str, deadline: float) -> bool:
+    while True:
+        state = virsh(part, "domstate", part.name).strip()
+        if state in STOPPED_STATES:
+            RunFiles.of(part).domain.unlink(missing_ok=True)
+            if domain_type == "kvm" and part.effective_accel is Accel.AUTO:
+                return False
+            raise VmError(f"the guest stopped while booting (libvirt domain {state})")
+        if part.ssh_port is None:
+            if state == "running":
+                return True
+        elif ssh.can_log_in(part):
+            return True
+        if time.monotonic() > deadline:
+            waited = "answered on ssh" if part.ssh_port is not None else "ran"
+            raise VmError(f"the guest never {waited} within kvm_boot_timeout = "
+                          f"{part.kvm_boot_timeout:g} s")
+        time.sleep(POLL)
+
+
+def _destroy(part: Part) -> None:
+    try:
+        virsh(part, "destroy", part.name)
+    except VmError as error:
+        if "not running" not in str(error) and "not found" not in str(error).lower():
+            raise
+    RunFiles.of(part).domain.unlink(missing_ok=True)
+
+
+def stop(part: Part, say: Say = print) -> None:
+    if not current(part).running:
+        say(f"{part.name} is not running")
+        return
+    virsh(part, "shutdown", part.name)
+    deadline = time.monotonic() + part.kvm_shutdown_timeout
+    while time.monotonic() < deadline:
+        if not current(part).running:
+            say(f"{part.name} stopped (the guest powered off)")
+            return
+        time.sleep(POLL)
+    _destroy(part)
+    say(f"{part.name} stopped (no power-off within kvm_shutdown_timeout = "
+        f"{part.kvm_shutdown_timeout:g} s, so the domain was destroyed)")
+
+
+def describe(part: Part) -> list[str]:
+    status = current(part)
+    if not status.running:
+        return [f"{part.name} is stopped"]
+    lines = [f"{part.name} is running (libvirt domain {part.name} on {part.libvirt_uri}, "
+             f"accel {status.accel or 'unknown'})"]
+    address = _listen_address(part)
+    for forward in forwards(part):
+        guest = f"{forward.guest_address or 'guest'}:{forward.guest_port}"
+        lines.append(f"  forward {forward.protocol} {address}:{forward.host_port} -> {guest}")
+    if remote_of(part) is None:
+        lines.append(f"  console log {RunFiles.of(part).console_log}")
+    return lines

@@ -1,0 +1,354 @@
+"""kvm_engine = libvirt: the domain XML (pure), then real libvirtd, real guests under TCG.
+
+The end-to-end tests start libvirtd (and virtlogd) as root when none runs, and
+stop what they started. The remote case reaches the same libvirtd through a
+real sshd on a loopback port (``qemu+ssh://root@127.0.0.1:PORT/system``), so
+the generated ssh and scp go through the libvirt host with ProxyJump.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmtasks.config.loader import load_file
+from kvmtasks.config.part import Part
+from kvmtasks.config.remote import RemoteHost, remote_host
+from kvmtasks.engines.domain import KVMTASKS_NS, QEMU_NS, Disk, domain_xml, made_by_kvmtasks
+from kvmtasks.guest.ssh import jump_config
+from tests.conftest import Project
+from tests.httpserver import FileServer
+from tests.test_vm_e2e import script
+from tests.vmfixtures import Guest, free_port, needs_qemu
+
+SOCKET = Path("/run/libvirt/libvirt-sock")
+
+
+def load(tmp_path: Path, body: str, name: str = "vm") -> Part:
+    path = tmp_path / "kvm.cfg"
+    path.write_text(f"[buildout]\ndirectory = {tmp_path}\n\n[{name}]\nfile = /srv/disk.img\n"
+                    f"kvm_engine = libvirt\n{body}")
+    (part,) = load_file(path, tmp_path)
+    return part
+
+
+def xml_of(part: Part, **overrides: object) -> ET.Element:
+    arguments: dict[str, object] = {
+        "domain_type": "qemu", "disk": Disk("pool", "vm-disk.img", "qcow2"),
+        "listen_address": "127.0.0.1", "console_log": Path("/run/vm/console.log"),
+    }
+    arguments.update(overrides)
+    return ET.fromstring(domain_xml(part, **arguments))  # type: ignore[arg-type]
+
+
+def qemu_args(domain: ET.Element) -> list[str]:
+    return [arg.attrib["value"] for arg in domain.iter(f"{{{QEMU_NS}}}arg")]
+
+
+def test_the_domain_carries_every_option(tmp_path: Path) -> None:
+    part = load(tmp_path, (
+        "kvm_memory = 2G\nkvm_smp = 2\nssh_port = 2222\n"
+        "kvm_redir =\n  tcp:8080::80\n"
+        "kvm_net =\n  user,hostname=vm,restrict=on\n  nic,model=virtio\n"
+        "kvm_vnc = 127.0.0.1:3\nkvm_graphic = std\nkvm_snapshot = true\n"
+        "kvm_extra_args =\n  -rtc\n  base=utc\n"
+    ))
+    domain = xml_of(part)
+
+    assert domain.attrib["type"] == "qemu"
+    assert domain.findtext("name") == "vm"
+    assert domain.find(f"metadata/{{{KVMTASKS_NS}}}part") is not None
+    assert (domain.find("memory").attrib["unit"], domain.findtext("memory")) == ("GiB", "2")  # type: ignore[union-attr]
+    assert domain.findtext("vcpu") == "2"
+    disk = domain.find("devices/disk")
+    assert disk is not None
+    assert disk.find("source").attrib == {"pool": "pool", "volume": "vm-disk.img"}  # type: ignore[union-attr]
+    assert disk.find("driver").attrib["type"] == "qcow2"  # type: ignore[union-attr]
+    assert disk.find("target").attrib == {"dev": "vda", "bus": "virtio"}  # type: ignore[union-attr]
+    assert disk.find("transient") is not None
+    assert domain.find("devices/serial/source").attrib["path"] == "/run/vm/console.log"  # type: ignore[union-attr]
+    assert domain.find("devices/graphics").attrib["port"] == "5903"  # type: ignore[union-attr]
+    assert domain.find("devices/video/model").attrib["type"] == "vga"  # type: ignore[union-attr]
+    assert qemu_args(domain) == [
+        "-netdev", "user,id=kvmtasks-net0,hostname=vm,restrict=on,"
+                   "hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.1:2222-:22",
+        "-device", "virtio-net-pci,netdev=kvmtasks-net0,bus=pci.0,addr=0x10",
+        "-rtc", "base=utc",
+    ]
+
+
+def test_defaults_hda_and_a_redefinition(tmp_path: Path) -> None:
+    part = load(tmp_path, "image_type = hda\nssh_port = 2222\n")
+    domain = xml_of(part, domain_type="kvm", console_log=None, uuid="6e1b8c8e-0b7c-4d0e-8a31-6c7f7e0b7f11")
+
+    assert domain.attrib["type"] == "kvm"
+    assert domain.findtext("uuid") == "6e1b8c8e-0b7c-4d0e-8a31-6c7f7e0b7f11"
+    assert (domain.find("memory").attrib["unit"], domain.findtext("memory")) == ("MiB", "512")  # type: ignore[union-attr]
+    assert domain.find("devices/disk/target").attrib == {"dev": "hda", "bus": "ide"}  # type: ignore[union-attr]
+    assert domain.find("devices/disk/transient") is None
+    assert domain.find("devices/serial").attrib["type"] == "pty"  # type: ignore[union-attr]
+    assert domain.find("devices/graphics") is None
+    assert qemu_args(domain) == [
+        "-netdev", "user,id=kvmtasks-net0,hostfwd=tcp:127.0.0.1:2222-:22",
+        "-device", "e1000,netdev=kvmtasks-net0,bus=pci.0,addr=0x10",
+    ]
+    assert made_by_kvmtasks(domain_xml(part, domain_type="qemu", disk=Disk("p", "v", "raw"),
+                                       listen_address="127.0.0.1", console_log=None))
+    assert not made_by_kvmtasks("<domain type='kvm'><name>vm</name></domain>")
+
+
+def test_values_are_xml_data_not_markup(tmp_path: Path) -> None:
+    part = load(tmp_path, "kvm_extra_args =\n  -append\n  console=ttyS0 x='<y>' & \"z\"\n")
+    assert qemu_args(xml_of(part))[-1] == "console=ttyS0 x='<y>' & \"z\""
+
+
+def test_a_network_libvirt_cannot_carry_is_one_line(tmp_path: Path) -> None:
+    from kvmtasks.errors import VmError
+
+    part = load(tmp_path, "kvm_net =\n  tap,ifname=tap0\n")
+    with pytest.raises(VmError, match="only user and nic networks work with kvm_engine = libvirt"):
+        xml_of(part)
+
+
+def test_remote_uris_and_the_jump_config(tmp_path: Path) -> None:
+    assert remote_host("qemu:///system") is None
+    remote = remote_host("qemu+ssh://root@host.example:2222/system?keyfile=/k/id&no_verify=1")
+    assert remote == RemoteHost("host.example", "root", 2222, Path("/k/id"), verify_host_key=False)
+    text = jump_config(remote, tmp_path / "known hosts")
+    assert "HostName host.example" in text and "Port 2222" in text and "User root" in text
+    assert 'IdentityFile "/k/id"' in text and "StrictHostKeyChecking no" in text
+    assert f'UserKnownHostsFile "{tmp_path}/known hosts"' in text
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("http://host/system", "not a libvirt QEMU URI"),
+    ("qemu+ssh://root@host/other", "not a libvirt QEMU URI"),
+    ("qemu+ssh://r%20t@host/system", "the user and host must be plain names"),
+])
+def test_a_bad_libvirt_uri_is_one_line(project: Project, value: str, message: str) -> None:
+    project.write(f"[vm]\nfile = /srv/disk.img\nkvm_engine = libvirt\nlibvirt_uri = {value}\n")
+    done = project.run("list")
+    assert done.returncode == 3 and message in done.stderr and "Traceback" not in done.output
+
+
+# ---- real libvirtd ----
+
+
+def _virsh(*args: str, uri: str = "qemu:///system") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["virsh", "-q", "-c", uri, *args], capture_output=True, text=True, check=False)
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[None]:
+    """A running libvirtd on qemu:///system, started (and stopped) here when none runs."""
+    if os.geteuid() != 0:
+        pytest.skip("libvirt's system daemon needs root")
+    if shutil.which("libvirtd") is None or shutil.which("virsh") is None:
+        pytest.skip("libvirt is not installed (./dev installs libvirt-daemon-system)")
+    kvm = Path("/dev/kvm")
+    if kvm.exists() and kvm.stat().st_mode & 0o060 == 0:
+        # Without udev /dev/kvm stays root-only: libvirt then finds its cached QEMU
+        # capabilities stale on every call and re-probes QEMU for ~50 s. udev's usual mode.
+        shutil.chown(kvm, group="kvm")
+        kvm.chmod(0o660)
+    started = []
+    for daemon in ("virtlogd", "libvirtd"):
+        if subprocess.run(["pgrep", "-x", daemon], capture_output=True, check=False).returncode != 0:
+            subprocess.run([daemon, "-d"], check=True)
+            started.append(daemon)
+    deadline = time.monotonic() + 30
+    while _virsh("version").returncode != 0:
+        assert time.monotonic() < deadline, "libvirtd did not answer within 30 s"
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        for daemon in reversed(started):
+            subprocess.run(["pkill", "-x", daemon], check=False)
+
+
+@pytest.fixture
+def pool(libvirtd: None) -> Iterator[str]:
+    """A storage pool of this test's own, removed with its volumes afterwards."""
+    name = f"kvmtasks-test-{uuid.uuid4().hex[:8]}"
+    yield name
+    for line in _virsh("vol-list", name).stdout.splitlines():
+        if line.split():
+            _virsh("vol-delete", "--pool", name, line.split()[0])
+    _virsh("pool-destroy", name)
+    _virsh("pool-undefine", name)
+    shutil.rmtree(f"/var/lib/libvirt/{name}", ignore_errors=True)
+
+
+@pytest.fixture
+def domain_name(libvirtd: None) -> Iterator[str]:
+    """A unique part (and domain) name; the domain is destroyed and undefined afterwards."""
+    name = f"lv{uuid.uuid4().hex[:8]}"
+    yield name
+    _virsh("destroy", name)
+    _virsh("undefine", name)
+
+
+def libvirt_config(guest: Guest, name: str, source: str, pool: str, ssh_port: int, extra: str = "") -> str:
+    return (
+        f"[{name}]\n{source}\n"
+        "kvm_engine = libvirt\n"
+        f"libvirt_pool = {pool}\n"
+        f"ssh_port = {ssh_port}\n"
+        f"ssh_key_path = {guest.key}\n"
+        "kvm_memory = 256M\nkvm_accel = tcg\nkvm_boot_timeout = 180\nkvm_shutdown_timeout = 3\n"
+        "kvm_net =\n  user,restrict=on\n  nic,model=virtio\n"
+        f"{extra}"
+    )
+
+
+@needs_qemu
+@pytest.mark.vm
+@pytest.mark.usefixtures("no_vm_left")
+def test_a_part_runs_on_local_libvirt(project: Project, guest: Guest, http_server: FileServer,
+                                       pool: str, domain_name: str, tmp_path: Path) -> None:
+    name = domain_name
+    url = http_server.put("v1/guest.img", guest.image.path.read_bytes())
+    ssh_port = free_port()
+    project.write(libvirt_config(guest, name, f"image = {url}", pool, ssh_port))
+
+    started = project.run(f"start:{name}", timeout=400)
+    assert started.returncode == 0, started.describe()
+    assert "uploading guest.img" in started.stdout and f"{name} is running (libvirt domain" in started.stdout
+    assert _virsh("domstate", name).stdout.strip() == "running"
+    assert made_by_kvmtasks(_virsh("dumpxml", name).stdout)
+    assert _virsh("vol-info", "--pool", pool, f"{name}-guest.img").returncode == 0
+
+    uname = script(project, f"{name}-runscript", "uname", "-r")
+    assert (uname.returncode, uname.stdout.strip()) == (0, guest.image.kernel_release)
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(os.urandom(1 << 20))
+    assert script(project, f"{name}-sendfile", "/tmp/p.bin", str(payload)).returncode == 0
+    assert script(project, f"{name}-getfile", "/tmp/p.bin", str(tmp_path / "back.bin")).returncode == 0
+    assert (tmp_path / "back.bin").read_bytes() == payload.read_bytes()
+    status = script(project, f"{name}-ctl", "status")
+    assert status.returncode == 0 and "libvirt domain" in status.stdout
+
+    # A new image while the domain runs: refused, the domain runs on.
+    second = http_server.put("v2/guest.img", guest.image.path.read_bytes())
+    project.write(libvirt_config(guest, name, f"image = {second}", pool, ssh_port))
+    refused = project.run(f"provision:{name}")
+    assert refused.returncode != 0
+    assert f"download:{name}: {name} is running; stop it first" in refused.stderr
+    project.write(libvirt_config(guest, name, f"image = {url}", pool, ssh_port))
+
+    stopped = script(project, f"{name}-ctl", "stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert script(project, f"{name}-ctl", "status").returncode == 3
+    assert _virsh("domstate", name).stdout.strip() == "shut off"
+
+    # Started again: the volume holds the same bytes, so nothing is uploaded.
+    again = script(project, f"{name}-ctl", "start")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "uploading" not in again.stdout
+    # Killed from outside: status says stopped, start works again.
+    assert _virsh("destroy", name).returncode == 0
+    assert script(project, f"{name}-ctl", "status").returncode == 3
+    assert script(project, f"{name}-ctl", "stop").stdout.strip() == f"{name} is not running"
+
+
+@pytest.mark.usefixtures("libvirtd")
+def test_a_foreign_domain_of_the_same_name_is_left_alone(
+    project: Project, guest: Guest, pool: str, domain_name: str, tmp_path: Path
+) -> None:
+    foreign = tmp_path / "foreign.xml"
+    foreign.write_text(f"<domain type='qemu'><name>{domain_name}</name><memory unit='MiB'>64</memory>"
+                       "<os><type arch='x86_64'>hvm</type></os></domain>")
+    assert _virsh("define", str(foreign)).returncode == 0
+    before = _virsh("dumpxml", domain_name).stdout
+    project.write(libvirt_config(guest, domain_name, f"file = {guest.image.path}", pool, free_port()))
+
+    refused = project.run(f"start:{domain_name}", timeout=120)
+
+    assert refused.returncode != 0
+    assert f"a domain named {domain_name} exists on qemu:///system and was not made by kvmtasks" \
+        in refused.stderr
+    assert "Traceback" not in refused.output
+    assert _virsh("dumpxml", domain_name).stdout == before
+
+
+def test_an_unreachable_libvirt_host_is_one_line(project: Project, guest: Guest) -> None:
+    if shutil.which("virsh") is None:
+        pytest.skip("libvirt-clients is not installed")
+    project.write(libvirt_config(guest, "vm", f"file = {guest.image.path}", "kvmtasks", free_port(),
+                                 "libvirt_uri = qemu+ssh://root@127.0.0.1:1/system?no_verify=1\n"))
+
+    refused = project.run("start:vm", timeout=120)
+
+    assert refused.returncode != 0
+    lines = refused.error_lines("start:vm:")
+    assert len(lines) == 1 and "qemu+ssh://root@127.0.0.1:1/system" in lines[0], refused.describe()
+    assert "Traceback" not in refused.output
+
+
+@pytest.fixture
+def loopback_sshd(tmp_path: Path, libvirtd: None) -> Iterator[tuple[int, Path, Path]]:
+    """A real sshd for root on a loopback port: (port, client key, its log)."""
+    sshd = shutil.which("sshd", path="/usr/sbin:/usr/bin")
+    if sshd is None:
+        pytest.skip("openssh-server is not installed (./dev installs it)")
+    folder = tmp_path / "sshd"
+    folder.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host")], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "client")], check=True)
+    (folder / "authorized_keys").write_text((folder / "client.pub").read_text())
+    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation folder
+    port, log = free_port(), folder / "sshd.log"
+    daemon = subprocess.Popen([
+        sshd, "-D", "-e", "-p", str(port), "-h", str(folder / "host"),
+        "-o", "ListenAddress=127.0.0.1", "-o", f"AuthorizedKeysFile={folder / 'authorized_keys'}",
+        "-o", "StrictModes=no", "-o", "PasswordAuthentication=no", "-o", "PermitRootLogin=prohibit-password",
+        "-o", "LogLevel=VERBOSE",
+    ], stderr=open(log, "w"))  # noqa: SIM115 - closed with the process
+    try:
+        deadline = time.monotonic() + 20
+        while b"Server listening" not in log.read_bytes():
+            assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        yield port, folder / "client", log
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=10)
+
+
+@needs_qemu
+@pytest.mark.vm
+@pytest.mark.usefixtures("no_vm_left")
+def test_a_part_runs_on_a_remote_libvirt_host_through_ssh(
+    project: Project, guest: Guest, pool: str, domain_name: str,
+    loopback_sshd: tuple[int, Path, Path], tmp_path: Path,
+) -> None:
+    port, key, log = loopback_sshd
+    uri = f"qemu+ssh://root@127.0.0.1:{port}/system?keyfile={key}&no_verify=1"
+    image = tmp_path / "guest.img"
+    shutil.copyfile(guest.image.path, image)
+    project.write(libvirt_config(guest, domain_name, f"file = {image}", pool, free_port(),
+                                 f"libvirt_uri = {uri}\n"))
+
+    started = project.run(f"start:{domain_name}", timeout=400)
+    assert started.returncode == 0, started.describe()
+    assert f"on {uri}" in started.stdout
+    logins = log.read_text().count("Accepted publickey")
+
+    uname = script(project, f"{domain_name}-runscript", "uname", "-r")
+    assert (uname.returncode, uname.stdout.strip()) == (0, guest.image.kernel_release)
+    # The guest was reached through the libvirt host: one more login there, forwarding to the guest.
+    assert log.read_text().count("Accepted publickey") > logins
+
+    stopped = script(project, f"{domain_name}-ctl", "stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert script(project, f"{domain_name}-ctl", "status").returncode == 3
