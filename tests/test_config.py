@@ -215,7 +215,6 @@ def test_only_kvm_sections_are_parts(tmp_path: Path) -> None:
     path = write(tmp_path / "kvm.cfg", f"""
 [buildout]
 directory = {tmp_path}
-parts = a b
 
 [by-recipe]
 recipe = erp5.recipe.kvm

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import configparser
 import difflib
 import os
 import re
@@ -10,6 +9,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from kvmtasks.config import buildout as syntax
+from kvmtasks.config.buildout import Config, Entry, Sections, merge
 from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Engine
 from kvmtasks.config.part import Buildout, Part, path_is_block_device
 from kvmtasks.config.remote import remote_host
@@ -44,57 +45,27 @@ def load_parts(paths: Iterable[Path], cwd: Path | None = None) -> list[Part]:
 
 
 def load_file(path: Path, cwd: Path) -> list[Part]:
-    parser = _read(path, cwd)
-    buildout = _buildout(parser, path)
-    return [
-        _part(parser, path, section, buildout)
-        for section in parser.sections()
-        if _is_part(parser, section)
-    ]
+    config = _read(path, cwd)
+    buildout = _buildout(config, path)
+    return [_part(config, path, section, buildout) for section in _part_sections(config, path)]
 
 
-def _read(path: Path, cwd: Path) -> configparser.ConfigParser:
-    parser = _new_parser()
-    parser.read_dict({"buildout": {
-        "directory": str(cwd).replace("$", "$$"),
-        "bin-directory": "${directory}/bin",
-        "parts-directory": "${directory}/parts",
-        "var-directory": "${directory}/var",
-    }})
+def _read(path: Path, cwd: Path) -> Config:
+    sections: Sections = {"buildout": {
+        "directory": Entry(str(cwd).replace("$", "$$")),
+        "bin-directory": Entry("${:directory}/bin"),
+        "parts-directory": Entry("${:directory}/parts"),
+        "var-directory": Entry("${:directory}/var"),
+    }}
     for source in _extended(path, ()):
-        _read_into(parser, source)
-    return parser
-
-
-def _new_parser(interpolation: bool = True) -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(
-        interpolation=configparser.ExtendedInterpolation() if interpolation else None,
-        comment_prefixes=("#", ";"),
-        inline_comment_prefixes=None,
-        strict=True,
-        empty_lines_in_values=False,
-    )
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
-    return parser
-
-
-def _read_into(parser: configparser.ConfigParser, path: Path) -> None:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            parser.read_file(handle, source=str(path))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read config file: {error}") from None
-    except configparser.Error as error:
-        raise ConfigError(f"{path}: {_one_line(error)}") from None
+        sections = merge(sections, syntax.parse_file(source))
+    return Config(path, sections)
 
 
 def _extended(path: Path, seen: tuple[Path, ...]) -> list[Path]:
     """path and, before it, the files its [buildout] extends names (buildout's order)."""
-    raw = _new_parser(interpolation=False)
-    _read_into(raw, path)
-    value = raw.get("buildout", "extends", fallback="")
+    entry = syntax.parse_file(path).get("buildout", {}).get("extends")
+    value = entry.applied_to(None) if entry else ""
     files: list[Path] = []
     for name in value.split():
         base = (path.parent / _expand_user(name, f"{path}: [buildout] extends")).resolve()
@@ -106,31 +77,15 @@ def _extended(path: Path, seen: tuple[Path, ...]) -> list[Path]:
     return [*files, path]
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
+def _get(config: Config, section: str, option: str) -> str:
+    value = config.get(section, option)
+    assert value is not None, f"[{section}] {option} is set"
+    return value
 
 
-def _get(parser: configparser.ConfigParser, path: Path, section: str, option: str) -> str:
-    try:
-        return parser.get(section, option)
-    except configparser.InterpolationMissingOptionError as error:
-        raw = parser.get(section, option, raw=True)
-        raise ConfigError(
-            f"{path}: [{section}] {option} = {raw!r}: reference {_reference(error)} not found"
-        ) from None
-    except configparser.Error as error:
-        raw = parser.get(section, option, raw=True)
-        raise ConfigError(f"{path}: [{section}] {option} = {raw!r}: {_one_line(error)}") from None
-
-
-def _reference(error: configparser.InterpolationMissingOptionError) -> str:
-    match = re.search(r"\$\{[^}]*\}", error.reference) if error.reference else None
-    return match.group(0) if match else "${" + error.reference + "}"
-
-
-def _buildout(parser: configparser.ConfigParser, path: Path) -> Buildout:
+def _buildout(config: Config, path: Path) -> Buildout:
     def folder(option: str, base: Path | None) -> Path:
-        value = _get(parser, path, "buildout", option)
+        value = _get(config, "buildout", option)
         folder_path = _expand_user(value, f"{path}: [buildout] {option}")
         return folder_path if base is None or folder_path.is_absolute() else base / folder_path
 
@@ -152,16 +107,35 @@ def _expand_user(value: str, where: str) -> Path:
         raise ConfigError(f"{where} = {value!r}: cannot expand {user!r} (no such user)") from None
 
 
-def _is_part(parser: configparser.ConfigParser, section: str) -> bool:
+def _part_sections(config: Config, path: Path) -> list[str]:
+    """[buildout] parts when set (buildout's rule), else every section that looks like a VM."""
+    listed = config.get("buildout", "parts")
+    if listed is None:
+        return [section for section in config.sections() if _is_part(config, section)]
+    names = list(dict.fromkeys(listed.split()))
+    for name in names:
+        if name in ("buildout", syntax.DEFAULT) or not config.has_section(name):
+            raw = config.raw("buildout", "parts")
+            raise ConfigError(f"{path}: [buildout] parts = {raw!r}: no section [{name}]")
+    # A listed section with another recipe is that recipe's business, not a VM.
+    return [name for name in names if _recipe(config, name) in (None, *RECIPES)]
+
+
+def _recipe(config: Config, section: str) -> str | None:
+    recipe = config.raw(section, "recipe")
+    return None if recipe is None else recipe.strip()
+
+
+def _is_part(config: Config, section: str) -> bool:
     if section == "buildout":
         return False
-    recipe = parser.get(section, "recipe", raw=True, fallback=None)
+    recipe = _recipe(config, section)
     if recipe is not None:
-        return recipe.strip() in RECIPES
-    return parser.has_option(section, "image") or parser.has_option(section, "file")
+        return recipe in RECIPES
+    return config.raw(section, "image") is not None or config.raw(section, "file") is not None
 
 
-def _part(parser: configparser.ConfigParser, path: Path, section: str, buildout: Buildout) -> Part:
+def _part(config: Config, path: Path, section: str, buildout: Buildout) -> Part:
     if not PART_NAME.fullmatch(section):
         shown = section if section.isprintable() else repr(section)[1:-1]  # no control characters
         raise ConfigError(
@@ -169,15 +143,15 @@ def _part(parser: configparser.ConfigParser, path: Path, section: str, buildout:
             "starting with a letter or digit"
         )
     values: dict[str, Any] = {}
-    for option in parser.options(section):
+    for option in config.options(section):
         known = OPTIONS_BY_NAME.get(option)
-        if known is None and option in parser.defaults():
+        if known is None and config.is_default(section, option):
             continue  # a [DEFAULT] value for interpolation; known options there apply to every part
         if known is None:
             close = difflib.get_close_matches(option, list(OPTIONS_BY_NAME), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"{path}: [{section}] unknown option {option!r}{hint}")
-        raw = _get(parser, path, section, option)
+        raw = _get(config, section, option)
         try:
             values[option] = known.parse(raw)
         except ValueError as error:

@@ -1,0 +1,298 @@
+"""Buildout's syntax: <= macros, += and -=, ${:option}, a lone $, [buildout] parts, across extends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvmtasks.config.loader import load_parts
+from kvmtasks.config.part import Part
+from kvmtasks.errors import ConfigError
+
+IMAGE = "http://127.0.0.1:9/images/disk.img"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def load(tmp_path: Path, body: str, name: str = "kvm.cfg") -> dict[str, Part]:
+    path = write(tmp_path / name, f"[buildout]\ndirectory = {tmp_path}\n{body}")
+    return {part.name: part for part in load_parts([path], cwd=tmp_path)}
+
+
+def error(tmp_path: Path, body: str) -> str:
+    path = write(tmp_path / "bad.cfg", f"[buildout]\ndirectory = {tmp_path}\n{body}")
+    with pytest.raises(ConfigError) as raised:
+        load_parts([path], cwd=tmp_path)
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f"{path}: ["), message
+    return message
+
+
+# -- <= SECTION ---------------------------------------------------------------------------------
+
+def test_a_macro_copies_the_options_then_the_section_overrides_them(tmp_path: Path) -> None:
+    parts = load(tmp_path, f"""
+[base]
+recipe = erp5.recipe.kvm
+image = {IMAGE}
+kvm_memory = 1G
+kvm_smp = 2
+
+[vm]
+<= base
+kvm_memory = 2G
+""")
+
+    vm = parts["vm"]
+    assert (vm.image, vm.kvm_memory, vm.kvm_smp) == (IMAGE, "2G", 2)
+    assert parts["base"].kvm_memory == "1G"  # the macro itself is unchanged
+
+
+def test_macros_chain_and_several_apply_in_order(tmp_path: Path) -> None:
+    parts = load(tmp_path, f"""parts = vm
+
+[small]
+kvm_memory = 256M
+kvm_smp = 3
+
+[disk]
+image = {IMAGE}
+kvm_memory = 1G
+
+[tiny]
+<= disk
+kvm_smp = 1
+
+[vm]
+<= tiny
+  small
+""")
+
+    vm = parts["vm"]
+    assert (vm.image, vm.kvm_memory, vm.kvm_smp) == (IMAGE, "256M", 3)
+
+
+def test_references_in_a_macro_are_read_in_the_section_that_uses_it(tmp_path: Path) -> None:
+    parts = load(tmp_path, f"""parts = vm
+
+[template]
+image = {IMAGE}
+location = ${{buildout:directory}}/disks/${{:kvm_graphic}}
+
+[vm]
+<= template
+kvm_graphic = std
+""")
+
+    assert parts["vm"].location == tmp_path / "disks" / "std"
+
+
+@pytest.mark.parametrize(("body", "needles"), [
+    ("[vm]\n<= nowhere\nimage = x\n", ["[vm] <= 'nowhere'", "no section [nowhere]"]),
+    ("[a]\n<= b\n[b]\n<= c\n[c]\n<= a\nimage = x\n", ["circular section extension", "a <= b <= c <= a"]),
+    ("[vm]\n<= vm\nimage = x\n", ["circular section extension: vm <= vm"]),
+    ("<= vm\n[vm]\nimage = x\n", ["[buildout] <= 'vm'", "cannot extend"]),
+])
+def test_a_bad_macro_is_one_line(tmp_path: Path, body: str, needles: list[str]) -> None:
+    message = error(tmp_path, body)
+
+    for needle in needles:
+        assert needle in message
+
+
+# -- += and -= ----------------------------------------------------------------------------------
+
+def test_add_and_remove_lines_in_the_same_section(tmp_path: Path) -> None:
+    parts = load(tmp_path, f"""
+[vm]
+image = {IMAGE}
+kvm_extra_args =
+  -no-reboot
+  -nodefaults
+kvm_extra_args += -S
+kvm_extra_args -= -nodefaults
+""")
+
+    assert parts["vm"].kvm_extra_args == ("-no-reboot", "-S")
+
+
+def test_add_and_remove_across_extends(tmp_path: Path) -> None:
+    write(tmp_path / "base.cfg", f"""
+[vm]
+image = {IMAGE}
+kvm_net =
+  user,restrict=on
+  nic,model=e1000
+kvm_extra_args = -no-reboot
+""")
+    parts = load(tmp_path, """extends = base.cfg
+
+[vm]
+kvm_net -= nic,model=e1000
+kvm_net += nic,model=virtio-net-pci
+kvm_extra_args +=
+  -S
+  -nodefaults
+""")
+
+    vm = parts["vm"]
+    assert vm.kvm_net == ("user,restrict=on", "nic,model=virtio-net-pci")
+    assert vm.kvm_extra_args == ("-no-reboot", "-S", "-nodefaults")
+
+
+def test_add_with_nothing_to_add_to_is_the_value(tmp_path: Path) -> None:
+    parts = load(tmp_path, f"[vm]\nimage = {IMAGE}\nkvm_extra_args += -S\nkvm_net -= user\n")
+
+    assert (parts["vm"].kvm_extra_args, parts["vm"].kvm_net) == (("-S",), ())
+
+
+def test_add_and_remove_apply_to_a_macros_value(tmp_path: Path) -> None:
+    parts = load(tmp_path, f"""
+[template]
+image = {IMAGE}
+kvm_extra_args =
+  -no-reboot
+  -nodefaults
+
+[vm]
+<= template
+kvm_extra_args += -S
+kvm_extra_args -= -no-reboot
+""")
+
+    assert parts["vm"].kvm_extra_args == ("-nodefaults", "-S")
+    assert parts["template"].kvm_extra_args == ("-no-reboot", "-nodefaults")
+
+
+def test_add_in_an_extending_file_applies_to_the_macro_of_the_base_file(tmp_path: Path) -> None:
+    write(tmp_path / "base.cfg", f"""
+[template]
+image = {IMAGE}
+kvm_extra_args = -no-reboot
+
+[vm]
+<= template
+""")
+    parts = load(tmp_path, "extends = base.cfg\n\n[vm]\nkvm_extra_args += -S\n")
+
+    assert parts["vm"].kvm_extra_args == ("-no-reboot", "-S")
+
+
+def test_an_operator_without_an_option_is_one_line(tmp_path: Path) -> None:
+    assert "+= needs an option name" in error(tmp_path, f"[vm]\nimage = {IMAGE}\n+= -S\n")
+
+
+def test_add_to_a_single_line_option_names_it(tmp_path: Path) -> None:
+    message = error(tmp_path, f"[vm]\nimage = {IMAGE}\nkvm_memory = 1G\nkvm_memory += 2G\n")
+
+    assert "[vm] kvm_memory = '1G\\n2G': must be a size" in message
+
+
+# -- ${:option}, $$ and a lone $ ----------------------------------------------------------------
+
+def test_same_section_references(tmp_path: Path) -> None:
+    parts = load(tmp_path, f"""
+[vm]
+image = {IMAGE}
+kvm_graphic = std
+kvm_extra_args = -name ${{:kvm_graphic}}-${{kvm_graphic}}
+""")
+
+    assert parts["vm"].kvm_extra_args == ("-name std-std",)
+
+
+def test_a_lone_dollar_is_literal_and_a_double_dollar_is_one(tmp_path: Path) -> None:
+    body = "kvm_smp = 1\nkvm_extra_args =\n  a$b\n  $\n  $$HOME\n  x$$${:kvm_smp}$\n"
+    parts = load(tmp_path, f"[vm]\nimage = {IMAGE}\n{body}")
+
+    assert parts["vm"].kvm_extra_args == ("a$b", "$", "$HOME", "x$1$")
+
+
+@pytest.mark.parametrize(("value", "needle"), [
+    ("${vm:kvm_graphic}", "circular reference: ${vm:kvm_graphic} -> ${vm:kvm_graphic}"),
+    ("${a:b:c}", "reference ${a:b:c} is not ${section:option}"),
+    ("${:}", "reference ${:} is not ${section:option}"),
+    ("x${:kvm_smp", "'${' without a closing '}'"),
+    ("${:nothing}", "reference ${:nothing} not found"),
+])
+def test_a_bad_reference_is_one_line_naming_the_option(tmp_path: Path, value: str, needle: str) -> None:
+    message = error(tmp_path, f"[vm]\nimage = {IMAGE}\nkvm_graphic = {value}\n")
+
+    assert f"[vm] kvm_graphic = {value!r}: " in message
+    assert needle in message
+
+
+# -- [buildout] parts ---------------------------------------------------------------------------
+
+def test_buildout_parts_selects_the_parts(tmp_path: Path) -> None:
+    parts = load(tmp_path, f"""parts =
+  second
+  other
+
+[first]
+image = {IMAGE}
+
+[second]
+recipe = erp5.recipe.kvm
+image = {IMAGE}
+
+[other]
+recipe = zc.recipe.egg
+""")
+
+    assert list(parts) == ["second"]
+
+
+def test_a_listed_section_that_is_missing_is_one_line(tmp_path: Path) -> None:
+    message = error(tmp_path, f"parts = vm ghost\n[vm]\nimage = {IMAGE}\n")
+
+    assert "[buildout] parts = 'vm ghost': no section [ghost]" in message
+
+
+def test_a_listed_section_that_is_no_vm_says_what_it_lacks(tmp_path: Path) -> None:
+    assert "[notes] needs an image URL or a file" in error(tmp_path, "parts = notes\n[notes]\nkvm_smp = 2\n")
+
+
+# -- all together -------------------------------------------------------------------------------
+
+def test_a_macro_extended_with_add_in_a_listed_part_across_extends(tmp_path: Path) -> None:
+    write(tmp_path / "base.cfg", f"""
+[buildout]
+parts = vm-template
+
+[vm-template]
+recipe = erp5.recipe.kvm
+image = {IMAGE}
+kvm_memory = 1G
+kvm_net = user,restrict=on
+kvm_extra_args =
+  -no-reboot
+  -nodefaults
+""")
+    parts = load(tmp_path, """extends = base.cfg
+parts = web db
+
+[web]
+<= vm-template
+kvm_extra_args += -name ${:ssh_user}$
+kvm_extra_args -= -nodefaults
+ssh_user = www
+
+[db]
+<= web
+kvm_memory = 2G
+kvm_net += nic,model=virtio-net-pci
+""")
+
+    assert list(parts) == ["web", "db"]
+    web, db = parts["web"], parts["db"]
+    assert (web.image, web.kvm_memory) == (IMAGE, "1G")
+    assert web.kvm_extra_args == db.kvm_extra_args == ("-no-reboot", "-name www$")
+    assert db.kvm_memory == "2G"
+    assert db.kvm_net == ("user,restrict=on", "nic,model=virtio-net-pci")
