@@ -34,8 +34,9 @@ CACHE = REPO_ROOT / ".cache" / "bench"
 MB = 1_000_000
 MiB = 1 << 20
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-# Variables that would send traffic elsewhere or change what provisioning does.
-_SCRUBBED = re.compile(r"(?i).*_proxy|KVMTASKS_(CONFIG|ACCEL|HTTP_TIMEOUT)")
+# Variables that would send traffic elsewhere or change what provisioning does (XDG_CACHE_HOME:
+# the download cache goes into each run's HOME, so every measured run starts cold).
+_SCRUBBED = re.compile(r"(?i).*_proxy|KVMTASKS_(CONFIG|ACCEL|HTTP_TIMEOUT)|XDG_CACHE_HOME")
 
 
 def parse_size(text: str) -> int:

@@ -29,7 +29,8 @@ DODO = REPO_ROOT / "dodo.py"
 PROVISION_STEPS = frozenset({"download", "verify-download", "decompress", "verify-image"})
 # Variables that would send test traffic elsewhere or change what provisioning does; others
 # (KVMTASKS_GUEST_CACHE, ...) pass through.
-_SCRUBBED = re.compile(r"(?i).*_proxy|KVMTASKS_(CONFIG|ACCEL|HTTP_TIMEOUT)")
+# XDG_CACHE_HOME too: the download cache then defaults to HOME/.cache, in tmp_path.
+_SCRUBBED = re.compile(r"(?i).*_proxy|KVMTASKS_(CONFIG|ACCEL|HTTP_TIMEOUT)|XDG_CACHE_HOME")
 
 
 @pytest.fixture
@@ -91,6 +92,8 @@ class Project:
         self.root = root
         self.configs: list[Path] = []
         self.env: dict[str, str] = {}
+        # More [buildout] options, e.g. {"download-cache": ""} to download into the part only.
+        self.buildout: dict[str, str] = {}
 
     @property
     def parts(self) -> Path:
@@ -103,7 +106,8 @@ class Project:
     def write(self, body: str, name: str = "kvm.cfg") -> Path:
         """Write (or rewrite) a config file: a [buildout] section, then body."""
         path = self.root / name
-        path.write_text(f"[buildout]\ndirectory = {self.root}\n\n{body.strip()}\n")
+        extra = "".join(f"{name} = {value}\n" for name, value in self.buildout.items())
+        path.write_text(f"[buildout]\ndirectory = {self.root}\n{extra}\n{body.strip()}\n")
         if path not in self.configs:
             self.configs.append(path)
         return path

@@ -3,7 +3,7 @@
 It serves byte strings from memory and honours ``Range`` (206 + ``Content-Range``)
 and ``If-Range`` (against its ETag or Last-Modified), like a well-behaved static
 file server. Switches make it misbehave the ways real servers and networks do:
-drop the connection part-way through a body, ignore ``Range``, change a file
+drop the connection part-way through a body, pause a body until told, ignore ``Range``, change a file
 between requests, send ``Content-Encoding: gzip``, answer with an error status,
 redirect in a loop, or accept a request and never answer.
 """
@@ -64,6 +64,9 @@ class FileServer:
     status: dict[str, int] = field(default_factory=dict)
     redirect_loop: set[str] = field(default_factory=set)
     hang: bool = False
+    # When set: every body pauses after its first chunk until hold is set (or 60 s pass),
+    # so that concurrent clients are sure to overlap.
+    hold: threading.Event | None = None
     requests: list[Request] = field(default_factory=list)
     bytes_sent: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -195,6 +198,10 @@ class _Handler(BaseHTTPRequestHandler):
             chunk = data[offset:offset + 64 * 1024]
             self.wfile.write(chunk)
             self.server.state.count(request, len(chunk))
+            hold = self.server.state.hold
+            if offset == 0 and hold is not None:
+                self.wfile.flush()
+                hold.wait(60)
         self.wfile.flush()
 
     def _drop(self) -> None:

@@ -52,7 +52,8 @@ def test_the_buildout_directory_defaults_to_the_current_directory(
 
     (part,) = load_parts([path])
 
-    expected = config_part.Buildout(tmp_path, tmp_path / "bin", tmp_path / "parts", tmp_path / "var")
+    expected = config_part.Buildout(tmp_path, tmp_path / "bin", tmp_path / "parts", tmp_path / "var",
+                                    tmp_path / "home" / ".cache" / "kvmtasks")
     assert part.buildout == expected
     assert load_file(path, tmp_path / "other")[0].buildout.directory == tmp_path / "other"
 

@@ -95,7 +95,24 @@ def _buildout(config: Config, path: Path) -> Buildout:
         bin_directory=folder("bin-directory", directory),
         parts_directory=folder("parts-directory", directory),
         var_directory=folder("var-directory", directory),
+        download_cache=_download_cache(config, path, directory),
     )
+
+
+def _download_cache(config: Config, path: Path, directory: Path) -> Path | None:
+    """[buildout] download-cache: empty turns it off; default ${XDG_CACHE_HOME:-~/.cache}/kvmtasks."""
+    value = config.get("buildout", "download-cache")
+    if value is None:
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        # The XDG spec: a relative XDG_CACHE_HOME is invalid and ignored.
+        base = Path(xdg) if os.path.isabs(xdg) else _expand_user("~/.cache", "HOME")
+        return base / "kvmtasks"
+    if not value.strip():
+        return None
+    if "\n" in value.strip() or "\0" in value:
+        raise ConfigError(f"{path}: [buildout] download-cache = {value!r}: must be a single path")
+    cache = _expand_user(value.strip(), f"{path}: [buildout] download-cache")
+    return cache if cache.is_absolute() else directory / cache
 
 
 def _expand_user(value: str, where: str) -> Path:

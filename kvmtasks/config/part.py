@@ -26,6 +26,8 @@ class Buildout:
     bin_directory: Path
     parts_directory: Path
     var_directory: Path
+    # The shared download cache (buildout's download-cache); None when turned off.
+    download_cache: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,10 @@ def from_json(text: str) -> Part:
     for name in _PATHS:
         if data[name] is not None:
             data[name] = Path(data[name])
-    data["buildout"] = Buildout(**{key: Path(value) for key, value in data["buildout"].items()})
+    folders: dict[str, Any] = {
+        key: None if value is None else Path(value) for key, value in data["buildout"].items()
+    }
+    data["buildout"] = Buildout(**folders)
     data["image_type"] = ImageType(data["image_type"])
     data["kvm_accel"] = Accel(data["kvm_accel"])
     data["kvm_engine"] = Engine(data["kvm_engine"])

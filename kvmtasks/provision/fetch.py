@@ -45,9 +45,16 @@ class Validator:
 
 def fetch(url: str, dest: Path, algorithms: Iterable[str], label: str) -> dict[str, str]:
     """Fetch url to dest and return the digests of what was written."""
+    return fetch_validated(url, dest, algorithms, label)[0]
+
+
+def fetch_validated(
+    url: str, dest: Path, algorithms: Iterable[str], label: str
+) -> tuple[dict[str, str], Validator | None]:
+    """fetch, also returning the validators the server sent (kept by the download cache)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     if url.lower().startswith("file://"):
-        return _copy_local(url, dest, algorithms, label)
+        return _copy_local(url, dest, algorithms, label), None
     return _download(url, dest, algorithms, label)
 
 
@@ -117,7 +124,9 @@ def _resume_offset(partial: Path, meta: Path, url: str, hasher: MultiHasher) -> 
     return offset, validator.if_range
 
 
-def _download(url: str, dest: Path, algorithms: Iterable[str], label: str) -> dict[str, str]:
+def _download(
+    url: str, dest: Path, algorithms: Iterable[str], label: str
+) -> tuple[dict[str, str], Validator | None]:
     import requests
     import urllib3
 
@@ -133,8 +142,9 @@ def _download(url: str, dest: Path, algorithms: Iterable[str], label: str) -> di
             if response.status_code == 416 and offset and _complete_length(response) == offset:
                 # The .part already holds the whole file (the run stopped before the rename).
                 os.replace(partial, dest)
+                validator = _load_validator(meta)
                 meta.unlink(missing_ok=True)
-                return hasher.hexdigests()
+                return hasher.hexdigests(), validator
             if response.status_code == 206 and offset and _range_start(response) == offset:
                 mode, total = "ab", offset + _content_length(response, 0)
             elif response.status_code in (200, 206, 416) and offset:
@@ -166,8 +176,9 @@ def _download(url: str, dest: Path, algorithms: Iterable[str], label: str) -> di
         raise FetchError(f"{url}: download interrupted at {received} of {total} bytes; "
                          "run again to resume")
     os.replace(partial, dest)
+    validator = _load_validator(meta)
     meta.unlink(missing_ok=True)
-    return hasher.hexdigests()
+    return hasher.hexdigests(), validator
 
 
 def _reason(error: BaseException) -> str:

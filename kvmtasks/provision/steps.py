@@ -18,7 +18,7 @@ from typing import TextIO
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles, current
 from kvmtasks.errors import KvmTasksError, VerifyError, VmError
-from kvmtasks.provision import digest, fetch
+from kvmtasks.provision import cache, digest, fetch
 from kvmtasks.provision.decompress import gunzip
 
 
@@ -91,7 +91,10 @@ def download(part: Part) -> None:
         algorithms = set(part.download_digests)
         if not part.gzip:
             algorithms |= set(part.image_digests)
-        digests = fetch.fetch(part.image, part.download_path, algorithms, part.name)
+        if cache.caches(part):
+            digests = cache.fetch_into(part, part.download_path, algorithms, f"download:{part.name}")
+        else:
+            digests = fetch.fetch(part.image, part.download_path, algorithms, part.name)
         _write_record(download_record(part), part.download_path, digests)
 
 
