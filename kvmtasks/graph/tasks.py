@@ -15,7 +15,7 @@ from doit.dependency import FileChangedChecker
 from doit.tools import config_changed
 
 from kvmtasks.config.part import Part
-from kvmtasks.engines import engine
+from kvmtasks.engines import engine, ports
 from kvmtasks.graph.actions import clean_unless_running, guarded
 from kvmtasks.graph.report import Reporter
 from kvmtasks.provision import steps as provision
@@ -61,7 +61,7 @@ def doit_config(parts: Sequence[Part], default_var: Path) -> dict[str, Any]:
     }
 
 
-def part_tasks(part: Part) -> Iterator[Task]:
+def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterator[Task]:
     """Every task of one part, in the order the steps run."""
     steps: list[str] = []
     if part.image is not None:
@@ -106,7 +106,7 @@ def part_tasks(part: Part) -> Iterator[Task]:
         "task_dep": [f"{step}:{part.name}" for step in steps],
         "doc": f"{STEP_DOCS['provision']} {part.name}",
     }
-    yield from _vm_tasks(part)
+    yield from _vm_tasks(part, shared_ports)
 
 
 def _verify_image_task(part: Part, earlier: list[str]) -> Task:
@@ -140,12 +140,16 @@ def _render_task(part: Part) -> Task:
     }
 
 
-def _vm_tasks(part: Part) -> Iterator[Task]:
+def _vm_tasks(part: Part, shared_ports: tuple[ports.Clash, ...]) -> Iterator[Task]:
     def status(part: Part) -> None:
         print("\n".join(engine.describe(part)))
 
+    def start(part: Part) -> None:
+        with ports.claimed(part, shared_ports):
+            engine.start(part)
+
     for name, step, deps in (
-        ("start", engine.start, [f"provision:{part.name}"]),
+        ("start", start, [f"provision:{part.name}"]),
         ("stop", engine.stop, []),
         ("status", status, []),
     ):
@@ -163,5 +167,7 @@ def _vm_tasks(part: Part) -> Iterator[Task]:
 def all_tasks(parts: Sequence[Part]) -> Iterator[Task]:
     for basename, doc in STEP_DOCS.items():
         yield {"basename": basename, "name": None, "doc": doc}
+    # Decided here, before doit runs anything in parallel: which parts share a host port.
+    shared = ports.clashes(parts)
     for part in parts:
-        yield from part_tasks(part)
+        yield from part_tasks(part, shared.get(part.name, ()))

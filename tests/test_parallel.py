@@ -1,0 +1,164 @@
+"""Parallel doit runs (`doit -n N`, processes or threads) over many parts: provision, start, stop."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from kvmtasks.config.loader import load_parts
+from kvmtasks.engines import ports
+from tests.vmfixtures import Guest, free_port, needs_qemu, qemu_pids_under
+
+if TYPE_CHECKING:
+    from tests.conftest import DoitRun, Project
+    from tests.httpserver import FileServer
+
+PARTS = [f"vm{i}" for i in range(4)]
+
+
+def assert_ok(run: DoitRun) -> None:
+    assert run.returncode == 0, run.describe()
+    assert "Traceback" not in run.output, run.describe()
+
+
+# -- provisioning ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pool", ["process", "thread"])
+def test_doit_n_4_provisions_four_parts_at_the_same_time(
+    project: Project, http_server: FileServer, pool: str
+) -> None:
+    images = {name: os.urandom(1 << 20) for name in PARTS}
+    config = ""
+    for name, data in images.items():
+        url = http_server.put(f"{name}.img.gz", gzip.compress(data, compresslevel=1))
+        config += (f"[{name}]\nimage = {url}\ngzip = true\n"
+                   f"sha256_image = {hashlib.sha256(data).hexdigest()}\n\n")
+    project.write(config)
+    # Every body waits until the four requests have arrived: run one at a time, they never would.
+    http_server.hold = threading.Event()
+
+    def release_when_all_asked() -> None:
+        deadline = time.monotonic() + 60
+        while len(http_server.requests) < len(PARTS) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert http_server.hold is not None
+        http_server.hold.set()
+
+    releaser = threading.Thread(target=release_when_all_asked, daemon=True)
+    releaser.start()
+    run = project.run("-n", "4", "-P", pool, *(f"provision:{name}" for name in PARTS), timeout=120)
+    releaser.join()
+
+    assert_ok(run)
+    assert len(http_server.requests) == len(PARTS)
+    for name, data in images.items():
+        assert (project.parts / name / f"{name}.img").read_bytes() == data
+    # One state file holds every part's steps, so a second parallel run has nothing to do.
+    state = project.doit_state()
+    assert {f"{step}:{name}" for step in ("download", "decompress", "verify-image", "render")
+            for name in PARTS} <= set(state)
+    again = project.run("-n", "4", "-P", pool, *(f"provision:{name}" for name in PARTS))
+    assert_ok(again)
+    assert not {task for task in again.executed if not task.startswith("provision:")}, again.describe()
+
+
+# -- host ports shared by parts --------------------------------------------------------------------
+
+def test_shared_host_ports_are_found_from_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "kvm.cfg"
+    config.write_text(f"""[buildout]
+directory = {tmp_path}
+[a]
+file = /dev/null
+ssh_port = 2222
+kvm_redir = udp:8080::53
+[b]
+<= a
+kvm_redir = tcp:8080::80
+[c]
+<= a
+ssh_port = 2223
+kvm_redir = tcp:8080::80
+""")
+    a, b, c = load_parts([config], cwd=tmp_path)
+
+    found = ports.clashes([a, b, c])
+
+    lock = tmp_path / "var" / ".ports"
+    assert found["a"] == (ports.Clash("tcp", 2222, (b,), lock / "tcp-2222.lock"),)
+    assert found["b"] == (ports.Clash("tcp", 2222, (a,), lock / "tcp-2222.lock"),
+                          ports.Clash("tcp", 8080, (c,), lock / "tcp-8080.lock"))
+    assert found["c"] == (ports.Clash("tcp", 8080, (b,), lock / "tcp-8080.lock"),)
+    assert ports.clashes([a, c]) == {}  # udp 8080 is not tcp 8080
+
+
+# -- real guests ----------------------------------------------------------------------------------
+
+def guests_config(guest: Guest, url: str, ssh_ports: dict[str, int]) -> str:
+    return "".join(
+        f"[{name}]\nimage = {url}\ngzip = true\nssh_port = {port}\nssh_key_path = {guest.key}\n"
+        "kvm_memory = 256M\nkvm_accel = tcg\nkvm_boot_timeout = 120\nkvm_shutdown_timeout = 3\n\n"
+        for name, port in ssh_ports.items()
+    )
+
+
+def started_at(pid: int) -> float:
+    """When the process started, in seconds since boot (/proc/PID/stat field 22)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+@needs_qemu
+@pytest.mark.vm
+@pytest.mark.usefixtures("no_vm_left")
+def test_doit_n_2_starts_two_guests_at_once_and_stops_them(
+    project: Project, guest: Guest, http_server: FileServer, tmp_path: Path
+) -> None:
+    url = http_server.put("guest.img.gz", guest.gzipped())
+    project.write(guests_config(guest, url, {"a": free_port(), "b": free_port()}))
+
+    started = project.run("-n", "2", "start:a", "start:b", timeout=300)
+
+    assert_ok(started)
+    assert {"a is running", "b is running"} <= {line.split(" (")[0] for line in started.stdout.splitlines()}
+    pids = qemu_pids_under(tmp_path)
+    assert len(pids) == 2
+    # One start waits for an ssh login (about 15 s here) before the next would begin: the two
+    # qemu processes started within seconds of each other only if both starts ran at once.
+    first, second = sorted(started_at(pid) for pid in pids)
+    assert second - first < 8, (first, second)
+    assert project.run("status:a").returncode == 0
+    stopped = project.run("-n", "2", "stop:a", "stop:b", timeout=120)
+    assert_ok(stopped)
+    assert qemu_pids_under(tmp_path) == []
+
+
+@needs_qemu
+@pytest.mark.vm
+@pytest.mark.usefixtures("no_vm_left")
+def test_two_parallel_starts_on_one_host_port_fail_in_one_line_naming_the_port_and_part(
+    project: Project, guest: Guest, http_server: FileServer, tmp_path: Path
+) -> None:
+    url = http_server.put("guest.img.gz", guest.gzipped())
+    port = free_port()
+    project.write(guests_config(guest, url, {"a": port, "b": port}))
+
+    run = project.run("-n", "2", "start:a", "start:b", timeout=300)
+
+    assert run.returncode == 1, run.describe()
+    assert "Traceback" not in run.output, run.describe()
+    lines = [line for line in run.output.splitlines() if f"host port {port} (tcp)" in line]
+    assert len(lines) == 1, run.describe()
+    (winner,) = [name for name in "ab" if f"{name} is running" in run.stdout]
+    loser = "b" if winner == "a" else "a"
+    assert lines[0] == (f"ERROR: start:{loser}: host port {port} (tcp) is also forwarded by part "
+                        f"{winner}, which is running; stop it first: doit stop:{winner}")
+    assert len(qemu_pids_under(tmp_path)) == 1
+    assert_ok(project.run(f"stop:{winner}", timeout=120))
