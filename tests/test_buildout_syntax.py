@@ -296,3 +296,9 @@ kvm_net += nic,model=virtio-net-pci
     assert web.kvm_extra_args == db.kvm_extra_args == ("-no-reboot", "-name www$")
     assert db.kvm_memory == "2G"
     assert db.kvm_net == ("user,restrict=on", "nic,model=virtio-net-pci")
+
+
+def test_a_location_copied_by_a_macro_to_two_parts_is_one_line(tmp_path: Path) -> None:
+    message = error(tmp_path, f"[a]\nimage = {IMAGE}\nlocation = shared\n[b]\n<= a\n")
+
+    assert f"[b] location = '{tmp_path}/shared': part a uses {tmp_path}/shared/disk.img too" in message

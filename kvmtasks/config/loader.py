@@ -33,6 +33,7 @@ def load_parts(paths: Iterable[Path], cwd: Path | None = None) -> list[Part]:
     """Parse every file; part names must be unique across all of them."""
     parts: list[Part] = []
     seen: dict[str, Path] = {}
+    owners: dict[Path, Part] = {}
     for path in paths:
         for part in load_file(path, cwd or Path.cwd()):
             if part.name in seen:
@@ -40,8 +41,22 @@ def load_parts(paths: Iterable[Path], cwd: Path | None = None) -> list[Part]:
                     f"{path}: [{part.name}] part name already defined in {seen[part.name]}"
                 )
             seen[part.name] = path
+            _one_owner(part, owners)
             parts.append(part)
     return parts
+
+
+def _one_owner(part: Part, owners: dict[Path, Part]) -> None:
+    """Two parts never download to, nor boot, one file (say, a location copied with <=)."""
+    if part.image is None:
+        return
+    for file in dict.fromkeys((part.download_path, part.image_path)):
+        other = owners.setdefault(file, part)
+        if other is not part:
+            raise ConfigError(
+                f"{part.config_file}: [{part.name}] location = {str(part.location)!r}: "
+                f"part {other.name} uses {file} too; give each part a location of its own"
+            )
 
 
 def load_file(path: Path, cwd: Path) -> list[Part]:
