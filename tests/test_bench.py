@@ -49,6 +49,20 @@ def test_provision_benchmark_runs_and_reports(tmp_path: Path) -> None:
     assert last in text
 
 
+def test_parts_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    output = tmp_path / "benchmarks.md"
+    done = run_script("parts.py", "--size", "8M", "--repeat", "1", "--output", str(output),
+                      "--cache", str(tmp_path / "cache"), "--patience", "0", timeout=300)
+
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"fetched/size=(\d+\.\d\d) four/one=\d+\.\d\d one_s=\d+\.\d\d four_s=\d+\.\d\d",
+                         last)
+    assert match, last
+    assert match.group(1) == "1.00", "four parts on one URL fetch it once"
+    assert "## 4 parts on one 8M image" in output.read_text()
+
+
 @pytest.mark.vm
 @needs_qemu
 def test_boot_benchmark_runs_and_reports(tmp_path: Path) -> None:
