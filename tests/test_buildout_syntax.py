@@ -146,6 +146,14 @@ kvm_extra_args +=
     assert vm.kvm_extra_args == ("-no-reboot", "-S", "-nodefaults")
 
 
+def test_removes_and_adds_apply_in_the_order_of_the_files(tmp_path: Path) -> None:
+    write(tmp_path / "base.cfg", f"[template]\nimage = {IMAGE}\nkvm_extra_args = -S\n"
+                                 "[vm]\n<= template\nkvm_extra_args -= -S\n")
+    parts = load(tmp_path, "extends = base.cfg\nparts = vm\n[vm]\nkvm_extra_args += -S\n")
+
+    assert parts["vm"].kvm_extra_args == ("-S",)
+
+
 def test_add_with_nothing_to_add_to_is_the_value(tmp_path: Path) -> None:
     parts = load(tmp_path, f"[vm]\nimage = {IMAGE}\nkvm_extra_args += -S\nkvm_net -= user\n")
 

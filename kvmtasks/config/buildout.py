@@ -36,18 +36,23 @@ _OPERATOR = re.compile(r"(.*?)\s*([+-])")
 
 @dataclass
 class Entry:
-    """One option of one section: a value, or lines to add to and remove from an inherited one."""
+    """One option of one section: a value, or lines to add and remove, in order, from an inherited one."""
 
     value: str | None
-    added: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
+    operations: list[tuple[str, list[str]]] = field(default_factory=list)  # ("+" or "-", lines)
 
     def applied_to(self, inherited: str | None) -> str:
         base = self.value if self.value is not None else (inherited or "")
-        lines = [*base.split("\n"), *self.added] if self.added else base.split("\n")
-        gone = {line.strip() for line in self.removed}
-        kept = [line for line in lines if line.strip() not in gone]
-        return "\n".join(kept).strip("\n") if self.added or self.removed else "\n".join(kept)
+        if not self.operations:
+            return base
+        lines = base.split("\n")
+        for operator, changed in self.operations:
+            if operator == "+":
+                lines += changed
+            else:
+                gone = {line.strip() for line in changed}
+                lines = [line for line in lines if line.strip() not in gone]
+        return "\n".join(lines).strip("\n")
 
     def over(self, earlier: Entry | None) -> Entry:
         """This entry read after earlier (a file extending another)."""
@@ -55,7 +60,7 @@ class Entry:
             return self
         if earlier.value is not None:
             return Entry(self.applied_to(earlier.value))
-        return Entry(None, [*earlier.added, *self.added], [*earlier.removed, *self.removed])
+        return Entry(None, [*earlier.operations, *self.operations])
 
 
 Sections = dict[str, dict[str, Entry]]
@@ -110,12 +115,9 @@ def _section(path: Path, name: str, raw: Mapping[str, str]) -> dict[str, Entry]:
         entry = entries.setdefault(option, Entry(None))
         lines = [line for line in value.split("\n") if line.strip()]
         if entry.value is not None:
-            delta = Entry(None, lines if operator == "+" else [], lines if operator == "-" else [])
-            entries[option] = Entry(delta.applied_to(entry.value))
-        elif operator == "+":
-            entry.added += lines
+            entries[option] = Entry(Entry(None, [(operator, lines)]).applied_to(entry.value))
         else:
-            entry.removed += lines
+            entry.operations.append((operator, lines))
     return entries
 
 
