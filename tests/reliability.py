@@ -43,6 +43,8 @@ FAULTS = {
     "running": "re-provision while the VM runs",
     "qemu": "qemu dies at start, guest never answers, VM killed from outside",
     "stale-pid": "stale pid file naming an unrelated process",
+    "cache": "download cache entry corrupted, truncated or disagreeing with the checksum",
+    "port-clash": "two parallel starts of parts forwarding one host port",
 }
 BAD_INPUTS = {
     "config": "config values (hypothesis, every option)",
@@ -69,6 +71,13 @@ EARLIER = {
     "tests/test_vm_e2e.py::test_qemu_failing_at_start_shows_its_stderr": "qemu",
     "tests/test_vm_e2e.py::test_boot_timeout_leaves_nothing_running": "qemu",
     "tests/test_vm_e2e.py::test_stale_pid_file_of_an_unrelated_process": "stale-pid",
+    "tests/test_cache.py::test_concurrent_runs_on_one_url_fetch_it_once_and_the_others_wait":
+        "concurrent",
+    "tests/test_cache.py::test_a_damaged_entry_is_discarded_with_one_line_and_fetched_again": "cache",
+    "tests/test_cache.py::test_an_entry_that_disagrees_with_the_checksum_is_fetched_again": "cache",
+    "tests/test_cache.py::test_an_interrupted_download_resumes_into_the_cache": "drop",
+    "tests/test_parallel.py::"
+    "test_two_parallel_starts_on_one_host_port_fail_in_one_line_naming_the_port_and_part": "port-clash",
 }
 
 
