@@ -87,8 +87,15 @@ kvm_redir = tcp:8080::80
 <= a
 ssh_port = 2223
 kvm_redir = tcp:8080::80
+[far]
+<= a
+kvm_engine = libvirt
+libvirt_uri = qemu+ssh://vmhost/system
+[far2]
+<= far
+kvm_redir =
 """)
-    a, b, c = load_parts([config], cwd=tmp_path)
+    a, b, c, far, far2 = load_parts([config], cwd=tmp_path)
 
     found = ports.clashes([a, b, c])
 
@@ -98,6 +105,11 @@ kvm_redir = tcp:8080::80
                           ports.Clash("tcp", 8080, (c,), lock / "tcp-8080.lock"))
     assert found["c"] == (ports.Clash("tcp", 8080, (b,), lock / "tcp-8080.lock"),)
     assert ports.clashes([a, c]) == {}  # udp 8080 is not tcp 8080
+    # A port on a libvirt host is not one of this machine's.
+    assert ports.clashes([a, far]) == {}
+    assert ports.clashes([far, far2])["far2"] == (
+        ports.Clash("tcp", 2222, (far,), lock / "vmhost-tcp-2222.lock", "vmhost"),
+    )
 
 
 # -- real guests ----------------------------------------------------------------------------------
