@@ -325,3 +325,18 @@ def test_the_default_cache_follows_xdg_cache_home_then_home(
     assert cache() == tmp_path / "home" / ".cache" / "kvmtasks"
     config.write_text(config.read_text().replace("[vm]", "download-cache = shared\n[vm]"))
     assert cache() == tmp_path / "shared"
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_line(tmp_path: Path, http_server: FileServer) -> None:
+    url = http_server.put("disk.img.gz", PACKED)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache should go")
+    project = make_project(tmp_path, "p", blocker / "cache")
+    project.write(gz_part("vm", url))
+
+    run = project.run("provision:vm")
+
+    assert run.returncode == 1 and "Traceback" not in run.output, run.describe()
+    (line,) = run.error_lines("download:vm: download cache: cannot create")
+    assert line.endswith("or empty to turn it off")
+    assert http_server.bytes_sent == 0

@@ -98,7 +98,8 @@ def _open_lock(entry: Entry) -> TextIO:
         return open(entry.lock, "a+")
     except OSError as error:
         raise KvmTasksError(
-            f"download cache: cannot create {entry.lock}: {error.strerror or error}"
+            f"download cache: cannot create {entry.lock}: {error.strerror or error}; set "
+            "[buildout] download-cache to a folder you can write, or empty to turn it off"
         ) from None
 
 
