@@ -30,7 +30,8 @@ DEFAULT_REPORT = REPO_ROOT / "docs" / "reliability.md"
 COMMAND = ".venv/bin/python -m tests.reliability"
 # The new tests; the generator runs them with the EARLIER ones.
 FILES = ("tests/test_faults_download.py", "tests/test_faults_input.py",
-         "tests/test_injection.py", "tests/test_faults_vm.py")
+         "tests/test_injection.py", "tests/test_faults_vm.py", "tests/test_overlay.py",
+         "tests/test_compression.py", "tests/test_checksum_lists.py")
 
 # Categories, in the order the report lists them.
 FAULTS = {
@@ -45,6 +46,9 @@ FAULTS = {
     "stale-pid": "stale pid file naming an unrelated process",
     "cache": "download cache entry corrupted, truncated or disagreeing with the checksum",
     "port-clash": "two parallel starts of parts forwarding one host port",
+    "reset-running": "reset while the VM runs (doit reset and PART-ctl reset)",
+    "list-unreachable": "checksum list unreachable (refused connection, HTTP 404)",
+    "list-changed": "checksum list changed on the server",
 }
 BAD_INPUTS = {
     "config": "config values (hypothesis, every option)",
@@ -54,6 +58,10 @@ BAD_INPUTS = {
     "ssh-path": "paths as ssh option values, checked by `ssh -G` (hypothesis)",
     "names": "hostile paths, host names, users and remote file names in scripts, ssh and scp",
     "paths": "path options pointing at existing files, folders and block devices",
+    "disk-size": "disk_size smaller than the image, or without an overlay",
+    "backing": "an image with a backing file of its own under an overlay",
+    "compressed": "corrupt and truncated gzip, xz, zstd and bz2 streams",
+    "checksum-list": "checksum lists without the file's entry, or with a wrong digest",
 }
 
 # Earlier tests (module::function, every parametrization) and the fault each injects.

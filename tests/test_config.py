@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from kvmtasks.config import loader as config
 from kvmtasks.config import part as config_part
 from kvmtasks.config.loader import config_paths, load_file, load_parts
-from kvmtasks.config.options import OPTIONS, OPTIONS_BY_NAME, Accel, ImageType, Option
+from kvmtasks.config.options import OPTIONS, OPTIONS_BY_NAME, Accel, Compression, ImageType, Option
 from kvmtasks.config.part import Part
 from kvmtasks.errors import ConfigError
 
@@ -67,7 +67,9 @@ def test_the_defaults_of_a_part(tmp_path: Path) -> None:
     assert part.download_path == tmp_path / "parts" / "vm" / "disk.img"
     assert part.image_path == part.download_path
     assert part.image_type is ImageType.DRIVE
-    assert part.gzip is False
+    assert part.compression is Compression.AUTO
+    assert (part.overlay, part.disk_size) == (True, None)
+    assert part.boot_disk == part.overlay_path == tmp_path / "parts" / "vm" / "vm.overlay.qcow2"
     assert part.download_digests == {}
     assert part.image_digests == {}
     assert (part.kvm_binary, part.kvm_memory, part.kvm_smp) == ("qemu-system-x86_64", "512M", 1)

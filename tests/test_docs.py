@@ -26,7 +26,7 @@ def test_example_parses_and_renders_a_qemu_command_line(example: Path, tmp_path:
     (part,) = load_file(example, tmp_path)
     argv = qemu_argv(part, accel="tcg", disk_format="raw", listen_address="127.0.0.1")
     assert argv[0] == "qemu-system-x86_64"
-    assert any(arg.startswith(f"file={part.image_path},") for arg in argv)
+    assert any(arg.startswith(f"file={part.boot_disk},") for arg in argv)
     assert f"hostfwd=tcp:127.0.0.1:{part.ssh_port}-:22" in " ".join(argv)
     assert "EDIT" in example.read_text(), "placeholders must be marked"
     assert f"doit start:{part.name}" in example.read_text(), "the header says how to run it"

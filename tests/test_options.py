@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmtasks.config import options
-from kvmtasks.config.options import OPTIONS, OPTIONS_BY_NAME, Accel, ImageType, Redirect
+from kvmtasks.config.options import OPTIONS, OPTIONS_BY_NAME, Accel, Compression, ImageType, Redirect
 
 from .conftest import REPO_ROOT
 
@@ -40,6 +40,9 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
                        ("vm-1.example", "vm-1.example")],
     "parse_user": [("root", "root"), ("_svc.name-1", "_svc.name-1")],
     "parse_memory": [("512M", "512M"), ("2G", "2G"), ("1024", "1024"), ("1T", "1T")],
+    "parse_disk_size": [("20G", "20G"), (" 512m ", "512M"), ("1T", "1T"), ("64K", "64K")],
+    "parse_compression": [("auto", Compression.AUTO), ("none", Compression.NONE), ("GZIP", Compression.GZIP),
+                          ("xz", Compression.XZ), (" zstd ", Compression.ZSTD), ("bz2", Compression.BZ2)],
     "parse_cpus": [("1", 1), ("16", 16), ("1024", 1024)],
     "parse_seconds": [("300", 300.0), ("0.5", 0.5), ("1e3", 1000.0)],
     "parse_program": [("qemu-system-x86_64", "qemu-system-x86_64"), ("/usr/bin/kvm", "/usr/bin/kvm")],
@@ -73,6 +76,8 @@ BAD: dict[str, list[str]] = {
     "parse_hostname": ["", "-bad", "a b", "host/name"],
     "parse_user": ["", "1root", "a b", "-x"],
     "parse_memory": ["", "0", "512MB", "-1G", "1.5G"],
+    "parse_disk_size": ["", "0G", "20", "20GB", "1.5G", "-1G", "G"],
+    "parse_compression": ["", "zip", "lz4", "gz", "true"],
     "parse_cpus": ["", "0", "1025", "two", "-1"],
     "parse_seconds": ["", "0", "-5", "nan", "inf", "1e6", "soon"],
     "parse_program": ["", "-x", "a\nb"],

@@ -50,7 +50,8 @@ def tail(tmp_path: Path, name: str = "vm") -> list[str]:
 def test_readme_remote_gzip_image_with_hda(tmp_path: Path) -> None:
     part = load(tmp_path, "image = http://example.invalid/public.mdv2010.0_x86_64.qcow2.img.gz\n"
                           "gzip = true\nimage_type = hda\n" + README_COMMON)
-    image = tmp_path / "parts/vm/public.mdv2010.0_x86_64.qcow2.img"
+    assert part.image_path == tmp_path / "parts/vm/public.mdv2010.0_x86_64.qcow2.img"
+    image = tmp_path / "parts/vm/vm.overlay.qcow2"  # the image stays as verified, under an overlay
     assert argv(part, disk_format="qcow2") == [
         "qemu-system-x86_64", "-name", "vm", "-accel", "tcg", "-m", "512M", "-smp", "1",
         "-drive", f"file={image},if=ide,index=0,media=disk,format=qcow2",
@@ -65,11 +66,29 @@ def test_readme_remote_gzip_image_with_hda(tmp_path: Path) -> None:
 
 
 def test_readme_remote_raw_image_uses_virtio_drive_without_boot_on(tmp_path: Path) -> None:
-    part = load(tmp_path, "image = http://example.invalid/public.img\ngzip = false\n" + README_COMMON)
+    part = load(tmp_path, "image = http://example.invalid/public.img\ngzip = false\noverlay = false\n"
+                + README_COMMON)
     args = argv(part)
     drive = args[args.index("-drive") + 1]
     assert drive == f"file={tmp_path}/parts/vm/public.img,if=virtio,cache=none,format=raw"
     assert "boot=on" not in drive
+
+
+def test_an_image_boots_its_qcow2_overlay_on_virtio_or_as_hda(tmp_path: Path) -> None:
+    part = load(tmp_path, "image = http://example.invalid/debian-12.raw.xz\n")
+    args = argv(part, disk_format="qcow2")
+    overlay = tmp_path / "parts/vm/vm.overlay.qcow2"
+    assert args[args.index("-drive") + 1] == f"file={overlay},if=virtio,cache=none,format=qcow2"
+    hda = load(tmp_path, "image = http://example.invalid/debian-12.raw.xz\nimage_type = hda\n")
+    args = argv(hda, disk_format="qcow2")
+    assert args[args.index("-drive") + 1] == f"file={overlay},if=ide,index=0,media=disk,format=qcow2"
+
+
+def test_a_file_with_overlay_true_boots_an_overlay_named_after_the_part(tmp_path: Path) -> None:
+    part = load(tmp_path, "file = /dev/sdb\noverlay = true\nlocation = /srv/a,b\n", name="db")
+    args = argv(part, disk_format="qcow2")
+    assert part.image_path == Path("/dev/sdb")
+    assert args[args.index("-drive") + 1] == "file=/srv/a,,b/db.overlay.qcow2,if=virtio,cache=none,format=qcow2"
 
 
 def test_readme_local_image_file_is_used_in_place(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from kvmtasks.config import buildout as syntax
 from kvmtasks.config.buildout import Config, Entry, Sections, merge
-from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Engine
+from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Compression, Engine
 from kvmtasks.config.part import Buildout, Part, path_is_block_device
 from kvmtasks.config.remote import remote_host
 from kvmtasks.errors import ConfigError
@@ -217,8 +217,11 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         if download:
             name = next(f"{a}_download" for a in download)
             raise ConfigError(f"{where} {name} needs an image URL; with file there is no download")
-        if values["gzip"]:
+        if values.get("gzip"):
             raise ConfigError(f"{where} gzip = true needs an image URL; a file is used as it is")
+        if values["compression"] not in (Compression.AUTO, Compression.NONE):
+            raise ConfigError(f"{where} compression = {values['compression'].value} needs an image URL; "
+                              "a file is used as it is")
         if image_digests and path_is_block_device(file):
             name = next(f"{a}_image" for a in image_digests)
             raise ConfigError(
@@ -238,6 +241,17 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
     if values["kvm_engine"] is Engine.LIBVIRT and file is not None and path_is_block_device(file):
         raise ConfigError(f"{where} file = {str(file)!r}: a block device cannot be copied into a "
                           "libvirt storage pool; use kvm_engine = qemu")
+    compression = _compression(values, where)
+    libvirt = values["kvm_engine"] is Engine.LIBVIRT
+    overlay = values.get("overlay", image is not None and not libvirt)
+    if overlay and libvirt:
+        raise ConfigError(f"{where} overlay = true: not with kvm_engine = libvirt, which boots its own "
+                          "copy of the image (a volume in libvirt_pool); use kvm_engine = qemu")
+    if values.get("disk_size") is not None and not overlay:
+        raise ConfigError(
+            f"{where} disk_size = {values['disk_size']!r}: needs overlay = true "
+            "(kvmtasks never resizes a file or device of yours)"
+        )
     key = local_path("ssh_key_path")
     return Part(
         name=section,
@@ -247,7 +261,9 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         file=file,
         location=local_path("location") or buildout.parts_directory / section,
         image_type=values["image_type"],
-        gzip=values["gzip"],
+        compression=compression,
+        overlay=overlay,
+        disk_size=values.get("disk_size"),
         download_digests=download,
         image_digests=image_digests,
         kvm_binary=values["kvm_binary"],
@@ -272,6 +288,16 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         libvirt_uri=values["libvirt_uri"],
         libvirt_pool=values["libvirt_pool"],
     )
+
+
+def _compression(values: Mapping[str, Any], where: str) -> Compression:
+    """compression, with the recipe's gzip = true meaning compression = gzip."""
+    compression: Compression = values["compression"]
+    if not values.get("gzip"):
+        return compression
+    if compression not in (Compression.AUTO, Compression.GZIP):
+        raise ConfigError(f"{where} gzip = true contradicts compression = {compression.value}")
+    return Compression.GZIP
 
 
 def _digests(values: Mapping[str, Any], what: str) -> dict[str, str]:

@@ -19,6 +19,15 @@ class ImageType(enum.StrEnum):
     HDA = "hda"
 
 
+class Compression(enum.StrEnum):
+    AUTO = "auto"
+    NONE = "none"
+    GZIP = "gzip"
+    XZ = "xz"
+    ZSTD = "zstd"
+    BZ2 = "bz2"
+
+
 class Accel(enum.StrEnum):
     AUTO = "auto"
     KVM = "kvm"
@@ -115,6 +124,13 @@ def parse_image_type(value: str) -> ImageType:
         raise ValueError("must be drive or hda") from None
 
 
+def parse_compression(value: str) -> Compression:
+    try:
+        return Compression(value.strip().lower())
+    except ValueError:
+        raise ValueError(f"must be one of {', '.join(Compression)}") from None
+
+
 def parse_accel(value: str) -> Accel:
     try:
         return Accel(value.strip().lower())
@@ -203,6 +219,17 @@ def parse_memory(value: str) -> str:
     return value.strip().upper()
 
 
+def parse_disk_size(value: str) -> str:
+    if not re.fullmatch(r"[1-9][0-9]*[KMGT]", value.strip().upper()):
+        raise ValueError("must be a size with its unit, such as 20G or 512M")
+    return value.strip().upper()
+
+
+def size_bytes(size: str) -> int:
+    """A disk_size such as 512M or 20G (binary units, as QEMU reads them) in bytes."""
+    return int(size[:-1]) << (10 * ("KMGT".index(size[-1]) + 1))
+
+
 def parse_cpus(value: str) -> int:
     if not re.fullmatch(r"[0-9]{1,4}", value.strip()) or not 1 <= int(value) <= 1024:
         raise ValueError("must be a whole number from 1 to 1024")
@@ -248,8 +275,19 @@ OPTIONS: tuple[Option, ...] = (
            "Folder that receives the downloaded image. Default: `${buildout:parts-directory}/PART`."),
     Option("image_type", parse_image_type, "drive",
            "`drive` attaches the disk with `-drive ...,if=virtio`; `hda` as the first IDE disk."),
-    Option("gzip", parse_bool, "false",
-           "The download is gzipped: decompress it (streaming) into the image."),
+    Option("overlay", parse_bool, None,
+           "Boot a qcow2 copy-on-write overlay (`LOCATION/PART.overlay.qcow2`) over the image, which "
+           "then stays as verified; `reset` brings the disk back to it. Default: true with `image`, "
+           "false with `file`."),
+    Option("disk_size", parse_disk_size, None,
+           "Virtual size of the overlay's disk, e.g. 20G (K, M, G, T); at least the image's own. "
+           "Needs `overlay = true`. Default: the image's size."),
+    Option("compression", parse_compression, "auto",
+           "How the download is compressed: `auto` (detected from its first bytes), `none`, `gzip`, "
+           "`xz`, `zstd` or `bz2`. The image is named after the download without its `.gz`, `.xz`, "
+           "`.zst` or `.bz2`."),
+    Option("gzip", parse_bool, None,
+           "`true` is `compression = gzip` (the recipe's option); `false` changes nothing."),
     Option("md5_download", checksum_parser("md5"), None,
            _CHECKSUM_HELP.format(algo="MD5", what="downloaded file")),
     Option("sha256_download", checksum_parser("sha256"), None,

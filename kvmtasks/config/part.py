@@ -11,11 +11,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmtasks.config.options import Accel, Engine, ImageType, Redirect
+from kvmtasks.config.options import Accel, Compression, Engine, ImageType, Redirect
 from kvmtasks.errors import ConfigError
 
 ACCEL_ENV = "KVMTASKS_ACCEL"
 SAFE_FILE_NAME = re.compile(r"[\w][\w.+-]*")
+# The file name suffix of each compression, as images are published.
+SUFFIXES = {".gz": Compression.GZIP, ".xz": Compression.XZ, ".zst": Compression.ZSTD,
+            ".zstd": Compression.ZSTD, ".bz2": Compression.BZ2}
+_DEFAULT_SUFFIX = {Compression.GZIP: ".gz", Compression.XZ: ".xz", Compression.ZSTD: ".zst",
+                   Compression.BZ2: ".bz2"}
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,9 @@ class Part:
     file: Path | None
     location: Path
     image_type: ImageType
-    gzip: bool
+    compression: Compression
+    overlay: bool
+    disk_size: str | None
     download_digests: Mapping[str, str]
     image_digests: Mapping[str, str]
     kvm_binary: str
@@ -68,25 +75,42 @@ class Part:
 
     @property
     def download_path(self) -> Path:
-        """Where the downloaded file lands (the image itself unless gzipped)."""
+        """Where the downloaded file lands (the image itself when it is not compressed)."""
         assert self.image is not None, "only parts with an image URL download"
         url_path = urllib.parse.urlsplit(self.image).path
         name = urllib.parse.unquote(url_path.rsplit("/", 1)[-1])
         if not SAFE_FILE_NAME.fullmatch(name):
-            name = "image.gz" if self.gzip else "image"
+            name = "image" + _DEFAULT_SUFFIX.get(self.compression, "")
         return self.location / name
 
     @property
     def image_path(self) -> Path:
-        """The disk QEMU boots."""
+        """The verified image: the download without its compression suffix, or the file.
+
+        With compression = auto and no suffix to strip, a compressed download is
+        decompressed into its own name (see provision/steps.decompress).
+        """
         if self.file is not None:
             return self.file
         download = self.download_path
-        if not self.gzip:
+        if self.compression is Compression.NONE:
             return download
-        if download.name.endswith(".gz") and len(download.name) > 3:
-            return download.with_name(download.name[:-3])
+        stem, suffix = os.path.splitext(download.name)
+        if suffix in SUFFIXES and stem:
+            return download.with_name(stem)
+        if self.compression is Compression.AUTO:
+            return download
         return download.with_name(download.name + ".img")
+
+    @property
+    def overlay_path(self) -> Path:
+        """The part's copy-on-write overlay (named after the part: a shared location is safe)."""
+        return self.location / f"{self.name}.overlay.qcow2"
+
+    @property
+    def boot_disk(self) -> Path:
+        """The disk QEMU boots: the overlay when there is one, else the image itself."""
+        return self.overlay_path if self.overlay else self.image_path
 
     @property
     def state_directory(self) -> Path:

@@ -44,7 +44,8 @@ def network_args(part: Part, listen_address: str) -> list[str]:
 
 
 def disk_args(part: Part, disk_format: str) -> list[str]:
-    image = escape(part.image_path)
+    """The boot disk; disk_format is qcow2 for an overlay (whose base QEMU opens read-only)."""
+    image = escape(part.boot_disk)
     if part.image_type is ImageType.HDA:
         return ["-drive", f"file={image},if=ide,index=0,media=disk,format={disk_format}"]
     return ["-drive", f"file={image},if=virtio,cache=none,format={disk_format}"]

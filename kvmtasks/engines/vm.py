@@ -62,8 +62,9 @@ def _preflight(part: Part) -> str:
     """Check what qemu needs before starting it; return the forwards' listen address."""
     files = RunFiles.of(part)
     command.find(part.kvm_binary)
-    if not part.image_path.exists():
-        raise VmError(f"image {part.image_path} not found; run: doit provision:{part.name}")
+    if not part.boot_disk.exists():
+        what = "overlay" if part.overlay else "image"
+        raise VmError(f"{what} {part.boot_disk} not found; run: doit provision:{part.name}")
     if len(str(files.qmp_socket)) > SOCKET_PATH_MAX:
         raise VmError(
             f"kvm_run_directory path is too long for a unix socket: {files.qmp_socket}"
@@ -136,6 +137,8 @@ def _boot(part: Part, accel: Accel, address: str) -> None:
 
 
 def _disk_format(part: Part) -> str:
+    if part.overlay:
+        return "qcow2"
     return "raw" if part.is_block_device else disk_format(part.image_path)
 
 

@@ -14,10 +14,12 @@ from typing import Any
 from doit.dependency import FileChangedChecker
 from doit.tools import config_changed
 
+from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
 from kvmtasks.engines import engine, ports
 from kvmtasks.graph.actions import clean_unless_running, guarded
 from kvmtasks.graph.report import Reporter
+from kvmtasks.provision import overlay
 from kvmtasks.provision import steps as provision
 from kvmtasks.scripts import render
 
@@ -26,8 +28,10 @@ Task = dict[str, Any]
 STEP_DOCS = {
     "download": "Download the image of a part (resumes an interrupted download)",
     "verify-download": "Check the downloaded file against md5/sha256/sha512_download",
-    "decompress": "Decompress a gzipped download into the image",
+    "decompress": "Decompress the download (gzip, xz, zstd, bz2) into the image",
     "verify-image": "Check the image against md5/sha256/sha512_image",
+    "overlay": "Create the copy-on-write overlay the VM boots, over the verified image",
+    "reset": "Throw the guest's changes away: a new overlay over the verified image",
     "render": "Write the control scripts PART-ctl, -sendfile, -getfile, -runscript",
     "provision": "Download, verify and decompress the image, and write the control scripts",
     "start": "Provision the part, then start its VM and wait until it answers",
@@ -84,21 +88,17 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
             "doc": STEP_DOCS["verify-download"],
         }
         steps += ["download", "verify-download"]
-    if part.gzip:
-        yield {
-            "basename": "decompress",
-            "name": part.name,
-            "actions": [guarded(provision.decompress, part, "decompress")],
-            "file_dep": [str(part.download_path)],
-            "targets": [str(part.image_path), str(provision.image_record(part))],
-            "task_dep": [f"verify-download:{part.name}"],
-            "clean": [clean_unless_running(part)],
-            "doc": STEP_DOCS["decompress"],
-        }
+    if part.image is not None and part.compression is not Compression.NONE:
+        yield _decompress_task(part)
         steps.append("decompress")
     yield _verify_image_task(part, steps)
+    steps.append("verify-image")
+    if part.overlay:
+        yield _overlay_task(part)
+        steps.append("overlay")
+    yield _reset_task(part)
     yield _render_task(part)
-    steps += ["verify-image", "render"]
+    steps.append("render")
     yield {
         "basename": "provision",
         "name": part.name,
@@ -107,6 +107,52 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
         "doc": f"{STEP_DOCS['provision']} {part.name}",
     }
     yield from _vm_tasks(part, shared_ports)
+
+
+def _decompress_task(part: Part) -> Task:
+    task: Task = {
+        "basename": "decompress",
+        "name": part.name,
+        "actions": [guarded(provision.decompress, part, "decompress")],
+        "file_dep": [str(part.download_path)],
+        "targets": [str(part.image_path), str(provision.image_record(part))],
+        "task_dep": [f"verify-download:{part.name}"],
+        "clean": [clean_unless_running(part)],
+        "doc": STEP_DOCS["decompress"],
+    }
+    if part.image_path == part.download_path:
+        # Decompressed in place (no suffix to strip): the download's record says when it is new.
+        task["file_dep"] = [str(provision.download_record(part))]
+        task["targets"] = [str(provision.image_record(part))]
+    return task
+
+
+def _overlay_task(part: Part) -> Task:
+    return {
+        "basename": "overlay",
+        "name": part.name,
+        "actions": [guarded(overlay.create, part, "overlay")],
+        # A new image (its size and mtime) or a new disk_size makes a new overlay; nothing else
+        # does, so the guest's changes outlive a changed checksum, stop and start.
+        "file_dep": [str(part.image_path)],
+        "targets": [str(part.overlay_path)],
+        "uptodate": [config_changed({"disk_size": part.disk_size})],
+        "task_dep": [f"verify-image:{part.name}"],
+        "clean": [clean_unless_running(part)],
+        "doc": STEP_DOCS["overlay"],
+    }
+
+
+def _reset_task(part: Part) -> Task:
+    return {
+        "basename": "reset",
+        "name": part.name,
+        "actions": [guarded(overlay.reset, part, "reset")],
+        "task_dep": [f"overlay:{part.name}"] if part.overlay else [],
+        "uptodate": [False],
+        "verbosity": 2,
+        "doc": f"{STEP_DOCS['reset']} of {part.name}",
+    }
 
 
 def _verify_image_task(part: Part, earlier: list[str]) -> Task:

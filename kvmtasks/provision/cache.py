@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from kvmtasks.config.options import Compression
 from kvmtasks.config.part import SAFE_FILE_NAME, Part
 from kvmtasks.errors import FetchError, KvmTasksError
 from kvmtasks.provision import digest, fetch
@@ -39,8 +40,13 @@ READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 
 
 def needs_own_copy(part: Part) -> bool:
-    """The VM would boot the downloaded file itself, so it must not be the cached file."""
-    return part.image_path == part.download_path
+    """The VM would boot the downloaded file itself, so it must not be the cached file.
+
+    Without an overlay, compression = auto boots it too when it turns out not compressed
+    (the image is then a second name for it: provision/steps.decompress).
+    """
+    auto = part.compression is Compression.AUTO and not part.overlay
+    return part.image_path == part.download_path or auto
 
 
 def caches(part: Part) -> bool:

@@ -1,17 +1,21 @@
-"""Decompress a gzipped download into the image, hashing the output as it goes."""
+"""Decompress a download into the image (gzip, xz, zstd, bz2), hashing the output as it goes."""
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
+import lzma
 import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import IO, Any, cast
 
+from kvmtasks.config.options import Compression
 from kvmtasks.errors import KvmTasksError, VerifyError
 from kvmtasks.provision.digest import CHUNK, Buffers, MultiHasher
+from kvmtasks.provision.zstdframes import ZstdFrames
 
 # A zero run becomes a hole when it covers whole blocks of the file system's usual size.
 _BLOCK = 4096
@@ -20,27 +24,69 @@ _ZERO_PROBE = bytes(64)  # every zero block holds one; a rarity in data
 _ZERO_RUN = bytes(16 * _BLOCK)
 _ZERO_CHUNK = bytes(CHUNK)
 
+# The first bytes of each format, as its specification gives them.
+MAGIC = (
+    (b"\x1f\x8b", Compression.GZIP),
+    (b"\xfd7zXZ\x00", Compression.XZ),
+    (b"\x28\xb5\x2f\xfd", Compression.ZSTD),
+    (b"BZh", Compression.BZ2),
+)
+
+Reader = Any  # a binary file object with readinto (GzipFile, LZMAFile, BZ2File, _ZstdReader)
+
+
+def detect(path: Path) -> Compression | None:
+    """The compression of the file at path, from its first bytes; None when it is not compressed."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(6)
+    except OSError as error:
+        raise KvmTasksError(f"cannot read {path}: {error.strerror or error}") from None
+    return next((kind for magic, kind in MAGIC if head.startswith(magic)), None)
+
 
 def gunzip(source: Path, dest: Path, algorithms: Iterable[str]) -> dict[str, str]:
     """Decompress source (one or more gzip members) into dest; return dest's digests."""
+    return decompress(source, dest, Compression.GZIP, algorithms)
+
+
+def decompress(source: Path, dest: Path, compression: Compression,
+               algorithms: Iterable[str]) -> dict[str, str]:
+    """Decompress source (every member, stream or frame in it) into dest in one pass, sparse;
+    return dest's digests. A bad or truncated stream leaves nothing at dest."""
     partial = dest.with_name(dest.name + ".part")
     hasher, buffers = MultiHasher(algorithms), Buffers()
-    open_gzip, bad_data = _gzip_reader()
+    open_reader, bad_data = _READERS[compression]()
     try:
-        with open_gzip(source) as reader, open(partial, "wb", buffering=0) as writer:
-            while count := reader.readinto(buffer := buffers.get()):
+        with open_reader(source) as reader, open(partial, "wb", buffering=0) as writer:
+            while count := _read(reader, buffer := buffers.get(), bad_data):
                 chunk = buffer if count == len(buffer) else buffer[:count]
                 hasher.update(chunk, release=buffers.give_back(buffer))
                 _write_sparse(writer, chunk)
             writer.truncate()  # the size, when the image ends with a hole
-    except bad_data as error:
+    except _BadData as error:
         partial.unlink(missing_ok=True)
-        raise VerifyError(f"{source} is not a valid gzip file ({error})") from None
+        raise VerifyError(f"{source} is not a valid {compression.value} file ({error})") from None
     except OSError as error:
         partial.unlink(missing_ok=True)
         raise KvmTasksError(f"decompressing {source} to {partial}: {error.strerror or error}") from None
     os.replace(partial, dest)
     return hasher.hexdigests()
+
+
+class _BadData(Exception):
+    """The compressed stream is corrupt or ends too soon."""
+
+
+def _read(reader: Reader, buffer: bytearray, bad_data: tuple[type[Exception], ...]) -> int:
+    try:
+        return int(reader.readinto(buffer))
+    except bad_data as error:
+        raise _BadData(" ".join(str(error).split()) or type(error).__name__) from None
+    except OSError as error:
+        if error.errno is None:  # bz2 reports bad data as an OSError without errno
+            raise _BadData(str(error)) from None
+        raise
 
 
 def _write_sparse(writer: io.RawIOBase, chunk: bytes | bytearray) -> None:
@@ -83,7 +129,10 @@ def _write_all(writer: io.RawIOBase, data: memoryview) -> None:
         data = data[count or 0:]
 
 
-def _gzip_reader() -> tuple[Callable[[Path], gzip.GzipFile], tuple[type[Exception], ...]]:
+_Opener = Callable[[Path], Reader]
+
+
+def _gzip_reader() -> tuple[_Opener, tuple[type[Exception], ...]]:
     """How to open a gzip file for reading, and the errors its bad data raises.
 
     zlib-ng inflates several times faster than zlib, which would otherwise be the
@@ -100,3 +149,67 @@ def _gzip_reader() -> tuple[Callable[[Path], gzip.GzipFile], tuple[type[Exceptio
         lambda path: gzip_ng.open(path, "rb"),  # type: ignore[no-untyped-call]  # untyped package
         (gzip.BadGzipFile, EOFError, zlib.error, fast_error),
     )
+
+
+def _xz_reader() -> tuple[_Opener, tuple[type[Exception], ...]]:
+    return (lambda path: lzma.open(path, "rb")), (lzma.LZMAError, EOFError)
+
+
+def _bz2_reader() -> tuple[_Opener, tuple[type[Exception], ...]]:
+    return (lambda path: bz2.open(path, "rb")), (EOFError,)
+
+
+def _zstd_reader() -> tuple[_Opener, tuple[type[Exception], ...]]:
+    import zstandard  # here: only a zstd download needs it
+
+    return _ZstdReader, (zstandard.ZstdError, EOFError, ValueError)
+
+
+class _ZstdReader:
+    """A zstd stream of one or more frames, read with zstandard, that fails when it ends too soon.
+
+    zstandard's readers return what they could decode when the input stops in the middle
+    of a frame, without an error: the frame headers, followed as the bytes pass, tell.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import zstandard
+
+        self._source = _Followed(path)
+        # It only ever calls read() on its source.
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            cast("IO[bytes]", self._source), read_size=CHUNK, read_across_frames=True, closefd=False)
+
+    def __enter__(self) -> _ZstdReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._reader.close()  # type: ignore[no-untyped-call]  # the stub leaves it untyped
+        self._source.file.close()
+
+    def readinto(self, buffer: bytearray) -> int:
+        count = int(self._reader.readinto(buffer))
+        if count == 0 and not self._source.frames.complete():
+            raise EOFError("the stream ends in the middle of a frame (truncated)")
+        return count
+
+
+class _Followed:
+    """The compressed file, as the decompressor reads it, with its frames followed."""
+
+    def __init__(self, path: Path) -> None:
+        self.file: IO[bytes] = open(path, "rb")  # noqa: SIM115  # closed by _ZstdReader
+        self.frames = ZstdFrames()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.frames.feed(data)
+        return data
+
+
+_READERS: dict[Compression, Callable[[], tuple[_Opener, tuple[type[Exception], ...]]]] = {
+    Compression.GZIP: _gzip_reader,
+    Compression.XZ: _xz_reader,
+    Compression.ZSTD: _zstd_reader,
+    Compression.BZ2: _bz2_reader,
+}

@@ -15,11 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
+from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles, current
 from kvmtasks.errors import KvmTasksError, VerifyError, VmError
 from kvmtasks.provision import cache, digest, fetch
-from kvmtasks.provision.decompress import gunzip
+from kvmtasks.provision.decompress import decompress as decompress_file
+from kvmtasks.provision.decompress import detect
 
 
 def record_directory(part: Part) -> Path:
@@ -31,7 +33,7 @@ def download_record(part: Part) -> Path:
 
 
 def image_record(part: Part) -> Path:
-    if part.file is None and not part.gzip:
+    if part.file is None and part.compression is Compression.NONE:
         return download_record(part)  # the download is the image
     return record_directory(part) / "image.json"
 
@@ -78,10 +80,12 @@ def _write_record(record_path: Path, file_path: Path, digests: Mapping[str, str]
 
 
 def _refuse_if_running(part: Part) -> None:
-    """Never replace the disk under a running VM; a new image also has new host keys."""
+    """Never replace the disk under a running VM; a new image also has new host keys, and
+    an overlay over the old one would show the new one corrupt: it goes too."""
     if current(part).running:
         raise VmError(f"{part.name} is running; stop it first: doit stop:{part.name}")
     RunFiles.of(part).known_hosts.unlink(missing_ok=True)
+    part.overlay_path.unlink(missing_ok=True)
 
 
 def download(part: Part) -> None:
@@ -89,8 +93,8 @@ def download(part: Part) -> None:
     with exclusive(part, "download"):
         _refuse_if_running(part)
         algorithms = set(part.download_digests)
-        if not part.gzip:
-            algorithms |= set(part.image_digests)
+        if part.compression in (Compression.NONE, Compression.AUTO):
+            algorithms |= set(part.image_digests)  # it may well be the image
         if cache.caches(part):
             digests = cache.fetch_into(part, part.download_path, algorithms, f"download:{part.name}")
         else:
@@ -99,10 +103,37 @@ def download(part: Part) -> None:
 
 
 def decompress(part: Part) -> None:
+    """The download, decompressed into the image; with compression = auto, a download that is
+    not compressed is the image itself (a second name for it, never a copy)."""
     with exclusive(part, "decompress"):
         _refuse_if_running(part)
-        digests = gunzip(part.download_path, part.image_path, part.image_digests)
-        _write_record(image_record(part), part.image_path, digests)
+        download, image = part.download_path, part.image_path
+        kind = detect(download) if part.compression is Compression.AUTO else part.compression
+        if kind is None:
+            digests = _as_image(part)
+        else:
+            # Without a suffix to strip, the image takes the download's name: one copy.
+            digests = decompress_file(download, image, kind, part.image_digests)
+        _write_record(image_record(part), image, digests)
+
+
+def _as_image(part: Part) -> dict[str, str]:
+    """An uncompressed download used as the image: linked, and its digests are the image's."""
+    download, image = part.download_path, part.image_path
+    if image != download:
+        partial = image.with_name(image.name + ".part")
+        partial.unlink(missing_ok=True)
+        try:
+            os.link(download, partial)
+        except OSError as error:
+            raise KvmTasksError(f"linking {download} as {image}: {error.strerror or error}") from None
+        os.replace(partial, image)
+    record = digest.read_record(download_record(part))
+    known = dict(record.digests) if record is not None and record.matches(download) else {}
+    missing = set(part.image_digests) - set(known)
+    if missing:
+        known |= digest.hash_file(image, missing)
+    return {algorithm: known[algorithm] for algorithm in part.image_digests}
 
 
 def verify_download(part: Part) -> None:

@@ -1,0 +1,96 @@
+"""The copy-on-write overlay a part boots, so that the verified image is never written.
+
+The overlay is a qcow2 file backed by the image (``qemu-img create -b``): the
+guest's writes land in it, QEMU opens the image read-only, and a reset is a
+new, empty overlay, made in a moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kvmtasks import command
+from kvmtasks.config.diskformat import disk_format
+from kvmtasks.config.options import size_bytes
+from kvmtasks.config.part import Part
+from kvmtasks.config.runfiles import RunFiles, current
+from kvmtasks.errors import KvmTasksError, VerifyError, VmError
+from kvmtasks.provision.steps import exclusive
+
+QEMU_IMG_TIMEOUT = 60.0
+
+
+def create(part: Part) -> None:
+    """The overlay step: a fresh overlay over the verified image (the base changed, or disk_size)."""
+    with exclusive(part, "overlay"):
+        if current(part).running:
+            raise VmError(f"{part.name} is running; its disk is not replaced under it: "
+                          f"stop it first: doit stop:{part.name}")
+        _make(part)
+
+
+def reset(part: Part, say: Callable[[str], None] = print) -> None:
+    """Bring the disk back to the verified image: a new overlay, and a new host key to accept."""
+    if not part.overlay:
+        raise KvmTasksError(f"reset needs overlay = true; {part.name} boots {part.image_path} itself, "
+                            "so there is nothing to throw away")
+    with exclusive(part, "reset"):
+        status = current(part)
+        if status.running:
+            raise VmError(f"{part.name} is running (pid {status.pid}); stop it first, then reset")
+        _make(part)
+    say(f"{part.name}: disk reset to {part.image_path} (new overlay {part.overlay_path})")
+
+
+def base_format(part: Part) -> str:
+    """The image's format, from its header; a block device is always raw."""
+    return "raw" if part.is_block_device else disk_format(part.image_path)
+
+
+def _make(part: Part) -> None:
+    base = part.image_path.absolute()
+    if not base.exists():
+        raise KvmTasksError(f"image {base} not found; run: doit provision:{part.name}")
+    fmt = base_format(part)
+    info = image_info(base, fmt)
+    backing = info.get("backing-filename")
+    if backing:
+        raise VerifyError(f"{base} has a backing file of its own ({backing}); an overlay needs a "
+                          "self-contained image (qemu-img convert makes one)")
+    size: list[str] = []
+    if part.disk_size is not None:
+        wanted, virtual = size_bytes(part.disk_size), int(info["virtual-size"])
+        if wanted < virtual:
+            raise KvmTasksError(f"disk_size = {part.disk_size} ({wanted} bytes) is smaller than the "
+                                f"image {base} ({virtual} bytes); a disk is never shrunk")
+        size = [str(wanted)]
+    overlay = part.overlay_path.absolute()
+    partial = overlay.with_name(overlay.name + ".part")
+    # -F always: QEMU never probes the base's format (a raw image could pass for anything).
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base), str(partial), *size]
+    result = command.run(argv, timeout=QEMU_IMG_TIMEOUT)
+    if result.exit_code != 0:
+        partial.unlink(missing_ok=True)
+        raise KvmTasksError(f"qemu-img create {partial} failed: {_last_line(result.stderr)}")
+    os.replace(partial, overlay)
+    # A fresh disk is a fresh machine: its host key is new too.
+    RunFiles.of(part).known_hosts.unlink(missing_ok=True)
+
+
+def image_info(path: Path, fmt: str) -> dict[str, Any]:
+    """qemu-img's view of an image (virtual size, backing file); shared lock, format given."""
+    result = command.run(["qemu-img", "info", "-U", "--output=json", "-f", fmt, str(path)],
+                         timeout=QEMU_IMG_TIMEOUT)
+    if result.exit_code != 0:
+        raise VerifyError(f"qemu-img cannot read {path} as {fmt}: {_last_line(result.stderr)}")
+    info: dict[str, Any] = json.loads(result.stdout)
+    return info
+
+
+def _last_line(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else "no message"
