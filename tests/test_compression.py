@@ -1,0 +1,177 @@
+"""gzip, xz, zstd and bz2 downloads: real doit runs over the suite's HTTP server.
+
+Each format is made by its reference library (zlib, liblzma, libzstd, libbz2),
+as published images are.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import lzma
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import zstandard
+
+from kvmtasks.config.options import Compression
+from kvmtasks.errors import VerifyError
+from kvmtasks.provision import decompress
+from tests.test_provision_pipeline import assert_ok, assert_one_line_error, leftovers, part
+
+if TYPE_CHECKING:
+    from tests.conftest import Project
+    from tests.httpserver import FileServer
+    from tests.reliability import Recorder
+
+COMPRESSORS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
+    "gzip": (".gz", lambda data: gzip.compress(data, compresslevel=1)),
+    "xz": (".xz", lambda data: lzma.compress(data, preset=1)),
+    # The zstd tool writes a checksum by default; published images have one.
+    "zstd": (".zst", lambda data: zstandard.ZstdCompressor(level=1, write_checksum=True).compress(data)),
+    "bz2": (".bz2", lambda data: bz2.compress(data, compresslevel=1)),
+}
+FORMATS = list(COMPRESSORS)
+
+
+def disk(size: int = 3 << 20) -> bytes:
+    """Disk-like: data, a long zero run (a hole once decompressed), data."""
+    data = os.urandom(size // 3)
+    return data + bytes(size - 2 * len(data)) + data
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize(("kind", "declared"), [
+    *((kind, declared) for kind in FORMATS for declared in (None, "compression")),
+    ("gzip", "gzip = true"),
+])
+def test_each_format_is_decompressed_sparse_and_checked(
+    project: Project, http_server: FileServer, kind: str, declared: str | None
+) -> None:
+    suffix, compress = COMPRESSORS[kind]
+    raw = disk()
+    packed = compress(raw)
+    options: dict[str, object] = {"image": http_server.put(f"debian-12.raw{suffix}", packed),
+                                  "sha256_download": sha256(packed), "sha256_image": sha256(raw)}
+    if declared == "compression":
+        options["compression"] = kind
+    elif declared == "gzip = true":
+        options["gzip"] = "true"
+    project.write(part(**options))
+
+    first = project.provision()
+
+    assert_ok(first)
+    assert first.ran() == {"download", "verify-download", "decompress", "verify-image"}
+    image = project.parts / "vm" / "debian-12.raw"
+    assert image.read_bytes() == raw
+    assert image.stat().st_blocks * 512 < len(raw) * 3 // 4, "the zero run was written, not a hole"
+    assert (project.parts / "vm" / f"debian-12.raw{suffix}").read_bytes() == packed
+    assert leftovers(project.parts) == []
+    again = project.provision()
+    assert_ok(again)
+    assert again.ran() == set()
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+@pytest.mark.parametrize("kind", FORMATS)
+def test_a_corrupt_or_truncated_stream_leaves_no_image_and_says_so(
+    project: Project, http_server: FileServer, reliability: Recorder, kind: str, damage: str
+) -> None:
+    reliability.bad_input("compressed")
+    suffix, compress = COMPRESSORS[kind]
+    packed = compress(disk())
+    if damage == "corrupt":
+        middle = len(packed) // 2
+        packed = packed[:middle] + bytes(b ^ 0x5A for b in packed[middle:middle + 64]) + packed[middle + 64:]
+    else:
+        packed = packed[: len(packed) * 2 // 3]
+    project.write(part(image=http_server.put(f"disk.img{suffix}", packed)))
+
+    run = project.provision()
+
+    assert_one_line_error(run, "decompress:vm", f"disk.img{suffix} is not a valid {kind} file")
+    assert not (project.parts / "vm" / "disk.img").exists()
+    assert leftovers(project.parts) == []
+    assert not (project.parts / "vm" / "vm.overlay.qcow2").exists()
+
+
+def test_auto_finds_compressed_bytes_behind_a_name_without_suffix(
+    project: Project, http_server: FileServer
+) -> None:
+    raw = disk()
+    project.write(part(image=http_server.put("fetch", lzma.compress(raw, preset=1)),
+                       sha256_image=sha256(raw)))
+
+    run = project.provision()
+
+    assert_ok(run)
+    # Decompressed into the download's own name: one copy, never compressed bytes booted.
+    assert sorted(p.name for p in (project.parts / "vm").iterdir() if p.is_file()) == [
+        "fetch", "vm.overlay.qcow2"]
+    assert (project.parts / "vm" / "fetch").read_bytes() == raw
+    again = project.provision()
+    assert_ok(again)
+    assert again.ran() == set()
+
+
+def test_auto_uses_an_uncompressed_download_as_it_is(project: Project, http_server: FileServer) -> None:
+    raw = disk()
+    project.write(part(image=http_server.put("plain.img", raw), sha256_image=sha256(raw)))
+    assert_ok(project.provision())
+    assert (project.parts / "vm" / "plain.img").read_bytes() == raw
+
+    lying = disk()
+    project.write(part(image=http_server.put("lying.img.xz", lying), sha256_image=sha256(lying)))
+    run = project.provision()
+
+    assert_ok(run)
+    download, image = project.parts / "vm" / "lying.img.xz", project.parts / "vm" / "lying.img"
+    assert image.read_bytes() == lying
+    assert os.path.samefile(download, image), "an uncompressed download was copied"
+
+
+def test_compression_none_keeps_the_download_as_the_image(project: Project, http_server: FileServer) -> None:
+    raw = disk()
+    project.write(part(image=http_server.put("disk.img", raw), compression="none", sha256_image=sha256(raw)))
+    run = project.provision()
+    assert_ok(run)
+    assert "decompress:vm" not in run.executed
+    assert (project.parts / "vm" / "disk.img").read_bytes() == raw
+
+
+def test_gzip_true_and_another_compression_is_a_config_error(project: Project, reliability: Recorder) -> None:
+    reliability.bad_input("config")
+    config = project.write(part(image="http://127.0.0.1:9/disk.img.xz", gzip="true", compression="xz"))
+    assert_one_line_error(project.run("list"), f"{config}: [vm] gzip = true contradicts compression = xz")
+
+
+@pytest.mark.parametrize(("head", "expected"), [
+    (b"\x1f\x8b\x08\x00", Compression.GZIP), (b"\xfd7zXZ\x00\x00", Compression.XZ),
+    (b"\x28\xb5\x2f\xfd\x00", Compression.ZSTD), (b"BZh91AY", Compression.BZ2),
+    (b"QFI\xfb\x00\x00\x00\x03", None), (b"", None), (b"\x1f", None),
+])
+def test_detect_reads_the_magic_bytes(tmp_path: Path, head: bytes, expected: Compression | None) -> None:
+    path = tmp_path / "download"
+    path.write_bytes(head)
+    assert decompress.detect(path) is expected
+
+
+def test_zstd_with_several_frames_and_a_skippable_frame(tmp_path: Path) -> None:
+    compressor = zstandard.ZstdCompressor(write_checksum=True)
+    skippable = (0x184D2A5E).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
+    source = tmp_path / "disk.img.zst"
+    source.write_bytes(compressor.compress(b"one ") + skippable + compressor.compress(b"two"))
+    decompress.decompress(source, tmp_path / "disk.img", Compression.ZSTD, [])
+    assert (tmp_path / "disk.img").read_bytes() == b"one two"
+
+    source.write_bytes(compressor.compress(b"one ") + skippable[:6])
+    with pytest.raises(VerifyError, match="ends in the middle of a frame"):
+        decompress.decompress(source, tmp_path / "disk.img", Compression.ZSTD, [])
