@@ -88,7 +88,8 @@ def test_a_file_with_overlay_true_boots_an_overlay_named_after_the_part(tmp_path
     part = load(tmp_path, "file = /dev/sdb\noverlay = true\nlocation = /srv/a,b\n", name="db")
     args = argv(part, disk_format="qcow2")
     assert part.image_path == Path("/dev/sdb")
-    assert args[args.index("-drive") + 1] == "file=/srv/a,,b/db.overlay.qcow2,if=virtio,cache=none,format=qcow2"
+    drive = "file=/srv/a,,b/db.overlay.qcow2,if=virtio,cache=none,format=qcow2"
+    assert args[args.index("-drive") + 1] == drive
 
 
 def test_readme_local_image_file_is_used_in_place(tmp_path: Path) -> None:

@@ -109,9 +109,11 @@ def checksum_parser(algorithm: str) -> Callable[[str], str]:
     length = DIGEST_LENGTHS[algorithm]
 
     def parse(value: str) -> str:
+        if value.strip().lower().startswith(URL_SCHEMES):
+            return parse_url(value.strip())  # a checksum list (SHA256SUMS, CHECKSUM...)
         digest = value.strip().lower()
         if not re.fullmatch(f"[0-9a-f]{{{length}}}", digest):
-            raise ValueError(f"not a {algorithm} checksum ({length} hex digits)")
+            raise ValueError(f"not a {algorithm} checksum ({length} hex digits) nor the URL of a list")
         return digest
 
     return parse
@@ -261,7 +263,8 @@ class Option:
     help: str
 
 
-_CHECKSUM_HELP = "{algo} checksum (hex) of the {what}; when set, a mismatch fails the part."
+_CHECKSUM_HELP = ("{algo} checksum of the {what}: hex, or the http/https/file URL of a checksum "
+                  "list (GNU or BSD format) holding its entry; when set, a mismatch fails the part.")
 
 OPTIONS: tuple[Option, ...] = (
     Option("recipe", parse_text, None,

@@ -19,13 +19,14 @@ from kvmtasks.config.part import Part
 from kvmtasks.engines import engine, ports
 from kvmtasks.graph.actions import clean_unless_running, guarded
 from kvmtasks.graph.report import Reporter
-from kvmtasks.provision import overlay
+from kvmtasks.provision import checksums, overlay
 from kvmtasks.provision import steps as provision
 from kvmtasks.scripts import render
 
 Task = dict[str, Any]
 
 STEP_DOCS = {
+    "checksums": "Fetch the checksum lists a part names and find its files' entries",
     "download": "Download the image of a part (resumes an interrupted download)",
     "verify-download": "Check the downloaded file against md5/sha256/sha512_download",
     "decompress": "Decompress the download (gzip, xz, zstd, bz2) into the image",
@@ -68,6 +69,9 @@ def doit_config(parts: Sequence[Part], default_var: Path) -> dict[str, Any]:
 def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterator[Task]:
     """Every task of one part, in the order the steps run."""
     steps: list[str] = []
+    if checksums.has_lists(part):
+        yield _checksums_task(part)
+        steps.append("checksums")
     if part.image is not None:
         yield {
             "basename": "download",
@@ -75,6 +79,8 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
             "actions": [guarded(provision.download, part, "download")],
             "targets": [str(part.download_path), str(provision.download_record(part))],
             "uptodate": [config_changed({"url": part.image})],
+            # An unreachable list or a missing entry fails before gigabytes are fetched.
+            "task_dep": [f"checksums:{part.name}"] if steps else [],
             "clean": [clean_unless_running(part)],
             "doc": f"{STEP_DOCS['download']} ({part.image})",
         }
@@ -82,7 +88,7 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
             "basename": "verify-download",
             "name": part.name,
             "actions": [guarded(provision.verify_download, part, "verify-download")],
-            "file_dep": [str(provision.download_record(part))],
+            "file_dep": [str(provision.download_record(part)), *_expected_files(part, "download")],
             "uptodate": [config_changed(dict(part.download_digests))],
             "task_dep": [f"download:{part.name}"],
             "doc": STEP_DOCS["verify-download"],
@@ -107,6 +113,25 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
         "doc": f"{STEP_DOCS['provision']} {part.name}",
     }
     yield from _vm_tasks(part, shared_ports)
+
+
+def _checksums_task(part: Part) -> Task:
+    paths = [str(checksums.expected_path(part, what)) for what in checksums.KINDS
+             if checksums.lists(part, what)]
+    return {
+        "basename": "checksums",
+        "name": part.name,
+        "actions": [guarded(checksums.resolve, part, "checksums")],
+        "targets": paths,
+        # Fetched on every run (a list is small): a published image can be replaced under its
+        # URL. The files it writes change only when an entry did.
+        "uptodate": [False],
+        "doc": STEP_DOCS["checksums"],
+    }
+
+
+def _expected_files(part: Part, what: str) -> list[str]:
+    return [str(checksums.expected_path(part, what))] if checksums.lists(part, what) else []
 
 
 def _decompress_task(part: Part) -> Task:
@@ -160,12 +185,13 @@ def _verify_image_task(part: Part, earlier: list[str]) -> Task:
         "basename": "verify-image",
         "name": part.name,
         "actions": [guarded(provision.verify_image, part, "verify-image")],
+        "file_dep": _expected_files(part, "image"),
         "uptodate": [config_changed(dict(part.image_digests))],
         "task_dep": [f"{step}:{part.name}" for step in earlier[-1:]],
         "doc": STEP_DOCS["verify-image"],
     }
     if part.file is None:
-        task["file_dep"] = [str(provision.image_record(part))]
+        task["file_dep"].append(str(provision.image_record(part)))
     elif part.image_digests:
         # A local file is hashed once, then trusted while its size and mtime hold.
         task["uptodate"].append(lambda: provision.local_file_verified(part))

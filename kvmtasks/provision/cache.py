@@ -33,7 +33,7 @@ from typing import TextIO
 from kvmtasks.config.options import Compression
 from kvmtasks.config.part import SAFE_FILE_NAME, Part
 from kvmtasks.errors import FetchError, KvmTasksError
-from kvmtasks.provision import digest, fetch
+from kvmtasks.provision import checksums, digest, fetch
 
 FICLONE = 0x40049409  # linux/fs.h: share the blocks of another file (btrfs, XFS)
 READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
@@ -88,7 +88,9 @@ def fetch_into(part: Part, dest: Path, algorithms: set[str], label: str) -> dict
     assert part.image is not None and part.buildout.download_cache is not None
     entry = Entry(part.buildout.download_cache, part.image)
     with _locked(entry, label):
-        digests = _trusted_digests(entry, algorithms, part.download_digests, label)
+        # A checksum list's digest, as the checksums step resolved it, not the list's URL.
+        expected, _ = checksums.expected(part, "download")
+        digests = _trusted_digests(entry, algorithms, expected, label)
         if digests is None:
             digests = _fetch(entry, algorithms, label)
         else:

@@ -193,10 +193,14 @@ def read_record(record_path: Path) -> Record | None:
         return None
 
 
-def compare(what: str, expected: Mapping[str, str], actual: Mapping[str, str]) -> None:
-    """Raise VerifyError naming the option, expected and actual on a mismatch."""
+def compare(what: str, expected: Mapping[str, str], actual: Mapping[str, str],
+            sources: Mapping[str, str] | None = None) -> None:
+    """Raise VerifyError naming the option (and the list it came from), expected and actual
+    on a mismatch."""
     for algorithm, digest in expected.items():
         if actual[algorithm] != digest:
+            source = (sources or {}).get(algorithm)
+            origin = f" ({source})" if source else ""
             raise VerifyError(
-                f"{algorithm}_{what} mismatch: expected {digest}, got {actual[algorithm]}"
+                f"{algorithm}_{what} mismatch{origin}: expected {digest}, got {actual[algorithm]}"
             )

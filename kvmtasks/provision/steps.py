@@ -19,7 +19,7 @@ from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles, current
 from kvmtasks.errors import KvmTasksError, VerifyError, VmError
-from kvmtasks.provision import cache, digest, fetch
+from kvmtasks.provision import cache, checksums, digest, fetch
 from kvmtasks.provision.decompress import decompress as decompress_file
 from kvmtasks.provision.decompress import detect
 
@@ -137,13 +137,13 @@ def _as_image(part: Part) -> dict[str, str]:
 
 
 def verify_download(part: Part) -> None:
-    _verify(part, "download", part.download_path, download_record(part), part.download_digests)
+    _verify(part, "download", part.download_path, download_record(part))
 
 
 def verify_image(part: Part) -> None:
     if part.file is not None and part.image_digests:
         _hash_local_file(part)
-    _verify(part, "image", part.image_path, image_record(part), part.image_digests)
+    _verify(part, "image", part.image_path, image_record(part))
 
 
 def local_file_verified(part: Part) -> bool:
@@ -165,9 +165,8 @@ def _hash_local_file(part: Part) -> None:
     _write_record(image_record(part), part.image_path, digests)
 
 
-def _verify(
-    part: Part, what: str, path: Path, record_path: Path, expected: Mapping[str, str]
-) -> None:
+def _verify(part: Part, what: str, path: Path, record_path: Path) -> None:
+    expected, sources = checksums.expected(part, what)
     if not expected:
         return
     record = digest.read_record(record_path)
@@ -186,7 +185,7 @@ def _verify(
             record_path, path, {**record.digests, **digest.hash_file(path, missing)}
         )
     try:
-        digest.compare(what, expected, record.digests)
+        digest.compare(what, expected, record.digests, sources)
     except VerifyError as error:
         if part.file is not None:
             raise
