@@ -55,3 +55,19 @@ def test_demo_config_uses_every_common_option() -> None:
     for name in ("image", "gzip", "md5_download", "sha256_image", "kvm_memory", "kvm_accel",
                  "kvm_net", "kvm_redir", "ssh_port", "ssh_key_path", "kvm_snapshot", "image_type"):
         assert re.search(rf"^{name} =", text, re.MULTILINE), name
+
+
+def test_readme_cloud_image_examples_parse_as_described(tmp_path: Path) -> None:
+    section = (ROOT / "README.md").read_text().split("## Cloud images", 1)[1]
+    block = re.search(r"```ini\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    config = tmp_path / "cloud.cfg"
+    config.write_text(block.group(1))
+    debian, fedora = load_file(config, tmp_path)
+    assert debian.image_path.name == "debian-12-genericcloud-amd64.qcow2"
+    assert debian.download_digests["sha512"].endswith("/SHA512SUMS")
+    assert fedora.image_path.name == "Fedora-Cloud-Base-Generic-41-1.4.x86_64.raw"
+    assert fedora.download_digests["sha256"].endswith("-CHECKSUM")
+    for part in (debian, fedora):
+        assert (part.overlay, part.disk_size) == (True, "20G")
+        assert part.boot_disk.name == f"{part.name}.overlay.qcow2"
