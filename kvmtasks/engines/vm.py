@@ -62,9 +62,9 @@ def _preflight(part: Part) -> str:
     """Check what qemu needs before starting it; return the forwards' listen address."""
     files = RunFiles.of(part)
     command.find(part.kvm_binary)
-    if not part.boot_disk.exists():
-        what = "overlay" if part.overlay else "image"
-        raise VmError(f"{what} {part.boot_disk} not found; run: doit provision:{part.name}")
+    for what, disk in (("image", part.image_path), ("overlay", part.boot_disk)):
+        if not disk.exists():  # an overlay without its image would not boot either
+            raise VmError(f"{what} {disk} not found; run: doit provision:{part.name}")
     if len(str(files.qmp_socket)) > SOCKET_PATH_MAX:
         raise VmError(
             f"kvm_run_directory path is too long for a unix socket: {files.qmp_socket}"
