@@ -145,7 +145,7 @@ def test_debian_guest_end_to_end(project: Project, debian_guest: DebianGuest, tm
     timings["restart (stop + boot)"] = time.monotonic() - began
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     assert "vm stopped" in restarted.stdout and "vm is running" in restarted.stdout
-    # The guest's disk is the provisioned copy itself (no -snapshot): what it wrote is still there.
+    # The guest's disk (the overlay over the verified image) keeps what it wrote across a restart.
     assert run_in_guest(project, "stat -c %s /root/payload.bin").stdout.strip() == str(size)
     assert known_hosts.read_text() == pinned
     # The persistent journal of the boot before: logind took the ACPI power button.
