@@ -266,7 +266,8 @@ def test_a_guest_write_survives_stop_and_start_and_reset_throws_it_away(
             source = f"image = {http_server.put('guest.img', raw)}\ndisk_size = 64M\n"
             base = project.parts / "vm" / "guest.img"
         else:
-            source = f"file = {device}\noverlay = true\ndisk_size = 64M\n"
+            # As the first IDE disk: image_type = hda boots the overlay too.
+            source = f"file = {device}\noverlay = true\ndisk_size = 64M\nimage_type = hda\n"
             base = device
         project.write(vm_config(guest, source, free_port()))
         started = project.run("start:vm", timeout=300)
@@ -275,7 +276,8 @@ def test_a_guest_write_survives_stop_and_start_and_reset_throws_it_away(
         pristine = sha256(base)
         reliability.keep(base)
 
-        sectors = script(project, "vm-runscript", "cat /sys/block/vda/size")
+        disk = "vda" if device is None else "sda"
+        sectors = script(project, "vm-runscript", f"cat /sys/block/{disk}/size")
         assert (sectors.returncode, sectors.stdout.strip()) == (0, str(64 * MIB // 512)), sectors.stderr
         wrote = script(project, "vm-runscript",
                        "grep -q ' /mnt ' /proc/mounts && echo kept-by-the-overlay > /mnt/marker && sync")
@@ -289,6 +291,11 @@ def test_a_guest_write_survives_stop_and_start_and_reset_throws_it_away(
         by_doit = project.run("reset:vm")
         assert_one_line_error(by_doit, "reset:vm", "vm is running")
         assert script(project, "vm-runscript", "cat /mnt/marker").stdout == "kept-by-the-overlay\n"
+        config = project.configs[0].read_text()
+        project.configs[0].write_text(config.replace("disk_size = 64M", "disk_size = 128M"))
+        regrow = project.provision()
+        assert_one_line_error(regrow, "overlay:vm", "vm is running")
+        project.configs[0].write_text(config)
 
         assert script(project, "vm-ctl", "stop").returncode == 0
         assert script(project, "vm-ctl", "start").returncode == 0

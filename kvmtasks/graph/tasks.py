@@ -159,9 +159,8 @@ def _overlay_task(part: Part) -> Task:
         "actions": [guarded(overlay.create, part, "overlay")],
         # A new image (its size and mtime) or a new disk_size makes a new overlay; nothing else
         # does, so the guest's changes outlive a changed checksum, stop and start.
-        "file_dep": [str(part.image_path)],
-        "targets": [str(part.overlay_path)],
-        "uptodate": [config_changed({"disk_size": part.disk_size})],
+        "targets": [str(part.overlay_path), str(overlay.record_path(part))],
+        "uptodate": [lambda: overlay.up_to_date(part)],
         "task_dep": [f"verify-image:{part.name}"],
         "clean": [clean_unless_running(part)],
         "doc": STEP_DOCS["overlay"],

@@ -19,7 +19,7 @@ from kvmtasks.config.options import size_bytes
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles, current
 from kvmtasks.errors import KvmTasksError, VerifyError, VmError
-from kvmtasks.provision.steps import exclusive
+from kvmtasks.provision.steps import exclusive, record_directory
 
 QEMU_IMG_TIMEOUT = 60.0
 
@@ -44,6 +44,31 @@ def reset(part: Part, say: Callable[[str], None] = print) -> None:
             raise VmError(f"{part.name} is running (pid {status.pid}); stop it first, then reset")
         _make(part)
     say(f"{part.name}: disk reset to {part.image_path} (new overlay {part.overlay_path})")
+
+
+def record_path(part: Part) -> Path:
+    return record_directory(part) / f"{part.name}.overlay.json"
+
+
+def up_to_date(part: Part) -> bool:
+    """True while the overlay exists over the image it was made on, at the disk_size asked.
+
+    Kept beside the overlay rather than in doit's state, which doit forgets when the step
+    fails: a change refused while the VM runs, then undone, must not wipe the guest's disk.
+    """
+    if not part.overlay_path.exists():
+        return False
+    try:
+        return bool(json.loads(record_path(part).read_text()) == _made_on(part))
+    except (OSError, ValueError):
+        return False
+
+
+def _made_on(part: Part) -> dict[str, Any]:
+    """What the overlay depends on: the image (path, size, mtime) and disk_size."""
+    info = part.image_path.stat()
+    return {"base": str(part.image_path.absolute()), "size": info.st_size,
+            "mtime_ns": info.st_mtime_ns, "disk_size": part.disk_size}
 
 
 def base_format(part: Part) -> str:
@@ -77,6 +102,8 @@ def _make(part: Part) -> None:
         partial.unlink(missing_ok=True)
         raise KvmTasksError(f"qemu-img create {partial} failed: {_last_line(result.stderr)}")
     os.replace(partial, overlay)
+    record = record_path(part)
+    record.write_text(json.dumps(_made_on(part)))
     # A fresh disk is a fresh machine: its host key is new too.
     RunFiles.of(part).known_hosts.unlink(missing_ok=True)
 
