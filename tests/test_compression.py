@@ -175,3 +175,29 @@ def test_zstd_with_several_frames_and_a_skippable_frame(tmp_path: Path) -> None:
     source.write_bytes(compressor.compress(b"one ") + skippable[:6])
     with pytest.raises(VerifyError, match="ends in the middle of a frame"):
         decompress.decompress(source, tmp_path / "disk.img", Compression.ZSTD, [])
+
+
+def _zstd_streamed(data: bytes) -> bytes:
+    """As `zstd` writes from a pipe: no content size in the frame header, several blocks."""
+    compressor = zstandard.ZstdCompressor(level=1, write_checksum=True).compressobj()
+    return compressor.compress(data) + compressor.flush()
+
+
+@pytest.mark.parametrize("kind", [*FORMATS, "zstd-streamed"])
+def test_every_cut_of_a_stream_is_refused(tmp_path: Path, reliability: Recorder, kind: str) -> None:
+    data = os.urandom(300_000) + bytes(200_000)  # more than one zstd block
+    packed = _zstd_streamed(data) if kind == "zstd-streamed" else COMPRESSORS[kind][1](data)
+    compression = Compression(kind.split("-")[0])
+    source, dest = tmp_path / "disk.img.packed", tmp_path / "disk.img"
+    source.write_bytes(packed)
+    assert decompress.decompress(source, dest, compression, []) == {}
+    assert dest.read_bytes() == data
+    dest.unlink()
+    # Every header and block boundary, and a spread of cuts in between.
+    cuts = sorted({*range(1, 64), *range(64, len(packed), max(1, len(packed) // 200)), len(packed) - 1})
+    reliability.bad_input("compressed", len(cuts))
+    for cut in cuts:
+        source.write_bytes(packed[:cut])
+        with pytest.raises(VerifyError, match=f"not a valid {compression.value} file"):
+            decompress.decompress(source, dest, compression, [])
+        assert not dest.exists() and not dest.with_name("disk.img.part").exists(), cut
