@@ -75,6 +75,17 @@ def test_boot_benchmark_runs_and_reports(tmp_path: Path) -> None:
     assert "## Booting the tiny guest" in output.read_text()
 
 
+def test_overlay_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    output = tmp_path / "benchmarks.md"
+    done = run_script("overlay.py", "--size", "64M", "--written", "1M", "--repeat", "1",
+                      "--output", str(output), "--patience", "0", timeout=300)
+
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"reset_s=\d+\.\d\d doit_reset_s=\d+\.\d\d target=(ok|over)", last), last
+    assert "## Resetting a disk" in output.read_text()
+
+
 def test_a_section_is_replaced_and_the_others_are_kept(tmp_path: Path) -> None:
     output = tmp_path / "benchmarks.md"
     benchlib.write_section(output, "one", "first\n")

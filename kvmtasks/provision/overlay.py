@@ -81,7 +81,8 @@ def _make(part: Part) -> None:
     if not base.exists():
         raise KvmTasksError(f"image {base} not found; run: doit provision:{part.name}")
     fmt = base_format(part)
-    info = image_info(base, fmt)
+    # A raw image has no backing file; only disk_size needs its size: reset stays one qemu-img run.
+    info = image_info(base, fmt) if fmt != "raw" or part.disk_size is not None else {}
     backing = info.get("backing-filename")
     if backing:
         raise VerifyError(f"{base} has a backing file of its own ({backing}); an overlay needs a "
