@@ -51,6 +51,8 @@ def sha256(data: bytes) -> str:
 @pytest.mark.parametrize(("kind", "declared"), [
     *((kind, declared) for kind in FORMATS for declared in (None, "compression")),
     ("gzip", "gzip = true"),
+    # The recipe's gzip = false declares nothing: a gzip download is still found out.
+    ("gzip", "gzip = false"),
 ])
 def test_each_format_is_decompressed_sparse_and_checked(
     project: Project, http_server: FileServer, kind: str, declared: str | None
@@ -62,8 +64,8 @@ def test_each_format_is_decompressed_sparse_and_checked(
                                   "sha256_download": sha256(packed), "sha256_image": sha256(raw)}
     if declared == "compression":
         options["compression"] = kind
-    elif declared == "gzip = true":
-        options["gzip"] = "true"
+    elif declared is not None:
+        options["gzip"] = declared.split(" = ")[1]
     project.write(part(**options))
 
     first = project.provision()
@@ -147,10 +149,20 @@ def test_compression_none_keeps_the_download_as_the_image(project: Project, http
     assert (project.parts / "vm" / "disk.img").read_bytes() == raw
 
 
-def test_gzip_true_and_another_compression_is_a_config_error(project: Project, reliability: Recorder) -> None:
+@pytest.mark.parametrize(("options", "needle"), [
+    ({"image": "http://127.0.0.1:9/disk.img.xz", "gzip": "true", "compression": "xz"},
+     "[vm] gzip = true contradicts compression = xz"),
+    ({"file": "/srv/disk.img.zst", "compression": "zstd"},
+     "[vm] compression = zstd needs an image URL; a file is used as it is"),
+    ({"image": "http://127.0.0.1:9/disk.img", "compression": "lz4"},
+     "[vm] compression = 'lz4': must be one of auto, none, gzip, xz, zstd, bz2"),
+])
+def test_a_compression_that_cannot_be_is_a_config_error(
+    project: Project, reliability: Recorder, options: dict[str, str], needle: str
+) -> None:
     reliability.bad_input("config")
-    config = project.write(part(image="http://127.0.0.1:9/disk.img.xz", gzip="true", compression="xz"))
-    assert_one_line_error(project.run("list"), f"{config}: [vm] gzip = true contradicts compression = xz")
+    config = project.write(part(**options))
+    assert_one_line_error(project.run("list"), f"{config}: {needle}")
 
 
 @pytest.mark.parametrize(("head", "expected"), [
