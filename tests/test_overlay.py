@@ -328,3 +328,18 @@ def test_reset_leaves_no_partial_overlay_when_the_base_is_gone(
     assert run.stderr.strip().endswith("not found; run: doit provision:vm")
     assert [p.name for p in (project.parts / "vm").iterdir() if p.name.endswith(".part")] == []
     assert os.path.exists(project.parts / "vm" / "vm.overlay.qcow2")
+
+
+def test_a_libvirt_part_boots_its_volume_and_refuses_an_overlay(
+    project: Project, reliability: Recorder
+) -> None:
+    reliability.bad_input("config")
+    body = part(image="http://127.0.0.1:9/disk.img", kvm_engine="libvirt")
+    project.write(body)
+    listed = project.run("list", "--all")
+    assert_ok(listed)
+    assert "reset:vm" in listed.stdout and "overlay:vm" not in listed.stdout
+
+    config = project.write(body + "\noverlay = true")
+    run = project.run("list")
+    assert_one_line_error(run, f"{config}: [vm] overlay = true: not with kvm_engine = libvirt")
