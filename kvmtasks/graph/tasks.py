@@ -34,7 +34,7 @@ STEP_DOCS = {
     "overlay": "Create the copy-on-write overlay the VM boots, over the verified image",
     "reset": "Throw the guest's changes away: a new overlay over the verified image",
     "render": "Write the control scripts PART-ctl, -sendfile, -getfile, -runscript",
-    "provision": "Download, verify and decompress the image, and write the control scripts",
+    "provision": "Download, verify and decompress the image, make its overlay, write the control scripts",
     "start": "Provision the part, then start its VM and wait until it answers",
     "stop": "Stop the VM of a part (ACPI power-down, then quit, then signals)",
     "status": "Show whether the VM of a part is running",
