@@ -192,3 +192,26 @@ def test_a_file_url_list_works_for_a_local_file(project: Project, tmp_path: Path
     run = project.provision()
     assert_one_line_error(run, "verify-image:vm", "sha256_image mismatch", f"mine.img in {sums.as_uri()}")
     assert image.exists()
+
+
+def test_a_cached_download_is_trusted_against_the_digest_its_list_gives(
+    tmp_path: Path, http_server: FileServer
+) -> None:
+    from tests.test_cache import entry, make_project
+
+    cache = tmp_path / "shared-cache"
+    raw = payload()
+    url = http_server.put(f"images/{NAME}", raw)
+    list_url = http_server.put("images/SHA512SUMS", gnu_list({NAME: sha512(raw)}))
+    first, second = (make_project(tmp_path, name, cache) for name in ("first", "second"))
+    for project in (first, second):
+        project.write(part(image=url, sha512_download=list_url))
+    assert_ok(first.provision())
+    downloads = [r for r in http_server.requests if r.path.endswith(NAME)]
+
+    run = second.provision()
+
+    assert_ok(run)
+    assert run.error_lines(f"download:vm: {url} is in the download cache")
+    assert [r for r in http_server.requests if r.path.endswith(NAME)] == downloads
+    assert entry(cache, url).data.read_bytes() == raw
