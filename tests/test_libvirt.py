@@ -227,6 +227,14 @@ def test_a_part_runs_on_local_libvirt(project: Project, guest: Guest, http_serve
     assert _virsh("domstate", name).stdout.strip() == "running"
     assert made_by_kvmtasks(_virsh("dumpxml", name).stdout)
     assert _virsh("vol-info", "--pool", pool, f"{name}-guest.img").returncode == 0
+    # The guest boots a qcow2 overlay volume backed by the image's volume.
+    overlay = ET.fromstring(_virsh("vol-dumpxml", "--pool", pool, f"{name}.overlay.qcow2").stdout)
+    assert overlay.find("target/format").attrib["type"] == "qcow2"  # type: ignore[union-attr]
+    assert overlay.findtext("backingStore/path", "").endswith(f"/{name}-guest.img")
+    disk = ET.fromstring(_virsh("dumpxml", name).stdout).find("devices/disk/source")
+    assert disk is not None and disk.attrib["volume"] == f"{name}.overlay.qcow2"
+    write = "echo kept > /mnt/kept.txt && sync"
+    assert script(project, f"{name}-runscript", write).returncode == 0
 
     uname = script(project, f"{name}-runscript", "uname", "-r")
     assert (uname.returncode, uname.stdout.strip()) == (0, guest.image.kernel_release)
@@ -251,10 +259,17 @@ def test_a_part_runs_on_local_libvirt(project: Project, guest: Guest, http_serve
     assert script(project, f"{name}-ctl", "status").returncode == 3
     assert _virsh("domstate", name).stdout.strip() == "shut off"
 
-    # Started again: the volume holds the same bytes, so nothing is uploaded.
+    # Started again: the volume holds the same bytes, so nothing is uploaded; the guest's write stays.
     again = script(project, f"{name}-ctl", "start")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "uploading" not in again.stdout
+    assert script(project, f"{name}-runscript", "cat /mnt/kept.txt").stdout.strip() == "kept"
+    # A reset makes a new overlay volume: the write is gone, the image volume is not uploaded again.
+    assert script(project, f"{name}-ctl", "stop").returncode == 0
+    assert script(project, f"{name}-ctl", "reset").returncode == 0
+    fresh = script(project, f"{name}-ctl", "start")
+    assert fresh.returncode == 0 and "uploading" not in fresh.stdout, fresh.stdout + fresh.stderr
+    assert script(project, f"{name}-runscript", "test -e /mnt/kept.txt").returncode == 1
     # Killed from outside: status says stopped, start works again.
     assert _virsh("destroy", name).returncode == 0
     assert script(project, f"{name}-ctl", "status").returncode == 3

@@ -330,16 +330,15 @@ def test_reset_leaves_no_partial_overlay_when_the_base_is_gone(
     assert os.path.exists(project.parts / "vm" / "vm.overlay.qcow2")
 
 
-def test_a_libvirt_part_boots_its_volume_and_refuses_an_overlay(
-    project: Project, reliability: Recorder
-) -> None:
-    reliability.bad_input("config")
+def test_a_libvirt_part_has_an_overlay_too_unless_it_says_otherwise(project: Project) -> None:
+    """With libvirt the overlay becomes a volume backed by the image's (tests/test_libvirt.py)."""
     body = part(image="http://127.0.0.1:9/disk.img", kvm_engine="libvirt")
     project.write(body)
     listed = project.run("list", "--all")
     assert_ok(listed)
-    assert "reset:vm" in listed.stdout and "overlay:vm" not in listed.stdout
+    assert "reset:vm" in listed.stdout and "overlay:vm" in listed.stdout
 
-    config = project.write(body + "\noverlay = true")
-    run = project.run("list")
-    assert_one_line_error(run, f"{config}: [vm] overlay = true: not with kvm_engine = libvirt")
+    project.write(body + "\noverlay = false")
+    listed = project.run("list", "--all")
+    assert_ok(listed)
+    assert "overlay:vm" not in listed.stdout

@@ -242,11 +242,7 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         raise ConfigError(f"{where} file = {str(file)!r}: a block device cannot be copied into a "
                           "libvirt storage pool; use kvm_engine = qemu")
     compression = _compression(values, where)
-    libvirt = values["kvm_engine"] is Engine.LIBVIRT
-    overlay = values.get("overlay", image is not None and not libvirt)
-    if overlay and libvirt:
-        raise ConfigError(f"{where} overlay = true: not with kvm_engine = libvirt, which boots its own "
-                          "copy of the image (a volume in libvirt_pool); use kvm_engine = qemu")
+    overlay = values.get("overlay", image is not None)
     if values.get("disk_size") is not None and not overlay:
         raise ConfigError(
             f"{where} disk_size = {values['disk_size']!r}: needs overlay = true "

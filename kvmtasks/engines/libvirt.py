@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from kvmtasks.config.diskformat import disk_format
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.remote import remote_of
@@ -25,6 +24,7 @@ from kvmtasks.engines.qemu import forwards
 from kvmtasks.errors import VmError
 from kvmtasks.guest import ssh
 from kvmtasks.provision.digest import hash_file
+from kvmtasks.provision.overlay import base_format, image_info
 
 Say = Callable[[str], None]
 POOL_ROOT = "/var/lib/libvirt"
@@ -38,8 +38,17 @@ def _volume_record(part: Part) -> Path:
 
 
 def volume_name(part: Part) -> str:
-    """The part's own volume: the guest writes to it unless kvm_snapshot is set."""
+    """The part's copy of its verified image in the pool: the base of its overlay volume,
+    or, with overlay = false, the disk the guest writes to."""
     return f"{part.name}-{part.image_path.name}"
+
+
+def overlay_volume_name(part: Part) -> str:
+    return part.overlay_path.name
+
+
+def _overlay_record(part: Part) -> Path:
+    return part.state_directory / "libvirt-overlay.json"
 
 
 def _ensure_pool(part: Part) -> None:
@@ -68,7 +77,7 @@ def _upload(part: Part, say: Say) -> None:
     info = image.stat()
     record = _uploaded(part)
     where = {"uri": part.libvirt_uri, "pool": part.libvirt_pool, "volume": volume_name(part)}
-    exists = _volume_exists(part)
+    exists = _volume_exists(part, volume_name(part))
     present = exists and all(record.get(k) == v for k, v in where.items())
     if present and [record.get("size"), record.get("mtime_ns")] == [info.st_size, info.st_mtime_ns]:
         return
@@ -86,9 +95,40 @@ def _upload(part: Part, say: Say) -> None:
     ))
 
 
-def _volume_exists(part: Part) -> bool:
+def _ensure_overlay_volume(part: Part) -> None:
+    """The part's overlay volume on the host, backed by its image volume.
+
+    It follows the local overlay: made again whenever that is (re-provisioning, reset,
+    disk_size), which the local overlay's size and mtime tell, since no guest writes it.
+    """
+    info = part.overlay_path.stat()
+    made_from = {"uri": part.libvirt_uri, "pool": part.libvirt_pool, "base": volume_name(part),
+                 "size": info.st_size, "mtime_ns": info.st_mtime_ns}
     try:
-        virsh(part, "vol-info", "--pool", part.libvirt_pool, volume_name(part))
+        recorded = json.loads(_overlay_record(part).read_text())
+    except (OSError, ValueError):
+        recorded = None
+    exists = _volume_exists(part, overlay_volume_name(part))
+    if exists and recorded == made_from:
+        return
+    if exists:
+        virsh(part, "vol-delete", "--pool", part.libvirt_pool, overlay_volume_name(part))
+    capacity = image_info(part.overlay_path, "qcow2")["virtual-size"]  # disk_size, or the image's
+    virsh(part, "vol-create-as", part.libvirt_pool, overlay_volume_name(part), str(capacity),
+          "--format", "qcow2", "--backing-vol", volume_name(part),
+          "--backing-vol-format", base_format(part))
+    _overlay_record(part).write_text(json.dumps(made_from))
+
+
+def _boot_volume(part: Part) -> Disk:
+    if part.overlay:
+        return Disk(part.libvirt_pool, overlay_volume_name(part), "qcow2")
+    return Disk(part.libvirt_pool, volume_name(part), base_format(part))
+
+
+def _volume_exists(part: Part, name: str) -> bool:
+    try:
+        virsh(part, "vol-info", "--pool", part.libvirt_pool, name)
     except VmError as error:
         if "not found" in str(error).lower():
             return False
@@ -132,7 +172,7 @@ def _define(part: Part, domain_type: str, uuid: str | None) -> None:
     remote = remote_of(part) is not None
     xml = domain_xml(
         part, domain_type=domain_type,
-        disk=Disk(part.libvirt_pool, volume_name(part), disk_format(part.image_path)),
+        disk=_boot_volume(part),
         listen_address=_listen_address(part),
         console_log=None if remote else RunFiles.of(part).console_log,
         uuid=uuid,
@@ -151,8 +191,9 @@ def start(part: Part, say: Say = print) -> None:
     if status.running:
         say(f"{part.name} is already running (libvirt domain {part.name} on {part.libvirt_uri})")
         return
-    if not part.image_path.exists():
-        raise VmError(f"image {part.image_path} not found; run: doit provision:{part.name}")
+    for disk in (part.image_path, part.boot_disk):
+        if not disk.exists():
+            raise VmError(f"{disk} not found; run: doit provision:{part.name}")
     if part.ssh_port is not None:
         ssh.common_options(part)  # a path ssh cannot take is refused before anything starts
     part.state_directory.mkdir(parents=True, exist_ok=True)
@@ -160,6 +201,8 @@ def start(part: Part, say: Say = print) -> None:
     uuid = _our_domain_uuid(part)
     _ensure_pool(part)
     _upload(part, say)
+    if part.overlay:
+        _ensure_overlay_volume(part)
     domain_type = _domain_type(part)
     if not _boot(part, domain_type, uuid):
         say(f"{part.name}: the guest stopped under KVM; starting again under TCG "
