@@ -42,22 +42,29 @@ def guest_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return key
 
 
-def _build(tmp_path_factory: pytest.TempPathFactory, key: Path, with_sftp_server: bool) -> Guest:
+def _build(tmp_path_factory: pytest.TempPathFactory, key: Path, *, with_sftp_server: bool = True,
+           with_acpi: bool = True) -> Guest:
+    """A fresh image per test session: built from the current builder, it cannot be stale."""
     folder = tmp_path_factory.mktemp("guest")
-    image = build_guest_image(
-        folder / "guest.img", key.with_suffix(".pub"), PACKAGE_CACHE, with_sftp_server=with_sftp_server
-    )
+    image = build_guest_image(folder / "guest.img", key.with_suffix(".pub"), PACKAGE_CACHE,
+                              with_sftp_server=with_sftp_server, with_acpi=with_acpi)
     return Guest(image, key)
 
 
 @pytest.fixture(scope="session")
 def guest(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Guest:
-    return _build(tmp_path_factory, guest_key, with_sftp_server=True)
+    return _build(tmp_path_factory, guest_key)
 
 
 @pytest.fixture(scope="session")
 def guest_without_sftp(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Guest:
     return _build(tmp_path_factory, guest_key, with_sftp_server=False)
+
+
+@pytest.fixture(scope="session")
+def guest_without_acpi(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Guest:
+    """A guest that ignores the ACPI power button (no acpid, no button driver)."""
+    return _build(tmp_path_factory, guest_key, with_acpi=False)
 
 
 def free_port() -> int:

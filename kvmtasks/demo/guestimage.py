@@ -3,7 +3,9 @@
 The image is a raw, whole-disk FAT filesystem made bootable with syslinux. It
 holds the Debian kernel and an initramfs whose /init brings up the network with
 QEMU user-mode defaults (10.0.2.15/24 via 10.0.2.2) and starts dropbear on port
-22 accepting one authorized key for root. Guest packages are only downloaded and
+22 accepting one authorized key for root, and busybox acpid, which powers the
+guest off when QEMU presses the ACPI power button (a build flag leaves it out,
+for a guest that ignores the button). Guest packages are only downloaded and
 unpacked (never installed), so building needs no root, no loop device, no mount.
 """
 
@@ -34,6 +36,8 @@ WANTED_MODULES = (
     "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859_1",
 )
 # fmt: on
+# The ACPI power button reaches acpid through these (modules in Debian's kernel).
+ACPI_MODULES = ("button", "evdev")
 TOOL_PACKAGES = {
     "apt-get": "apt",
     "apt-cache": "apt",
@@ -75,7 +79,7 @@ echo "kvmtasks-guest: up, kernel $(uname -r)"
 exec /sbin/init
 """
 INITTAB = """::respawn:/usr/sbin/dropbear -F -R -E -p 22 -s
-::askfirst:-/bin/sh
+{acpid}::askfirst:-/bin/sh
 ::ctrlaltdel:/sbin/reboot
 ::shutdown:/bin/sync
 ::shutdown:/bin/umount -a -r
@@ -87,8 +91,13 @@ ETC = {
     "etc/shells": "/bin/sh\n",
     "etc/hosts": "127.0.0.1 localhost kvmtasks-guest\n",
     "etc/resolv.conf": "nameserver 10.0.2.3\n",
-    "etc/inittab": INITTAB,
 }
+ACPID = "::respawn:/bin/busybox acpid -f\n"
+# busybox acpid runs /etc/acpi/ACTION/PARAMETER for an event; this one is the power button.
+ACPI_POWER_BUTTON = "etc/acpi/PWRF/00000080"
+# busybox init's own poweroff pauses 2 s (after SIGTERM, then for the console); this guest
+# needs neither once its one disk is synced and read-only, so the button powers off at once.
+POWER_BUTTON_SCRIPT = "#!/bin/sh\nsync\numount -a -r\npoweroff -f\n"
 SYSLINUX_CFG = "DEFAULT linux\nLABEL linux\n  KERNEL vmlinuz\n  APPEND initrd=initrd.gz console=ttyS0 quiet\n"
 
 
@@ -176,7 +185,7 @@ def _needed_libs(binary: Path, root: Path) -> dict[str, Path]:
     return libs
 
 
-def _module_closure(moddir: Path) -> list[Path]:
+def _module_closure(moddir: Path, wanted: Sequence[str]) -> list[Path]:
     """Wanted modules plus their dependencies, dependencies first."""
     files = {p.name.split(".ko")[0].replace("-", "_"): p for p in moddir.rglob("*.ko*")}
     order: list[Path] = []
@@ -192,7 +201,7 @@ def _module_closure(moddir: Path) -> list[Path]:
                 visit(dep)
         order.append(path)
 
-    for name in WANTED_MODULES:
+    for name in wanted:
         visit(name)
     return order
 
@@ -220,7 +229,9 @@ def _host_key(root: Path) -> bytes:
         return key.read_bytes()
 
 
-def _initramfs(root: Path, release: str, authorized_key: Path, with_sftp_server: bool) -> bytes:
+def _initramfs(
+    root: Path, release: str, authorized_key: Path, with_sftp_server: bool, with_acpi: bool
+) -> bytes:
     entries: dict[str, tuple[int, bytes]] = {}
 
     def add(name: str, data: bytes = b"", mode: int = 0o644, kind: int = stat.S_IFREG) -> None:
@@ -235,11 +246,15 @@ def _initramfs(root: Path, release: str, authorized_key: Path, with_sftp_server:
     add("root/.ssh", mode=0o700, kind=stat.S_IFDIR)
     add("root", mode=0o700, kind=stat.S_IFDIR)  # dropbear refuses keys under a group-writable home
     add("dev/console", mode=0o600, kind=stat.S_IFCHR)  # the kernel opens it before /init runs
-    modules = _module_closure(root / "lib/modules" / release)
+    wanted = WANTED_MODULES + (ACPI_MODULES if with_acpi else ())
+    modules = _module_closure(root / "lib/modules" / release, wanted)
     names = [m.name.split(".ko")[0] for m in modules]
     add("init", INIT.format(modules=" ".join(names), release=release).encode(), 0o755)
     for name, text in ETC.items():
         add(name, text.encode(), 0o640 if name == "etc/shadow" else 0o644)
+    add("etc/inittab", INITTAB.format(acpid=ACPID if with_acpi else "").encode())
+    if with_acpi:
+        add(ACPI_POWER_BUTTON, POWER_BUTTON_SCRIPT.encode(), 0o755)
     add("root/.ssh/authorized_keys", authorized_key.read_bytes(), 0o600)
     # A host key made once per image, as an installed system has: restarts keep it,
     # so clients that pinned it (StrictHostKeyChecking=accept-new) keep trusting it.
@@ -266,7 +281,8 @@ def _initramfs(root: Path, release: str, authorized_key: Path, with_sftp_server:
 
 
 def build_guest_image(
-    dest: Path, authorized_key: Path, cache_dir: Path, *, with_sftp_server: bool = True
+    dest: Path, authorized_key: Path, cache_dir: Path, *, with_sftp_server: bool = True,
+    with_acpi: bool = True,
 ) -> GuestImage:
     """Build the image at dest (atomically: write to dest.part then rename).
 
@@ -290,7 +306,8 @@ def build_guest_image(
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         shutil.copyfile(kernel, tmp / "vmlinuz")
-        (tmp / "initrd.gz").write_bytes(_initramfs(root, release, authorized_key, with_sftp_server))
+        initrd = _initramfs(root, release, authorized_key, with_sftp_server, with_acpi)
+        (tmp / "initrd.gz").write_bytes(initrd)
         (tmp / "syslinux.cfg").write_text(SYSLINUX_CFG)
         payload = [tmp / "vmlinuz", tmp / "initrd.gz", tmp / "syslinux.cfg"]
         # ~3 MB spare so tests can write files to the disk from inside the guest
@@ -312,9 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--key", type=Path, required=True, help="ssh public key to authorize for root")
     parser.add_argument("--cache", type=Path, required=True, help="download/unpack cache directory")
     parser.add_argument("--no-sftp-server", action="store_true", help="leave out /usr/lib/sftp-server")
+    parser.add_argument("--no-acpi", action="store_true",
+                        help="leave out acpid: the guest ignores the ACPI power button")
     args = parser.parse_args(argv)
     try:
-        image = build_guest_image(args.dest, args.key, args.cache, with_sftp_server=not args.no_sftp_server)
+        image = build_guest_image(args.dest, args.key, args.cache, with_sftp_server=not args.no_sftp_server,
+                                  with_acpi=not args.no_acpi)
     except GuestImageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
