@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 
@@ -14,7 +12,7 @@ from kvmtasks.config.diskformat import disk_format
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.runfiles import RunFiles, clean_run_files, current, is_our_qemu, read_pid
-from kvmtasks.engines import qmp
+from kvmtasks.engines import portprobe, qmp
 from kvmtasks.engines.qemu import forwards, qemu_argv
 from kvmtasks.errors import VmError
 from kvmtasks.guest import ssh
@@ -24,6 +22,8 @@ Say = Callable[[str], None]
 DEAD_STATES = frozenset({"internal-error", "guest-panicked", "shutdown", "io-error"})
 CONSOLE_TAIL_LINES = 20
 QUIT_WAIT = 5.0
+# Seconds a guest gets to act on the ACPI power button before it is asked over ssh.
+ACPI_GRACE = 3.0
 SOCKET_PATH_MAX = 107
 
 
@@ -73,21 +73,8 @@ def _preflight(part: Part) -> str:
         ssh.common_options(part)  # a path ssh cannot take is refused before qemu starts
     address = listen_address(part.ssh_hostname)
     for forward in forwards(part):
-        _check_port_free(part, forward.protocol, address, forward.host_port)
+        portprobe.check_free(forward.protocol, address, forward.host_port)
     return address
-
-
-def _check_port_free(part: Part, protocol: str, address: str, port: int) -> None:
-    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
-    with socket.socket(socket.AF_INET, kind) as probe:
-        try:
-            probe.bind((address, port))
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                raise VmError(
-                    f"host port {port} ({protocol} on {address}) is already in use"
-                ) from None
-            raise VmError(f"cannot listen on {address}:{port}: {error.strerror}") from None
 
 
 def start(part: Part, say: Say = print) -> None:
@@ -196,19 +183,34 @@ def _qmp_command(files: RunFiles, name: str) -> None:
         pass  # the escalation to the next, harder step handles it
 
 
-def _kill(part: Part, graceful_seconds: float = 0.0) -> bool:
-    """Stop qemu: ACPI power-down, then QMP quit, then SIGTERM and SIGKILL.
+def _power_off(part: Part, pid: int, files: RunFiles, seconds: float) -> str | None:
+    """Ask the guest to power off: the ACPI button, then over ssh. How it went, or None.
 
-    Returns True when the guest powered itself off within graceful_seconds.
+    A guest gets ACPI_GRACE seconds to act on the button; one that ignores it but answers ssh
+    is asked to run poweroff, and then has seconds to go. Otherwise the button's wait
+    runs on to seconds in all.
+    """
+    _qmp_command(files, "system_powerdown")
+    deadline = time.monotonic() + seconds
+    if _wait_gone(pid, files, min(ACPI_GRACE, seconds)):
+        return "acpi"
+    if part.ssh_port is not None and ssh.request_poweroff(part):
+        return "ssh" if _wait_gone(pid, files, seconds) else None
+    return "acpi" if _wait_gone(pid, files, deadline - time.monotonic()) else None
+
+
+def _kill(part: Part, graceful_seconds: float = 0.0) -> str | None:
+    """Stop qemu: a power-off asked of the guest, then QMP quit, then SIGTERM and SIGKILL.
+
+    Returns how the guest powered itself off ("acpi" or "ssh"), or None when QEMU was ended.
     """
     files = RunFiles.of(part)
     pid = read_pid(files)
-    powered_off = False
+    powered_off = None
     if pid is not None and is_our_qemu(pid, files):
         if graceful_seconds > 0:
-            _qmp_command(files, "system_powerdown")
-        powered_off = graceful_seconds > 0 and _wait_gone(pid, files, graceful_seconds)
-        if not powered_off:
+            powered_off = _power_off(part, pid, files, graceful_seconds)
+        if powered_off is None:
             _qmp_command(files, "quit")
             for sig in (None, signal.SIGTERM, signal.SIGKILL):
                 if sig is not None and is_our_qemu(pid, files):
@@ -219,13 +221,20 @@ def _kill(part: Part, graceful_seconds: float = 0.0) -> bool:
     return powered_off
 
 
+STOPPED_HOW = {
+    "acpi": "the guest powered off on the ACPI power button",
+    "ssh": "the guest ignored the ACPI power button and powered off when asked over ssh",
+}
+
+
 def stop(part: Part, say: Say = print) -> None:
     status = current(part)
     if not status.running:
         say(f"{part.name} is not running")
         return
-    if _kill(part, part.kvm_shutdown_timeout):
-        say(f"{part.name} stopped (the guest powered off)")
+    how = _kill(part, part.kvm_shutdown_timeout)
+    if how is not None:
+        say(f"{part.name} stopped ({STOPPED_HOW[how]})")
     else:
         say(f"{part.name} stopped (no power-off within kvm_shutdown_timeout = "
             f"{part.kvm_shutdown_timeout:g} s, so QEMU was told to quit)")

@@ -11,7 +11,7 @@ from kvmtasks import command
 from kvmtasks.config.part import Part
 from kvmtasks.config.remote import RemoteHost, remote_of
 from kvmtasks.config.runfiles import RunFiles
-from kvmtasks.errors import VmError
+from kvmtasks.errors import CommandError, VmError
 
 CONNECT_TIMEOUT = 10
 # What scp says when the guest has no SFTP server: retry with the legacy protocol.
@@ -20,6 +20,11 @@ GLOB_CHARACTERS = frozenset("*?[]{}\\")
 # The libvirt host of a remote part, as named in the part's ssh config file.
 JUMP_HOST = "kvmtasks-libvirt-host"
 SHELL_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+-]+")
+# busybox and systemd guests have poweroff; shutdown is for the others.
+POWEROFF = "poweroff || shutdown -h now"
+# What ssh says when it never got to run the command (exit status 255 either way).
+LOGIN_FAILURES = ("Permission denied", "Host key verification failed", "Connection refused",
+                  "timed out", "Could not resolve")
 
 
 def config_path(path: Path) -> str:
@@ -103,6 +108,22 @@ def ssh_argv(part: Part, remote_command: Sequence[str]) -> list[str]:
     ]
 
 
+def login_argv(part: Part, args: Sequence[str], *, tty: bool) -> list[str]:
+    """``PART-ssh``: ssh with the options every script uses; args are the user's own.
+
+    They follow the host name, where ssh still reads leading options (``-L 8080:localhost:80``)
+    and takes the rest as the command. A terminal on our side gets one in the guest, for a
+    command as for a login.
+    """
+    return [
+        "ssh", *common_options(part),
+        *(["-t"] if tty else []),
+        "-p", str(_require_port(part)),
+        "-l", part.ssh_user,
+        part.ssh_hostname, *args,
+    ]
+
+
 def scp_argv(part: Part, source: str, target: str, *, legacy: bool) -> list[str]:
     """scp with ``remote:`` standing for the guest in source or target."""
     return [
@@ -136,6 +157,26 @@ def remote(part: Part, path: str, *, legacy: bool, source: bool) -> str:
 
 def runscript(part: Part, remote_command: Sequence[str]) -> int:
     return command.run_foreground(ssh_argv(part, remote_command))
+
+
+def login(part: Part, args: Sequence[str], *, tty: bool) -> int:
+    return command.run_foreground(login_argv(part, args, tty=tty))
+
+
+def request_poweroff(part: Part) -> bool:
+    """Ask the guest over ssh to power off; True when it was asked (it may take a while to go).
+
+    False when ssh does not answer or refuses us, or both commands fail in the guest.
+    """
+    if part.ssh_port is None or not banner(part.ssh_hostname, part.ssh_port):
+        return False
+    try:
+        result = command.run(ssh_argv(part, [POWEROFF]), timeout=CONNECT_TIMEOUT + 10)
+    except CommandError:
+        return True  # still connected as the guest goes down
+    if result.exit_code == 255:  # ssh's own failure, or the guest closed the connection going down
+        return not any(failure in result.stderr for failure in LOGIN_FAILURES)
+    return result.exit_code == 0
 
 
 def copy_argv(part: Part, remote_file: str, local_file: Path, *, upload: bool, legacy: bool) -> list[str]:
