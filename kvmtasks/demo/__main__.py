@@ -8,6 +8,7 @@ Running it again reuses the image, and doit finds the provisioning up to date.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from kvmtasks import command
+from kvmtasks.demo import guestimage
 from kvmtasks.demo.guestimage import GuestImageError, build_guest_image
 from kvmtasks.errors import KvmTasksError
 from kvmtasks.provision.digest import CHUNK, MultiHasher, hash_file
@@ -57,10 +59,16 @@ def _gzip_and_hash(raw: Path, packed: Path) -> dict[str, str]:
     }
 
 
+def builder_digest() -> str:
+    """Names the image builder's code: an image built by an older builder is built again."""
+    return hashlib.sha256(Path(guestimage.__file__).read_bytes()).hexdigest()[:16]
+
+
 def ensure_image(key: Path) -> None:
-    """Build the demo image once and describe it for configs/demo.cfg."""
+    """Build the demo image once (per version of the builder) and describe it for configs/demo.cfg."""
     packed = DEMO / "demo.img.gz"
-    if packed.exists() and IMAGE_CONFIG.exists():
+    builder = f"builder = {builder_digest()}"
+    if packed.exists() and IMAGE_CONFIG.exists() and builder in IMAGE_CONFIG.read_text().splitlines():
         say(f"demo image already built: {packed}")
         return
     say("building the demo image (Debian kernel, busybox, dropbear; packages go to .cache/guest)")
@@ -75,6 +83,7 @@ def ensure_image(key: Path) -> None:
         f"url = {packed.as_uri()}",
         f"kernel = {image.kernel_release}",
         f"key = {key}",
+        builder,
         *(f"{name} = {value}" for name, value in sorted(digests.items())),
     ]
     IMAGE_CONFIG.write_text("\n".join(lines) + "\n")
@@ -128,8 +137,9 @@ def main() -> int:
         "  bin/demo-runscript 'cat /proc/cpuinfo | head -5'\n"
         "  bin/demo-sendfile /tmp/file.txt ./file.txt    # REMOTEFILE LOCALFILE\n"
         "  bin/demo-getfile /tmp/file.txt ./copy.txt\n"
-        "  bin/demo-ctl status\n"
-        f"  ssh -p 10022 -i {DEMO / 'id_ed25519'} root@127.0.0.1\n"
+        "  bin/demo-ssh             # log in (exit, or Ctrl-D, to leave)\n"
+        "  bin/demo-ctl status      # add --json for programs\n"
+        "  bin/demo-ctl console     # its serial console; --follow to watch it\n"
         "Stop it:\n"
         "  bin/demo-ctl stop        (or: .venv/bin/doit stop:demo)\n"
     )

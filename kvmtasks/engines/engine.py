@@ -1,6 +1,6 @@
 """The engine seam: what runs a part's VM, chosen by ``kvm_engine``.
 
-An engine is a module with start, stop and describe; both engines share
+An engine is a module with start, stop and facts (what status reports); both engines share
 config.runfiles.current for "is it running", so provisioning, ``doit clean``
 and the scripts ask the same question whatever the engine.
 """
@@ -12,6 +12,8 @@ from typing import Protocol
 
 from kvmtasks.config.options import Engine as EngineName
 from kvmtasks.config.part import Part
+from kvmtasks.engines import status
+from kvmtasks.engines.status import Facts
 
 Say = Callable[[str], None]
 
@@ -21,7 +23,7 @@ class Engine(Protocol):
 
     def stop(self, part: Part, say: Say = ...) -> None: ...
 
-    def describe(self, part: Part) -> list[str]: ...
+    def facts(self, part: Part) -> Facts: ...
 
 
 def engine_for(part: Part) -> Engine:
@@ -48,5 +50,10 @@ def restart(part: Part, say: Say = print) -> None:
     start(part, say)
 
 
+def facts(part: Part) -> Facts:
+    """What status reports, gathered once: describe() and ``status --json`` format it."""
+    return engine_for(part).facts(part)
+
+
 def describe(part: Part) -> list[str]:
-    return engine_for(part).describe(part)
+    return status.describe(facts(part))

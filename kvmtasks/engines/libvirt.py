@@ -19,8 +19,8 @@ from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.remote import remote_of
 from kvmtasks.config.runfiles import RunFiles, current, virsh
+from kvmtasks.engines import status
 from kvmtasks.engines.domain import Disk, domain_xml, made_by_kvmtasks
-from kvmtasks.engines.qemu import forwards
 from kvmtasks.errors import VmError
 from kvmtasks.guest import ssh
 from kvmtasks.provision.digest import hash_file
@@ -272,16 +272,9 @@ def stop(part: Part, say: Say = print) -> None:
         f"{part.kvm_shutdown_timeout:g} s, so the domain was destroyed)")
 
 
-def describe(part: Part) -> list[str]:
-    status = current(part)
-    if not status.running:
-        return [f"{part.name} is stopped"]
-    lines = [f"{part.name} is running (libvirt domain {part.name} on {part.libvirt_uri}, "
-             f"accel {status.accel or 'unknown'})"]
-    address = _listen_address(part)
-    for forward in forwards(part):
-        guest = f"{forward.guest_address or 'guest'}:{forward.guest_port}"
-        lines.append(f"  forward {forward.protocol} {address}:{forward.host_port} -> {guest}")
-    if remote_of(part) is None:
-        lines.append(f"  console log {RunFiles.of(part).console_log}")
-    return lines
+def facts(part: Part) -> status.Facts:
+    # A remote host keeps the console log: QEMU writes it there.
+    local = remote_of(part) is None
+    return status.gather(part, address=_listen_address(part),
+                         console_log=RunFiles.of(part).console_log if local else None,
+                         libvirt_uri=part.libvirt_uri)

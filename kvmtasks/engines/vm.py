@@ -12,7 +12,7 @@ from kvmtasks.config.diskformat import disk_format
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.runfiles import RunFiles, clean_run_files, current, is_our_qemu, read_pid
-from kvmtasks.engines import portprobe, qmp
+from kvmtasks.engines import portprobe, qmp, status
 from kvmtasks.engines.qemu import forwards, qemu_argv
 from kvmtasks.errors import VmError
 from kvmtasks.guest import ssh
@@ -240,17 +240,6 @@ def stop(part: Part, say: Say = print) -> None:
             f"{part.kvm_shutdown_timeout:g} s, so QEMU was told to quit)")
 
 
-def describe(part: Part) -> list[str]:
-    """The lines ``status`` prints."""
-    status = current(part)
-    if not status.running:
-        return [f"{part.name} is stopped"]
-    address = listen_address(part.ssh_hostname)
-    lines = [f"{part.name} is running (pid {status.pid}, accel {status.accel or 'unknown'})"]
-    for forward in forwards(part):
-        guest = f"{forward.guest_address or 'guest'}:{forward.guest_port}"
-        lines.append(f"  forward {forward.protocol} {address}:{forward.host_port} -> {guest}")
-    if part.kvm_vnc is not None:
-        lines.append(f"  vnc {part.kvm_vnc}")
-    lines.append(f"  console log {RunFiles.of(part).console_log}")
-    return lines
+def facts(part: Part) -> status.Facts:
+    return status.gather(part, address=listen_address(part.ssh_hostname),
+                         console_log=RunFiles.of(part).console_log)

@@ -25,20 +25,28 @@ from kvmtasks.scripts import render
 
 Task = dict[str, Any]
 
+# One sentence per step, naming the part ("a part", "PART" and "the image" for the step as a whole).
 STEP_DOCS = {
-    "checksums": "Fetch the checksum lists a part names and find its files' entries",
-    "download": "Download the image of a part (resumes an interrupted download)",
-    "verify-download": "Check the downloaded file against md5/sha256/sha512_download",
-    "decompress": "Decompress the download (gzip, xz, zstd, bz2) into the image",
-    "verify-image": "Check the image against md5/sha256/sha512_image",
-    "overlay": "Create the copy-on-write overlay the VM boots, over the verified image",
-    "reset": "Throw the guest's changes away: a new overlay over the verified image",
-    "render": "Write the control scripts PART-ctl, -sendfile, -getfile, -runscript",
-    "provision": "Download, verify and decompress the image, make its overlay, write the control scripts",
-    "start": "Provision the part, then start its VM and wait until it answers",
-    "stop": "Stop the VM of a part (ACPI power-down, then quit, then signals)",
-    "status": "Show whether the VM of a part is running",
+    "checksums": "checksums {part}: fetch the checksum lists it names and find its files' entries",
+    "download": "download {part}: fetch {image} (resumes an interrupted download)",
+    "verify-download": "verify-download {part}: check the download against md5/sha256/sha512_download",
+    "decompress": "decompress {part}: decompress the download (gzip, xz, zstd, bz2) into the image",
+    "verify-image": "verify-image {part}: check the image against md5/sha256/sha512_image",
+    "overlay": "overlay {part}: create the copy-on-write overlay the VM boots, over the verified image",
+    "reset": "reset {part}: throw the guest's changes away (a new overlay over the verified image)",
+    "render": "render {part}: write the control scripts {name}-ctl, -ssh, -sendfile, -getfile, -runscript",
+    "provision": "provision {part}: download, verify and decompress the image, make its overlay, "
+                 "write the control scripts",
+    "start": "start {part}: provision it, then start its VM and wait until it answers",
+    "stop": "stop {part}: power its VM off (ACPI button, then poweroff over ssh), else end QEMU",
+    "status": "status {part}: show whether its VM runs, and how to reach it",
 }
+
+
+def step_doc(step: str, part: Part | None = None) -> str:
+    if part is None:
+        return STEP_DOCS[step].format(part="a part", name="PART", image="the image")
+    return STEP_DOCS[step].format(part=part.name, name=part.name, image=part.image or part.file)
 
 
 class SizeMtimeChecker(FileChangedChecker):  # type: ignore[misc]
@@ -82,7 +90,7 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
             # An unreachable list or a missing entry fails before gigabytes are fetched.
             "task_dep": [f"checksums:{part.name}"] if steps else [],
             "clean": [clean_unless_running(part)],
-            "doc": f"{STEP_DOCS['download']} ({part.image})",
+            "doc": step_doc("download", part),
         }
         yield {
             "basename": "verify-download",
@@ -91,7 +99,7 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
             "file_dep": [str(provision.download_record(part)), *_expected_files(part, "download")],
             "uptodate": [config_changed(dict(part.download_digests))],
             "task_dep": [f"download:{part.name}"],
-            "doc": STEP_DOCS["verify-download"],
+            "doc": step_doc("verify-download", part),
         }
         steps += ["download", "verify-download"]
     if part.image is not None and part.compression is not Compression.NONE:
@@ -110,7 +118,7 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
         "name": part.name,
         "actions": None,
         "task_dep": [f"{step}:{part.name}" for step in steps],
-        "doc": f"{STEP_DOCS['provision']} {part.name}",
+        "doc": step_doc("provision", part),
     }
     yield from _vm_tasks(part, shared_ports)
 
@@ -126,7 +134,7 @@ def _checksums_task(part: Part) -> Task:
         # Fetched on every run (a list is small): a published image can be replaced under its
         # URL. The files it writes change only when an entry did.
         "uptodate": [False],
-        "doc": STEP_DOCS["checksums"],
+        "doc": step_doc("checksums", part),
     }
 
 
@@ -143,7 +151,7 @@ def _decompress_task(part: Part) -> Task:
         "targets": [str(part.image_path), str(provision.image_record(part))],
         "task_dep": [f"verify-download:{part.name}"],
         "clean": [clean_unless_running(part)],
-        "doc": STEP_DOCS["decompress"],
+        "doc": step_doc("decompress", part),
     }
     if part.image_path == part.download_path:
         # Decompressed in place (no suffix to strip): the download's record says when it is new.
@@ -163,7 +171,7 @@ def _overlay_task(part: Part) -> Task:
         "uptodate": [lambda: overlay.up_to_date(part)],
         "task_dep": [f"verify-image:{part.name}"],
         "clean": [clean_unless_running(part)],
-        "doc": STEP_DOCS["overlay"],
+        "doc": step_doc("overlay", part),
     }
 
 
@@ -175,7 +183,7 @@ def _reset_task(part: Part) -> Task:
         "task_dep": [f"overlay:{part.name}"] if part.overlay else [],
         "uptodate": [False],
         "verbosity": 2,
-        "doc": f"{STEP_DOCS['reset']} of {part.name}",
+        "doc": step_doc("reset", part),
     }
 
 
@@ -187,7 +195,7 @@ def _verify_image_task(part: Part, earlier: list[str]) -> Task:
         "file_dep": _expected_files(part, "image"),
         "uptodate": [config_changed(dict(part.image_digests))],
         "task_dep": [f"{step}:{part.name}" for step in earlier[-1:]],
-        "doc": STEP_DOCS["verify-image"],
+        "doc": step_doc("verify-image", part),
     }
     if part.file is None:
         task["file_dep"].append(str(provision.image_record(part)))
@@ -207,7 +215,7 @@ def _render_task(part: Part) -> Task:
         "targets": [str(render.snapshot_path(part)), *map(str, scripts)],
         "uptodate": [config_changed({"part": render.runtime_snapshot(part), "scripts": texts})],
         "clean": [clean_unless_running(part)],
-        "doc": STEP_DOCS["render"],
+        "doc": step_doc("render", part),
     }
 
 
@@ -231,13 +239,13 @@ def _vm_tasks(part: Part, shared_ports: tuple[ports.Clash, ...]) -> Iterator[Tas
             "task_dep": deps,
             "uptodate": [False],
             "verbosity": 2,
-            "doc": f"{STEP_DOCS[name]} {part.name}",
+            "doc": step_doc(name, part),
         }
 
 
 def all_tasks(parts: Sequence[Part]) -> Iterator[Task]:
-    for basename, doc in STEP_DOCS.items():
-        yield {"basename": basename, "name": None, "doc": doc}
+    for basename in STEP_DOCS:
+        yield {"basename": basename, "name": None, "doc": step_doc(basename)}
     # Decided here, before doit runs anything in parallel: which parts share a host port.
     shared = ports.clashes(parts)
     for part in parts:

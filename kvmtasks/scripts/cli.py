@@ -1,26 +1,41 @@
-"""Entry point of the generated scripts (PART-ctl, -sendfile, -getfile, -runscript)."""
+"""Entry point of the generated scripts (PART-ctl, -ssh, -sendfile, -getfile, -runscript)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from kvmtasks.config import snapshot
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import current
-from kvmtasks.engines import engine
+from kvmtasks.engines import engine, status
 from kvmtasks.errors import KvmTasksError, VmError
 from kvmtasks.guest import ssh
 from kvmtasks.provision import overlay
+from kvmtasks.scripts import console
 
 EXIT_STOPPED = 3  # LSB: program is not running
 
+CTL_ACTIONS = {
+    "start": "start the VM and wait until it answers",
+    "stop": "stop the VM: ACPI power-down, then poweroff over ssh, then quit",
+    "restart": "stop, then start",
+    "status": "whether the VM runs (exit 0) or not (exit 3), and how to reach it",
+    "console": "print the serial console log of the VM (the current boot's)",
+    "reset": "throw the guest's disk changes away: a new overlay over the verified image",
+}
+
+USAGE = {"ssh": "%(prog)s [SSH OPTIONS] [COMMAND...]", "runscript": "%(prog)s COMMAND..."}
 HELP = {
-    "ctl": "Start, stop, restart the VM of part {part}, or show its status "
-           "(exit 0 when running, 3 when stopped); reset throws the guest's disk changes away "
-           "(a new overlay over the verified image; the VM must be stopped).",
+    "ctl": "Start, stop, restart the VM of part {part}, show its status "
+           "(exit 0 when running, 3 when stopped) or its serial console; reset throws the "
+           "guest's disk changes away (a new overlay over the verified image; the VM must be stopped).",
+    "ssh": "Log in to the guest of part {part} over ssh, or run COMMAND there, with the options "
+           "the other scripts use (the part's key, user, port and known_hosts); SSH OPTIONS such as "
+           "-L go to ssh. A terminal gets a terminal in the guest. Exit status: COMMAND's.",
     "sendfile": "Copy LOCALFILE into the guest of part {part} as REMOTEFILE "
                 "(argument order as in erp5.recipe.kvm: remote first).",
     "getfile": "Copy REMOTEFILE from the guest of part {part} to LOCALFILE "
@@ -32,34 +47,60 @@ HELP = {
 
 def _parser(part: Part, kind: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=f"{part.name}-{kind}", description=HELP[kind].format(part=part.name)
+        prog=f"{part.name}-{kind}", description=HELP[kind].format(part=part.name),
+        usage=USAGE.get(kind),
     )
     if kind == "ctl":
-        parser.add_argument("action", choices=("start", "stop", "status", "restart", "reset"))
+        actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+        for action, text in CTL_ACTIONS.items():
+            actions.add_parser(action, help=text, description=text)
+        actions.choices["status"].add_argument(
+            "--json", action="store_true", help="one JSON object, for programs")
+        actions.choices["console"].add_argument(
+            "-f", "--follow", action="store_true", help="keep printing what comes, until Ctrl-C")
     elif kind in ("sendfile", "getfile"):
         parser.add_argument("remotefile", metavar="REMOTEFILE")
         parser.add_argument("localfile", metavar="LOCALFILE", type=Path)
     return parser
 
 
-def _ctl(part: Part, action: str) -> int:
-    if action == "status":
-        print("\n".join(engine.describe(part)))
-        return 0 if current(part).running else EXIT_STOPPED
+def _ctl(part: Part, options: argparse.Namespace) -> int:
+    if options.action == "status":
+        facts = engine.facts(part)
+        print(status.as_json(facts) if options.json else "\n".join(status.describe(facts)))
+        return 0 if facts.running else EXIT_STOPPED
+    if options.action == "console":
+        return console.show(part, follow=options.follow)
     {"start": engine.start, "stop": engine.stop, "restart": engine.restart, "reset": overlay.reset}[
-        action](part, print)
+        options.action](part, print)
     return 0
 
 
+def _names(args: Sequence[str]) -> list[str]:
+    """sendfile/getfile take names only: one starting with "-" is a name, never an option.
+
+    A lone -h/--help asks for help; a leading "--" (needed before) is still accepted.
+    """
+    if len(args) == 1 and args[0] in ("-h", "--help"):
+        return list(args)
+    if len(args) == 3 and args[0] == "--":
+        args = args[1:]
+    return ["--", *args]
+
+
 def run(part: Part, kind: str, args: Sequence[str]) -> int:
-    if kind == "runscript":
-        if not args or args[0] in ("-h", "--help"):
+    if kind in ("runscript", "ssh"):
+        if list(args[:1]) in (["-h"], ["--help"]) or (kind == "runscript" and not args):
             _parser(part, kind).print_help()
             return 0 if args else 2
+        if kind == "ssh":
+            return ssh.login(part, args, tty=sys.stdin.isatty())
         return ssh.runscript(part, list(args))
+    if kind in ("sendfile", "getfile"):
+        args = _names(args)
     options = _parser(part, kind).parse_args(args)
     if kind == "ctl":
-        return _ctl(part, options.action)
+        return _ctl(part, options)
     if kind == "sendfile":
         ssh.sendfile(part, options.remotefile, options.localfile)
     else:
@@ -83,3 +124,7 @@ def main(kind: str, snapshot_file: str, args: Sequence[str] | None = None) -> in
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as a program killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE

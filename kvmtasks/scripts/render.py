@@ -1,4 +1,4 @@
-"""Write a part's control scripts: PART-ctl, -sendfile, -getfile, -runscript.
+"""Write a part's control scripts: PART-ctl, -ssh, -sendfile, -getfile, -runscript.
 
 A script holds no config value in shell code: it is a few lines of Python
 that load the part's JSON snapshot and call kvmtasks.scripts.cli.
@@ -15,7 +15,7 @@ import kvmtasks
 from kvmtasks.config import snapshot
 from kvmtasks.config.part import Part
 
-SCRIPTS = ("ctl", "sendfile", "getfile", "runscript")
+SCRIPTS = ("ctl", "ssh", "sendfile", "getfile", "runscript")
 PACKAGE_ROOT = Path(kvmtasks.__file__).resolve().parent.parent
 
 

@@ -1,0 +1,108 @@
+"""What ``status`` reports: the facts about a part's VM, gathered once, for people or as JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from kvmtasks.config.part import Part
+from kvmtasks.config.runfiles import current
+from kvmtasks.engines.qemu import forwards
+from kvmtasks.guest import ssh
+
+
+class State(StrEnum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Forward:
+    protocol: str
+    host_address: str
+    host_port: int
+    guest_address: str  # empty: the guest's own address
+    guest_port: int
+
+
+@dataclass(frozen=True)
+class Facts:
+    """Everything status says; describe() and as_json() only format it."""
+
+    part: str
+    state: State
+    engine: str  # kvm_engine
+    libvirt_uri: str | None  # the libvirt host of a libvirt part
+    pid: int | None  # of QEMU started directly (a libvirt domain's is libvirt's business)
+    accelerator: str | None
+    forwards: tuple[Forward, ...]
+    vnc: str | None
+    ssh_command: tuple[str, ...] | None  # the argv of an interactive login, as PART-ssh runs it
+    console_log: Path | None  # None: it is on a remote libvirt host
+    disks: Mapping[str, Path]  # role ("image") -> path: the disks the VM boots from
+
+    @property
+    def running(self) -> bool:
+        return self.state is State.RUNNING
+
+
+def gather(part: Part, *, address: str, console_log: Path | None,
+           libvirt_uri: str | None = None) -> Facts:
+    """The facts of a part; an engine says where its forwards listen and where its console is."""
+    status = current(part)
+    return Facts(
+        part=part.name,
+        state=State.RUNNING if status.running else State.STOPPED,
+        engine=part.kvm_engine.value,
+        libvirt_uri=libvirt_uri,
+        pid=status.pid,
+        accelerator=status.accel,
+        forwards=tuple(
+            Forward(r.protocol, address, r.host_port, r.guest_address, r.guest_port)
+            for r in forwards(part)
+        ),
+        vnc=part.kvm_vnc,
+        ssh_command=tuple(ssh.login_argv(part, [], tty=False)) if part.ssh_port is not None else None,
+        console_log=console_log,
+        disks={"image": part.image_path},
+    )
+
+
+def describe(facts: Facts) -> list[str]:
+    """The lines ``status`` prints."""
+    if not facts.running:
+        return [f"{facts.part} is {facts.state}"]
+    accel = f"accel {facts.accelerator or 'unknown'}"
+    if facts.libvirt_uri is not None:
+        lines = [f"{facts.part} is running (libvirt domain {facts.part} on {facts.libvirt_uri}, {accel})"]
+    else:
+        lines = [f"{facts.part} is running (pid {facts.pid}, {accel})"]
+    for forward in facts.forwards:
+        guest = f"{forward.guest_address or 'guest'}:{forward.guest_port}"
+        lines.append(f"  forward {forward.protocol} {forward.host_address}:{forward.host_port} -> {guest}")
+    if facts.vnc is not None:
+        lines.append(f"  vnc {facts.vnc}")
+    if facts.console_log is not None:
+        lines.append(f"  console log {facts.console_log}")
+    return lines
+
+
+def as_json(facts: Facts) -> str:
+    data: dict[str, Any] = {
+        "part": facts.part,
+        "state": facts.state.value,
+        "engine": facts.engine,
+        "libvirt_uri": facts.libvirt_uri,
+        "pid": facts.pid,
+        "accelerator": facts.accelerator,
+        "forwards": [asdict(forward) for forward in facts.forwards],
+        "vnc": facts.vnc,
+        "ssh_command": list(facts.ssh_command) if facts.ssh_command is not None else None,
+        "console_log": str(facts.console_log) if facts.console_log is not None else None,
+        "disks": {role: str(path) for role, path in facts.disks.items()},
+    }
+    return json.dumps(data, indent=1)

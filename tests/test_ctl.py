@@ -1,0 +1,165 @@
+"""The generated scripts without a guest: status --json of a stopped VM, console (printed and
+followed across a restart's new log, ended by Ctrl-C), argument handling, doit's task docs.
+
+Real doit runs write the scripts; the scripts run as the user runs them. What needs a guest
+is in test_vm_ctl.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from kvmtasks.config.loader import load_file
+from kvmtasks.scripts import cli
+from tests.conftest import Project
+from tests.vmfixtures import free_port
+
+STATUS_KEYS = {"part", "state", "pid", "accelerator", "forwards", "vnc", "ssh_command", "console_log",
+               "disks"}
+
+
+def run(project: Project, name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(project.root / "bin" / name), *args], capture_output=True, text=True,
+                          timeout=timeout, check=False, env=project.environment())
+
+
+def check_status_json(text: str, project: Project, *, state: str, ssh_port: int) -> dict[str, object]:
+    """One JSON object with every documented key, consistent with the part; returns it."""
+    data = json.loads(text)
+    assert set(data) == STATUS_KEYS
+    assert (data["part"], data["state"]) == ("vm", state)
+    run_dir = project.var / "vm"
+    assert data["console_log"] == str(run_dir / "console.log")
+    assert data["disks"] == {"image": str(project.root / "disk.img")}
+    assert {"protocol": "tcp", "host_address": "127.0.0.1", "host_port": ssh_port,
+            "guest_address": "", "guest_port": 22} in data["forwards"]
+    command = data["ssh_command"]
+    assert isinstance(command, list) and command[0] == "ssh" and command[-1] == "localhost"
+    assert f"UserKnownHostsFile=\"{run_dir / 'known_hosts'}\"" in command
+    if state == "running":
+        assert data["pid"] == int((run_dir / "qemu.pid").read_text())
+        assert data["accelerator"] == "tcg"
+    else:
+        assert (data["pid"], data["accelerator"]) == (None, None)
+    return data
+
+
+@pytest.fixture
+def rendered(project: Project) -> tuple[Project, int]:
+    port = free_port()
+    (project.root / "disk.img").write_bytes(bytes(4096))
+    project.write(f"[vm]\nfile = {project.root / 'disk.img'}\nssh_port = {port}\n"
+                  "kvm_redir =\n  udp:5353::53\n")
+    assert project.run("render:vm").returncode == 0
+    return project, port
+
+
+def test_status_json_of_a_stopped_vm_exits_3(rendered: tuple[Project, int]) -> None:
+    project, port = rendered
+    status = run(project, "vm-ctl", "status", "--json")
+    assert status.returncode == 3, status.stderr
+    data = check_status_json(status.stdout, project, state="stopped", ssh_port=port)
+    assert {"protocol": "udp", "host_address": "127.0.0.1", "host_port": 5353,
+            "guest_address": "", "guest_port": 53} in data["forwards"]  # type: ignore[operator]
+    plain = run(project, "vm-ctl", "status")
+    assert (plain.returncode, plain.stdout) == (3, "vm is stopped\n")
+
+
+def test_console_before_any_start_is_one_line(rendered: tuple[Project, int]) -> None:
+    project, _ = rendered
+    shown = run(project, "vm-ctl", "console")
+    assert shown.returncode == 1
+    assert shown.stderr == (f"vm-ctl: no console log yet ({project.var / 'vm' / 'console.log'}): "
+                            "the VM of vm has not been started\n")
+
+
+def read_until(stream: object, wanted: bytes, timeout: float = 20) -> bytes:
+    """Read from a pipe until wanted came (or fail after timeout)."""
+    fd = stream.fileno()  # type: ignore[attr-defined]
+    os.set_blocking(fd, False)
+    got, deadline = b"", time.monotonic() + timeout
+    while wanted not in got:
+        assert time.monotonic() < deadline, f"never saw {wanted!r}; got {got!r}"
+        try:
+            got += os.read(fd, 65536)
+        except BlockingIOError:
+            time.sleep(0.05)
+    return got
+
+
+def test_console_prints_and_follows_across_a_new_boot_until_ctrl_c(rendered: tuple[Project, int]) -> None:
+    project, _ = rendered
+    log = project.var / "vm" / "console.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(b"boot line 1\n\xff not utf-8\n")
+    shown = subprocess.run([str(project.root / "bin" / "vm-ctl"), "console"], capture_output=True,
+                           timeout=60, check=False, env=project.environment())
+    assert (shown.returncode, shown.stdout) == (0, b"boot line 1\n\xff not utf-8\n")
+
+    follower = subprocess.Popen([str(project.root / "bin" / "vm-ctl"), "console", "--follow"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=project.environment())
+    try:
+        assert follower.stdout is not None
+        read_until(follower.stdout, b"not utf-8\n")
+        with open(log, "ab") as writer:
+            writer.write(b"boot line 2\n")
+        read_until(follower.stdout, b"boot line 2\n")
+        # A new start moves the log aside and QEMU writes a new one: followed from its start.
+        os.replace(log, log.with_name("console.log.1"))
+        log.write_bytes(b"second boot\n")
+        read_until(follower.stdout, b"second boot\n")
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(timeout=20) == 130
+        assert follower.stderr is not None and follower.stderr.read() == b""
+    finally:
+        follower.kill()
+        follower.wait()
+
+
+def test_remote_names_starting_with_a_dash_are_names(rendered: tuple[Project, int]) -> None:
+    project, _ = rendered
+    (part,) = load_file(project.configs[0], project.root)
+    for kind in ("sendfile", "getfile"):
+        parser = cli._parser(part, kind)
+        for args in (["-rf", "-local"], ["--", "-rf", "-local"], ["-h", "--help"]):
+            options = parser.parse_args(cli._names(args))
+            assert (options.remotefile, str(options.localfile)) == (args[-2], args[-1])
+        help_ = run(project, f"vm-{kind}", "-h")
+        assert help_.returncode == 0 and "REMOTEFILE LOCALFILE" in help_.stdout
+        missing = run(project, f"vm-{kind}", "-x")
+        assert missing.returncode == 2 and "required: LOCALFILE" in missing.stderr
+
+
+def test_ssh_script_help_and_a_part_without_ssh_port(project: Project) -> None:
+    (project.root / "disk.img").write_bytes(bytes(4096))
+    project.write(f"[vm]\nfile = {project.root / 'disk.img'}\n")
+    assert project.run("render:vm").returncode == 0
+    help_ = run(project, "vm-ssh", "--help")
+    assert help_.returncode == 0 and "usage: vm-ssh [SSH OPTIONS] [COMMAND...]" in help_.stdout
+    refused = run(project, "vm-ssh", "true")
+    assert (refused.returncode, refused.stderr) == (
+        1, "vm-ssh: part vm has no ssh_port: set it to reach the guest over ssh\n")
+    status = json.loads(run(project, "vm-ctl", "status", "--json").stdout)
+    assert status["ssh_command"] is None
+
+
+def test_doit_list_names_the_part_in_each_sentence(rendered: tuple[Project, int]) -> None:
+    project, _ = rendered
+    listed = project.run("list", "--all")
+    assert listed.returncode == 0, listed.describe()
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in listed.stdout.splitlines() if line.strip()}
+    assert lines["provision:vm"] == (
+        "provision vm: download, verify and decompress the image, and write the control scripts")
+    assert lines["render:vm"].startswith("render vm: write the control scripts vm-ctl, -ssh,")
+    assert lines["verify-image:vm"].startswith("verify-image vm: check the image")
+    assert lines["provision"].startswith("provision a part: download")
+    assert lines["start:vm"].startswith("start vm: provision it, then start its VM")
+    assert not any(doc.endswith(" vm") for doc in lines.values())
