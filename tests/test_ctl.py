@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 
@@ -30,7 +31,7 @@ def run(project: Project, name: str, *args: str, timeout: float = 60) -> subproc
                           timeout=timeout, check=False, env=project.environment())
 
 
-def check_status_json(text: str, project: Project, *, state: str, ssh_port: int) -> dict[str, object]:
+def check_status_json(text: str, project: Project, *, state: str, ssh_port: int) -> dict[str, Any]:
     """One JSON object with every documented key, consistent with the part; returns it."""
     data = json.loads(text)
     assert set(data) == STATUS_KEYS
@@ -67,7 +68,7 @@ def test_status_json_of_a_stopped_vm_exits_3(rendered: tuple[Project, int]) -> N
     assert status.returncode == 3, status.stderr
     data = check_status_json(status.stdout, project, state="stopped", ssh_port=port)
     assert {"protocol": "udp", "host_address": "127.0.0.1", "host_port": 5353,
-            "guest_address": "", "guest_port": 53} in data["forwards"]  # type: ignore[operator]
+            "guest_address": "", "guest_port": 53} in data["forwards"]
     plain = run(project, "vm-ctl", "status")
     assert (plain.returncode, plain.stdout) == (3, "vm is stopped\n")
 
@@ -80,9 +81,9 @@ def test_console_before_any_start_is_one_line(rendered: tuple[Project, int]) -> 
                             "the VM of vm has not been started\n")
 
 
-def read_until(stream: object, wanted: bytes, timeout: float = 20) -> bytes:
+def read_until(stream: IO[bytes], wanted: bytes, timeout: float = 20) -> bytes:
     """Read from a pipe until wanted came (or fail after timeout)."""
-    fd = stream.fileno()  # type: ignore[attr-defined]
+    fd = stream.fileno()
     os.set_blocking(fd, False)
     got, deadline = b"", time.monotonic() + timeout
     while wanted not in got:
@@ -129,13 +130,15 @@ def test_remote_names_starting_with_a_dash_are_names(rendered: tuple[Project, in
     (part,) = load_file(project.configs[0], project.root)
     for kind in ("sendfile", "getfile"):
         parser = cli._parser(part, kind)
-        for args in (["-rf", "-local"], ["--", "-rf", "-local"], ["-h", "--help"]):
-            options = parser.parse_args(cli._names(args))
-            assert (options.remotefile, str(options.localfile)) == (args[-2], args[-1])
+        for args in (["-rf", "-local"], ["--", "-rf", "-local"], ["-h", "--help"], ["--", "--"],
+                     ["a", "--"]):
+            assert cli._names(parser, args) == (args[-2], Path(args[-1]))
         help_ = run(project, f"vm-{kind}", "-h")
         assert help_.returncode == 0 and "REMOTEFILE LOCALFILE" in help_.stdout
-        missing = run(project, f"vm-{kind}", "-x")
-        assert missing.returncode == 2 and "required: LOCALFILE" in missing.stderr
+        for wrong in (["-x"], ["a", "--", "b"], ["-x", "y", "z"]):
+            refused = run(project, f"vm-{kind}", *wrong)
+            assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+            assert refused.stderr.startswith(f"usage: vm-{kind}"), refused.stderr
 
 
 def test_ssh_script_help_and_a_part_without_ssh_port(project: Project) -> None:

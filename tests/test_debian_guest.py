@@ -157,7 +157,7 @@ def test_debian_guest_end_to_end(project: Project, debian_guest: DebianGuest, tm
     stopped = script(project, "vm-ctl", "stop")
     timings["stop"] = time.monotonic() - began
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    assert "vm stopped (the guest powered off)" in stopped.stdout, stopped.stdout
+    assert "vm stopped (the guest powered off on the ACPI power button)" in stopped.stdout, stopped.stdout
     console = re.sub(r"\x1b\[[0-9;]*m", "", (project.var / "vm" / "console.log").read_text(errors="replace"))
     assert "Reached target poweroff.target - System Power Off." in console, console[-3000:]
     assert "reboot: Power down" in console, console[-3000:]

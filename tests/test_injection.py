@@ -254,7 +254,7 @@ def test_scripts_in_hostile_folders_run_and_fail_in_one_line(
     assert words.returncode == 255 and "Connection refused" in words.stderr
     assert not (root / "-local").exists()
     assert sorted(p.name for p in (root / "bin").iterdir()) == [
-        "vm-ctl", "vm-getfile", "vm-runscript", "vm-sendfile"]
+        "vm-ctl", "vm-getfile", "vm-runscript", "vm-sendfile", "vm-ssh"]
 
 
 # -- a real guest receives and returns files with hostile names ----------------------------------------
@@ -271,9 +271,10 @@ def send_and_get_back(root: Path, folder: Path, reliability: Recorder, round_: s
         reliability.bad_input("names")
         sent, back = folder / f"{round_}-sent-{index}", folder / f"{round_}-back-{index}"
         sent.write_bytes(os.urandom(1000 + index))
-        sending = run_script(root, "vm-sendfile", "--", name, str(sent))
+        # No "--" needed: the remote name is always a name, "-rf" too.
+        sending = run_script(root, "vm-sendfile", name, str(sent))
         assert sending.returncode == 0, (round_, name, sending.stderr)
-        getting = run_script(root, "vm-getfile", "--", name, str(back))
+        getting = run_script(root, "vm-getfile", name, str(back))
         assert getting.returncode == 0, (round_, name, getting.stderr)
         assert back.read_bytes() == sent.read_bytes(), (round_, name)
     each_file = "for f in /root/* /root/.[!.]*; do [ -e \"$f\" ] && printf '%s\\0' \"${f#/root/}\"; done"

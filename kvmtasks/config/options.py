@@ -312,7 +312,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("kvm_boot_timeout", parse_seconds, "300",
            "Seconds `start` waits for the guest to answer (ssh, or QMP when no `ssh_port`)."),
     Option("kvm_shutdown_timeout", parse_seconds, "30",
-           "Seconds `stop` waits for the guest to power off (ACPI) before QEMU is told to quit."),
+           "Seconds `stop` waits for the guest to power off (ACPI button; when the guest ignores it "
+           "for 3 s, poweroff over ssh) before QEMU is told to quit."),
     Option("kvm_vnc", parse_vnc, None, "`IP:DISPLAY` for a VNC server; without it the VM is headless."),
     Option("kvm_graphic", parse_vga, None, "Graphics card (`-vga`), e.g. std."),
     Option("kvm_net", parse_net, None,

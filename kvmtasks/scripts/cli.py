@@ -76,16 +76,18 @@ def _ctl(part: Part, options: argparse.Namespace) -> int:
     return 0
 
 
-def _names(args: Sequence[str]) -> list[str]:
-    """sendfile/getfile take names only: one starting with "-" is a name, never an option.
+def _names(parser: argparse.ArgumentParser, args: Sequence[str]) -> tuple[str, Path]:
+    """REMOTEFILE and LOCALFILE: two names, never options ("-rf" names a file).
 
-    A lone -h/--help asks for help; a leading "--" (needed before) is still accepted.
+    A lone -h/--help asks for help; a leading "--" (once needed) is still accepted. argparse
+    only prints the help or the usage error: it drops a second "--" even after the first.
     """
-    if len(args) == 1 and args[0] in ("-h", "--help"):
-        return list(args)
     if len(args) == 3 and args[0] == "--":
         args = args[1:]
-    return ["--", *args]
+    if len(args) != 2:
+        parser.parse_args(args if list(args) in (["-h"], ["--help"]) else ["--", *args])
+        parser.error("give REMOTEFILE and LOCALFILE")
+    return args[0], Path(args[1])
 
 
 def run(part: Part, kind: str, args: Sequence[str]) -> int:
@@ -96,15 +98,13 @@ def run(part: Part, kind: str, args: Sequence[str]) -> int:
         if kind == "ssh":
             return ssh.login(part, args, tty=sys.stdin.isatty())
         return ssh.runscript(part, list(args))
-    if kind in ("sendfile", "getfile"):
-        args = _names(args)
-    options = _parser(part, kind).parse_args(args)
     if kind == "ctl":
-        return _ctl(part, options)
+        return _ctl(part, _parser(part, kind).parse_args(args))
+    remote_file, local_file = _names(_parser(part, kind), args)
     if kind == "sendfile":
-        ssh.sendfile(part, options.remotefile, options.localfile)
+        ssh.sendfile(part, remote_file, local_file)
     else:
-        ssh.getfile(part, options.remotefile, options.localfile)
+        ssh.getfile(part, remote_file, local_file)
     return 0
 
 
