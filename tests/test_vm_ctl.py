@@ -9,6 +9,8 @@ ignores the button.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import signal
 import subprocess
 import time
@@ -50,6 +52,16 @@ def test_ssh_console_status_json_and_a_stop_on_the_acpi_button(project: Project,
     assert (uname.returncode, uname.stdout.strip()) == (0, guest.image.kernel_release)
     assert script(project, "vm-ssh", "exit 7").returncode == 7
     assert script(project, "vm-ssh", "test -t 0").returncode == 1
+    # From a terminal, the command gets one too (-t), as a login would.
+    primary, secondary = pty.openpty()
+    try:
+        with_tty = subprocess.run([str(project.root / "bin" / "vm-ssh"), "test -t 0 && test -t 1"],
+                                  stdin=secondary, stdout=secondary, stderr=secondary, timeout=60,
+                                  check=False, env=project.environment())
+    finally:
+        os.close(secondary)
+        os.close(primary)
+    assert with_tty.returncode == 0
     # ssh's own options go before the command, as with ssh.
     verbose = script(project, "vm-ssh", "-v", "true")
     assert verbose.returncode == 0 and "debug1:" in verbose.stderr

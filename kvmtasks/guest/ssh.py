@@ -20,8 +20,11 @@ GLOB_CHARACTERS = frozenset("*?[]{}\\")
 # The libvirt host of a remote part, as named in the part's ssh config file.
 JUMP_HOST = "kvmtasks-libvirt-host"
 SHELL_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+-]+")
-# busybox and systemd guests have poweroff; shutdown is for the others.
-POWEROFF = "poweroff || shutdown -h now"
+# busybox and systemd guests have poweroff; shutdown is for the others. A systemd guest already
+# shutting down (slow to act on the ACPI button) is left to it, and says so with ALREADY_STOPPING.
+ALREADY_STOPPING = 100
+POWEROFF = (f'[ "$(systemctl is-system-running 2>/dev/null)" = stopping ] && exit {ALREADY_STOPPING}; '
+            "poweroff || shutdown -h now")
 # What ssh says when it never got to run the command (exit status 255 either way).
 LOGIN_FAILURES = ("Permission denied", "Host key verification failed", "Connection refused",
                   "timed out", "Could not resolve")
@@ -166,7 +169,8 @@ def login(part: Part, args: Sequence[str], *, tty: bool) -> int:
 def request_poweroff(part: Part) -> bool:
     """Ask the guest over ssh to power off; True when it was asked (it may take a while to go).
 
-    False when ssh does not answer or refuses us, or both commands fail in the guest.
+    False when ssh does not answer or refuses us, when the guest is already shutting down, or
+    when both commands fail in the guest.
     """
     if part.ssh_port is None or not banner(part.ssh_hostname, part.ssh_port):
         return False
