@@ -8,7 +8,10 @@ with a fresh copy of the image:
 
 - start: ``bin/PART-ctl start``, which returns once an ssh login works;
 - raw: the same qemu argv (kvmtasks.engines.qemu.qemu_argv) run by hand, then
-  ``ssh ... true`` in a tight loop until it succeeds.
+  ``ssh ... true`` in a tight loop until it succeeds;
+- stop: ``bin/PART-ctl stop`` after each start (the guest acts on the ACPI power
+  button), and after a start of the variant that ignores the button (stop asks
+  it over ssh).
 
 Guests run under TCG (KVM crashes guests on the nested machines this runs on).
 Every VM is killed when its measurement ends, whatever happened. Prints a table
@@ -62,6 +65,8 @@ BOOT_TIMEOUT = 300.0
 # a tighter poll than PART-ctl's, so that "raw" is the best a script could do.
 POLL_CONNECT_TIMEOUT = 1
 POLL_PAUSE = 0.05
+ACPI = "the guest acts on the ACPI power button"
+OVER_SSH = "the guest ignores the button: `poweroff` over ssh after 3 s"
 
 
 def make_project(folder: Path, image: Path, key: Path) -> Part:
@@ -93,15 +98,17 @@ def killed_afterwards(folder: Path) -> Iterator[None]:
             time.sleep(0.05)
 
 
-def run_ctl(folder: Path, image: Path, key: Path, quiet: Quiet) -> float:
-    """doit provision (not timed), then `bin/PART-ctl start` (timed)."""
+def run_ctl(folder: Path, image: Path, key: Path, quiet: Quiet) -> tuple[float, float]:
+    """doit provision (not timed), then `bin/PART-ctl start` and `stop` (each timed)."""
     part = make_project(folder, image, key)
     env = environment(KVMTASKS_CONFIG=str(folder / "boot.cfg"), HOME=str(folder / "home"))
     measure(doit_argv(f"provision:{PART}"), env=env, cwd=folder).check()
+    ctl = str(part.kvm_bin_directory / f"{PART}-ctl")
     with killed_afterwards(folder):
         quiet.wait()
-        started = measure([str(part.kvm_bin_directory / f"{PART}-ctl"), "start"], env=env, cwd=folder)
-        return started.check().seconds
+        started = measure([ctl, "start"], env=env, cwd=folder).check()
+        stopped = measure([ctl, "stop"], env=env, cwd=folder).check()
+        return started.seconds, stopped.seconds
 
 
 def run_raw(folder: Path, image: Path, key: Path, quiet: Quiet) -> float:
@@ -122,20 +129,26 @@ def run_raw(folder: Path, image: Path, key: Path, quiet: Quiet) -> float:
         return time.perf_counter() - started
 
 
-def guest_image(work: Path) -> tuple[Path, Path]:
+def guest_images(work: Path) -> tuple[Path, Path, Path]:
+    """The tiny guest, the variant that ignores the ACPI button, and their key."""
     key = work / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     image = build_guest_image(work / "guest.img", key.with_suffix(".pub"), GUEST_CACHE)
-    return image.path, key
+    no_acpi = build_guest_image(work / "no-acpi.img", key.with_suffix(".pub"), GUEST_CACHE,
+                                with_acpi=False)
+    return image.path, no_acpi.path, key
 
 
-def report(image: Path, ctl: list[float], raw: list[float], quiet: Quiet) -> str:
+def report(image: Path, ctl: list[float], raw: list[float], stops: dict[str, list[float]],
+           quiet: Quiet) -> str:
     def runs(values: list[float]) -> str:
         return ", ".join(f"{value:.2f}" for value in values)
 
     rows = [
         ["start: `bin/boot-ctl start` (until an ssh login works)", f"{median(ctl):.2f} s", runs(ctl)],
         ["raw: the same qemu argv by hand, `ssh ... true` in a loop", f"{median(raw):.2f} s", runs(raw)],
+        *([f"stop: `bin/boot-ctl stop`, {label}", f"{median(values):.2f} s", runs(values)]
+          for label, values in stops.items()),
     ]
     return "\n".join([
         "## Booting the tiny guest",
@@ -175,20 +188,25 @@ def main(argv: list[str] | None = None) -> int:
     quiet = Quiet(patience=options.patience)
     ctl: list[float] = []
     raw: list[float] = []
+    stops: dict[str, list[float]] = {ACPI: [], OVER_SSH: []}
     with tempfile.TemporaryDirectory(prefix="kvmtasks-boot-") as work_name:
         work = Path(work_name)
-        image, key = guest_image(work)
+        image, no_acpi, key = guest_images(work)
         for round_number in range(options.repeat):
             kinds = ["start", "raw"] if round_number % 2 == 0 else ["raw", "start"]
-            for kind in kinds:
+            for kind in [*kinds, "no-acpi"]:
                 folder = work / f"{kind}-{round_number}"
                 if kind == "start":
-                    ctl.append(run_ctl(folder, image, key, quiet))
+                    started, stopped = run_ctl(folder, image, key, quiet)
+                    ctl.append(started)
+                    stops[ACPI].append(stopped)
+                elif kind == "no-acpi":
+                    stops[OVER_SSH].append(run_ctl(folder, no_acpi, key, quiet)[1])
                 else:
                     raw.append(run_raw(folder, image, key, quiet))
                 shutil.rmtree(folder, ignore_errors=True)
                 print(f"  round {round_number + 1}/{options.repeat}: {kind} done", file=sys.stderr)
-        text = report(image, ctl, raw, quiet)
+        text = report(image, ctl, raw, stops, quiet)
     write_section(options.output, "boot", text)
     print(text)
     print(summary_line(ctl, raw))

@@ -184,11 +184,11 @@ def _qmp_command(files: RunFiles, name: str) -> None:
 
 
 def _power_off(part: Part, pid: int, files: RunFiles, seconds: float) -> str | None:
-    """Ask the guest to power off: the ACPI button, then over ssh. How it went, or None.
+    """Ask the guest to power off; how it did ("acpi" or "ssh"), or None when it did not in time.
 
-    A guest gets ACPI_GRACE seconds to act on the button; one that ignores it but answers ssh
-    is asked to run poweroff, and then has seconds to go. Otherwise the button's wait
-    runs on to seconds in all.
+    The ACPI button first. A guest still up ACPI_GRACE seconds later that lets us in over ssh
+    is asked to run poweroff, then waited for up to ``seconds`` more; otherwise the wait for
+    the button goes on, to ``seconds`` in all.
     """
     _qmp_command(files, "system_powerdown")
     deadline = time.monotonic() + seconds

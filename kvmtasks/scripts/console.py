@@ -16,13 +16,13 @@ POLL_SECONDS = 0.2
 CHUNK = 64 * 1024
 
 
-def show(part: Part, *, follow: bool, out: BinaryIO | None = None) -> int:
+def show(part: Part, *, follow: bool) -> int:
     """Print the console log so far; with follow, keep printing until interrupted (Ctrl-C)."""
     if remote_of(part) is not None:
         raise VmError(f"the serial console of {part.name} is logged on its libvirt host "
                       f"({part.libvirt_uri}), not here")
     log = RunFiles.of(part).console_log
-    target = out if out is not None else sys.stdout.buffer
+    target = sys.stdout.buffer
     if not log.exists() and not follow:
         raise VmError(f"no console log yet ({log}): the VM of {part.name} has not been started")
     if follow:
