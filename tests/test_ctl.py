@@ -22,8 +22,8 @@ from kvmtasks.scripts import cli
 from tests.conftest import Project
 from tests.vmfixtures import free_port
 
-STATUS_KEYS = {"part", "state", "pid", "accelerator", "forwards", "vnc", "ssh_command", "console_log",
-               "disks"}
+STATUS_KEYS = {"part", "state", "engine", "libvirt_uri", "pid", "accelerator", "forwards", "vnc",
+               "ssh_command", "console_log", "disks"}
 
 
 def run(project: Project, name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -35,7 +35,7 @@ def check_status_json(text: str, project: Project, *, state: str, ssh_port: int)
     """One JSON object with every documented key, consistent with the part; returns it."""
     data = json.loads(text)
     assert set(data) == STATUS_KEYS
-    assert (data["part"], data["state"]) == ("vm", state)
+    assert (data["part"], data["state"], data["engine"], data["libvirt_uri"]) == ("vm", state, "qemu", None)
     run_dir = project.var / "vm"
     assert data["console_log"] == str(run_dir / "console.log")
     assert data["disks"] == {"image": str(project.root / "disk.img")}
