@@ -8,6 +8,7 @@ the generated ssh and scp go through the libvirt host with ProxyJump.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -245,6 +246,9 @@ def test_a_part_runs_on_local_libvirt(project: Project, guest: Guest, http_serve
     assert (tmp_path / "back.bin").read_bytes() == payload.read_bytes()
     status = script(project, f"{name}-ctl", "status")
     assert status.returncode == 0 and "libvirt domain" in status.stdout
+    facts = json.loads(script(project, f"{name}-ctl", "status", "--json").stdout)
+    assert (facts["state"], facts["engine"], facts["libvirt_uri"]) == ("running", "libvirt", "qemu:///system")
+    assert facts["console_log"] == str(project.var / name / "console.log")
 
     # A new image while the domain runs: refused, the domain runs on.
     second = http_server.put("v2/guest.img", guest.image.path.read_bytes())
@@ -255,7 +259,8 @@ def test_a_part_runs_on_local_libvirt(project: Project, guest: Guest, http_serve
     project.write(libvirt_config(guest, name, f"image = {url}", pool, ssh_port))
 
     stopped = script(project, f"{name}-ctl", "stop")
-    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert stopped.returncode == 0
+    assert stopped.stdout == f"{name} stopped (the guest powered off on the ACPI power button)\n"
     assert script(project, f"{name}-ctl", "status").returncode == 3
     assert _virsh("domstate", name).stdout.strip() == "shut off"
 
@@ -363,7 +368,37 @@ def test_a_part_runs_on_a_remote_libvirt_host_through_ssh(
     assert (uname.returncode, uname.stdout.strip()) == (0, guest.image.kernel_release)
     # The guest was reached through the libvirt host: one more login there, forwarding to the guest.
     assert log.read_text().count("Accepted publickey") > logins
+    # The console log is written on the libvirt host: status says there is none here, console why.
+    facts = json.loads(script(project, f"{domain_name}-ctl", "status", "--json").stdout)
+    assert (facts["libvirt_uri"], facts["console_log"]) == (uri, None)
+    console = script(project, f"{domain_name}-ctl", "console")
+    assert (console.returncode, console.stderr) == (
+        1, f"{domain_name}-ctl: the serial console of {domain_name} is logged on its libvirt host "
+           f"({uri}), not here\n")
 
     stopped = script(project, f"{domain_name}-ctl", "stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert script(project, f"{domain_name}-ctl", "status").returncode == 3
+
+
+@needs_qemu
+@pytest.mark.vm
+@pytest.mark.usefixtures("no_vm_left")
+def test_a_libvirt_guest_that_ignores_acpi_is_powered_off_over_ssh(
+    project: Project, guest_without_acpi: Guest, pool: str, domain_name: str, tmp_path: Path
+) -> None:
+    image = tmp_path / "guest.img"
+    shutil.copyfile(guest_without_acpi.image.path, image)
+    project.write(libvirt_config(guest_without_acpi, domain_name, f"file = {image}", pool, free_port())
+                  .replace("kvm_shutdown_timeout = 3", "kvm_shutdown_timeout = 30"))
+    started = project.run(f"start:{domain_name}", timeout=400)
+    assert started.returncode == 0, started.describe()
+
+    began = time.monotonic()
+    stopped = script(project, f"{domain_name}-ctl", "stop")
+    took = time.monotonic() - began
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout == (f"{domain_name} stopped (the guest ignored the ACPI power button and "
+                              "powered off when asked over ssh)\n")
+    assert took < 30, f"stop took {took:.1f} s: it waited for kvm_shutdown_timeout"
+    assert _virsh("domstate", domain_name).stdout.strip() == "shut off"

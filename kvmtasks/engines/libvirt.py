@@ -19,7 +19,7 @@ from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.remote import remote_of
 from kvmtasks.config.runfiles import RunFiles, current, virsh
-from kvmtasks.engines import status
+from kvmtasks.engines import poweroff, status
 from kvmtasks.engines.domain import Disk, domain_xml, made_by_kvmtasks
 from kvmtasks.errors import VmError
 from kvmtasks.guest import ssh
@@ -256,17 +256,24 @@ def _destroy(part: Part) -> None:
     RunFiles.of(part).domain.unlink(missing_ok=True)
 
 
+def _gone_within(part: Part, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not current(part).running:
+            return True
+        time.sleep(POLL)
+    return not current(part).running
+
+
 def stop(part: Part, say: Say = print) -> None:
     if not current(part).running:
         say(f"{part.name} is not running")
         return
-    virsh(part, "shutdown", part.name)
-    deadline = time.monotonic() + part.kvm_shutdown_timeout
-    while time.monotonic() < deadline:
-        if not current(part).running:
-            say(f"{part.name} stopped (the guest powered off)")
-            return
-        time.sleep(POLL)
+    how = poweroff.power_off(part, part.kvm_shutdown_timeout, lambda: virsh(part, "shutdown", part.name),
+                             lambda seconds: _gone_within(part, seconds))
+    if how is not None:
+        say(f"{part.name} stopped ({poweroff.STOPPED_HOW[how]})")
+        return
     _destroy(part)
     say(f"{part.name} stopped (no power-off within kvm_shutdown_timeout = "
         f"{part.kvm_shutdown_timeout:g} s, so the domain was destroyed)")

@@ -12,7 +12,7 @@ from kvmtasks.config.diskformat import disk_format
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.runfiles import RunFiles, clean_run_files, current, is_our_qemu, read_pid
-from kvmtasks.engines import portprobe, qmp, status
+from kvmtasks.engines import portprobe, poweroff, qmp, status
 from kvmtasks.engines.qemu import forwards, qemu_argv
 from kvmtasks.errors import VmError
 from kvmtasks.guest import ssh
@@ -22,8 +22,6 @@ Say = Callable[[str], None]
 DEAD_STATES = frozenset({"internal-error", "guest-panicked", "shutdown", "io-error"})
 CONSOLE_TAIL_LINES = 20
 QUIT_WAIT = 5.0
-# Seconds a guest gets to act on the ACPI power button before it is asked over ssh.
-ACPI_GRACE = 3.0
 SOCKET_PATH_MAX = 107
 
 
@@ -183,22 +181,6 @@ def _qmp_command(files: RunFiles, name: str) -> None:
         pass  # the escalation to the next, harder step handles it
 
 
-def _power_off(part: Part, pid: int, files: RunFiles, seconds: float) -> str | None:
-    """Ask the guest to power off; how it did ("acpi" or "ssh"), or None when it did not in time.
-
-    The ACPI button first. A guest still up ACPI_GRACE seconds later that lets us in over ssh
-    is asked to run poweroff, then waited for up to ``seconds`` more; otherwise the wait for
-    the button goes on, to ``seconds`` in all.
-    """
-    _qmp_command(files, "system_powerdown")
-    deadline = time.monotonic() + seconds
-    if _wait_gone(pid, files, min(ACPI_GRACE, seconds)):
-        return "acpi"
-    if part.ssh_port is not None and ssh.request_poweroff(part):
-        return "ssh" if _wait_gone(pid, files, seconds) else None
-    return "acpi" if _wait_gone(pid, files, deadline - time.monotonic()) else None
-
-
 def _kill(part: Part, graceful_seconds: float = 0.0) -> str | None:
     """Stop qemu: a power-off asked of the guest, then QMP quit, then SIGTERM and SIGKILL.
 
@@ -209,7 +191,9 @@ def _kill(part: Part, graceful_seconds: float = 0.0) -> str | None:
     powered_off = None
     if pid is not None and is_our_qemu(pid, files):
         if graceful_seconds > 0:
-            powered_off = _power_off(part, pid, files, graceful_seconds)
+            powered_off = poweroff.power_off(
+                part, graceful_seconds, lambda: _qmp_command(files, "system_powerdown"),
+                lambda seconds: _wait_gone(pid, files, seconds))
         if powered_off is None:
             _qmp_command(files, "quit")
             for sig in (None, signal.SIGTERM, signal.SIGKILL):
@@ -221,12 +205,6 @@ def _kill(part: Part, graceful_seconds: float = 0.0) -> str | None:
     return powered_off
 
 
-STOPPED_HOW = {
-    "acpi": "the guest powered off on the ACPI power button",
-    "ssh": "the guest ignored the ACPI power button and powered off when asked over ssh",
-}
-
-
 def stop(part: Part, say: Say = print) -> None:
     status = current(part)
     if not status.running:
@@ -234,7 +212,7 @@ def stop(part: Part, say: Say = print) -> None:
         return
     how = _kill(part, part.kvm_shutdown_timeout)
     if how is not None:
-        say(f"{part.name} stopped ({STOPPED_HOW[how]})")
+        say(f"{part.name} stopped ({poweroff.STOPPED_HOW[how]})")
     else:
         say(f"{part.name} stopped (no power-off within kvm_shutdown_timeout = "
             f"{part.kvm_shutdown_timeout:g} s, so QEMU was told to quit)")
