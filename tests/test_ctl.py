@@ -18,6 +18,7 @@ from typing import IO, Any
 import pytest
 
 from kvmtasks.config.loader import load_file
+from kvmtasks.guest import ssh
 from kvmtasks.scripts import cli
 from tests.conftest import Project
 from tests.vmfixtures import free_port
@@ -139,6 +140,17 @@ def test_remote_names_starting_with_a_dash_are_names(rendered: tuple[Project, in
             refused = run(project, f"vm-{kind}", *wrong)
             assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
             assert refused.stderr.startswith(f"usage: vm-{kind}"), refused.stderr
+
+
+def test_ssh_script_uses_the_options_of_every_other_script(rendered: tuple[Project, int]) -> None:
+    project, port = rendered
+    (part,) = load_file(project.configs[0], project.root)
+    common = ssh.common_options(part)
+    for tty in (False, True):
+        argv = ssh.login_argv(part, ["-L", "8080:localhost:80", "uname"], tty=tty)
+        assert argv[1:1 + len(common)] == common  # whatever common_options holds, now or later
+        assert argv[len(common) + 1:] == [*(["-t"] if tty else []), "-p", str(port), "-l", "root",
+                                          "localhost", "-L", "8080:localhost:80", "uname"]
 
 
 def test_ssh_script_help_and_a_part_without_ssh_port(project: Project) -> None:
