@@ -74,6 +74,17 @@ def test_status_json_of_a_stopped_vm_exits_3(rendered: tuple[Project, int]) -> N
     assert (plain.returncode, plain.stdout) == (3, "vm is stopped\n")
 
 
+def test_status_json_names_the_overlay_a_part_boots(project: Project) -> None:
+    project.write("[vm]\nimage = http://127.0.0.1:9/disk.img\n")
+    assert project.run("render:vm").returncode == 0
+    status = run(project, "vm-ctl", "status", "--json")
+    assert status.returncode == 3
+    assert json.loads(status.stdout)["disks"] == {
+        "image": str(project.parts / "vm" / "disk.img"),
+        "overlay": str(project.parts / "vm" / "vm.overlay.qcow2"),
+    }
+
+
 def test_console_before_any_start_is_one_line(rendered: tuple[Project, int]) -> None:
     project, _ = rendered
     shown = run(project, "vm-ctl", "console")
@@ -171,8 +182,8 @@ def test_doit_list_names_the_part_in_each_sentence(rendered: tuple[Project, int]
     listed = project.run("list", "--all")
     assert listed.returncode == 0, listed.describe()
     lines = {line.split()[0]: line.split(None, 1)[1] for line in listed.stdout.splitlines() if line.strip()}
-    assert lines["provision:vm"] == (
-        "provision vm: download, verify and decompress the image, and write the control scripts")
+    assert lines["provision:vm"] == ("provision vm: download, verify and decompress the image, "
+                                     "make its overlay, write the control scripts")
     assert lines["render:vm"].startswith("render vm: write the control scripts vm-ctl, -ssh,")
     assert lines["verify-image:vm"].startswith("verify-image vm: check the image")
     assert lines["provision"].startswith("provision a part: download")

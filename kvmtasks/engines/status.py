@@ -43,7 +43,7 @@ class Facts:
     vnc: str | None
     ssh_command: tuple[str, ...] | None  # the argv of an interactive login, as PART-ssh runs it
     console_log: Path | None  # None: it is on a remote libvirt host
-    disks: Mapping[str, Path]  # role ("image") -> path: the disks the VM boots from
+    disks: Mapping[str, Path]  # role ("image", "overlay" over it) -> path: what the VM boots from
 
     @property
     def running(self) -> bool:
@@ -68,7 +68,7 @@ def gather(part: Part, *, address: str, console_log: Path | None,
         vnc=part.kvm_vnc,
         ssh_command=tuple(ssh.login_argv(part, [], tty=False)) if part.ssh_port is not None else None,
         console_log=console_log,
-        disks={"image": part.image_path},
+        disks={"image": part.image_path, **({"overlay": part.overlay_path} if part.overlay else {})},
     )
 
 
