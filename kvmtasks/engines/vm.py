@@ -17,7 +17,7 @@ from kvmtasks.config.runfiles import RunFiles, clean_run_files, current, is_our_
 from kvmtasks.engines import qmp
 from kvmtasks.engines.qemu import forwards, qemu_argv
 from kvmtasks.errors import VmError
-from kvmtasks.guest import ssh
+from kvmtasks.guest import connection, ssh
 
 Say = Callable[[str], None]
 # Run states after which the guest will never answer.
@@ -94,6 +94,8 @@ def start(part: Part, say: Say = print) -> None:
     """Start the VM and wait until it answers; leave nothing running on failure."""
     status = current(part)
     if status.running:
+        if part.ssh_port is not None and not connection.is_open(part):
+            connection.open_master(part)
         say(f"{part.name} is already running (pid {status.pid})")
         return
     address = _preflight(part)
@@ -107,6 +109,7 @@ def start(part: Part, say: Say = print) -> None:
             raise VmError(f"{error}; set kvm_accel = tcg or auto", error.details) from None
         say(f"{part.name}: {error}; starting again under TCG (software emulation, slower)")
         _boot(part, Accel.TCG, address)
+    connection.open_master(part)
     say(f"{part.name} is running (pid {current(part).pid}, accel {RunFiles.of(part).accel.read_text()})")
 
 
@@ -220,6 +223,7 @@ def _kill(part: Part, graceful_seconds: float = 0.0) -> bool:
 
 
 def stop(part: Part, say: Say = print) -> None:
+    connection.close(part)
     status = current(part)
     if not status.running:
         say(f"{part.name} is not running")

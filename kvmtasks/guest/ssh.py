@@ -6,11 +6,12 @@ import re
 import socket
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from kvmtasks import command
 from kvmtasks.config.part import Part
 from kvmtasks.config.remote import RemoteHost, remote_of
-from kvmtasks.config.runfiles import RunFiles
+from kvmtasks.config.runfiles import RunFiles, control_socket, is_private_folder
 from kvmtasks.errors import VmError
 
 CONNECT_TIMEOUT = 10
@@ -44,6 +45,10 @@ def common_options(part: Part) -> list[str]:
         "-o", "StrictHostKeyChecking=accept-new",
         "-o", "LogLevel=ERROR",
     ]
+    socket_path = control_socket(part)
+    if is_private_folder(socket_path.parent):
+        # Through the VM's ssh master when one runs (guest/connection.py); directly otherwise.
+        options += ["-o", f"ControlPath={config_path(socket_path)}"]
     if part.ssh_key_path is not None:
         # -o, not -i: ssh checks an -i path before expanding it, so %% would not be found.
         options += ["-o", f"IdentityFile={config_path(part.ssh_key_path)}", "-o", "IdentitiesOnly=yes"]
@@ -134,8 +139,8 @@ def remote(part: Part, path: str, *, legacy: bool, source: bool) -> str:
     return f"{part.ssh_user}@{part.ssh_hostname}:{path}"
 
 
-def runscript(part: Part, remote_command: Sequence[str]) -> int:
-    return command.run_foreground(ssh_argv(part, remote_command))
+def runscript(part: Part, remote_command: Sequence[str]) -> NoReturn:
+    command.replace_process(ssh_argv(part, remote_command))
 
 
 def copy_argv(part: Part, remote_file: str, local_file: Path, *, upload: bool, legacy: bool) -> list[str]:

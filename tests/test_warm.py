@@ -1,0 +1,103 @@
+"""Warm starts on a real guest: the shared ssh connection, suspend/resume, named snapshots.
+
+The tiny busybox guest under TCG; its root file system lives in memory (so a file in / or
+/tmp is "memory") and its disk is mounted on /mnt (a file there is "disk").
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from kvmtasks.config.runfiles import control_socket
+from kvmtasks.config.snapshot import from_json
+from tests.conftest import Project
+from tests.test_vm_e2e import script, vm_config
+from tests.vmfixtures import Guest, free_port, needs_qemu, qemu_pids_under
+
+pytestmark = [needs_qemu, pytest.mark.vm, pytest.mark.usefixtures("no_vm_left")]
+
+
+
+def ssh_client(project: Project) -> str:
+    """The guest's view of the ssh connection (address and port): the same for every session
+    carried by one master, new for every direct connection."""
+    answer = script(project, "vm-runscript", "echo $SSH_CLIENT")
+    assert answer.returncode == 0, answer.stderr
+    return answer.stdout.strip()
+
+
+def master_processes(socket_path: Path) -> list[int]:
+    """ssh processes whose command line or title names the master's socket."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "ssh" in cmdline and str(socket_path) in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def socket_of(project: Project, run_directory: Path | None = None) -> Path:
+    folder = (run_directory or project.var) / "vm"
+    return control_socket(from_json((folder / "part.json").read_text()))
+
+
+def test_one_ssh_connection_per_vm_with_a_long_run_directory(
+    project: Project, guest: Guest, tmp_path: Path
+) -> None:
+    # The QMP socket still fits in this folder, an ssh master's socket would not (104 bytes).
+    base = tmp_path / "run"
+    run_directory = base / ("r" * (96 - len(str(base)) - len("/vm/qmp.sock")))
+    assert len(str(run_directory / "vm" / "qmp.sock")) <= 107
+    project.write(vm_config(guest, f"file = {guest.image.path}", free_port(),
+                            f"kvm_run_directory = {run_directory}\nkvm_snapshot = true\n"))
+    assert project.run("render:vm").returncode == 0
+    master = socket_of(project, run_directory)
+    assert len(str(master)) < 80
+
+    started = script(project, "vm-ctl", "start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert master.is_socket()
+    assert subprocess.run(["ssh", "-O", "check", "-o", f"ControlPath={master}", "x"],
+                          capture_output=True, check=False).returncode == 0
+
+    # runscript, sendfile and getfile ride on the master: one connection for them all.
+    first = ssh_client(project)
+    payload = tmp_path / "payload.txt"
+    payload.write_text("through the master\n")
+    assert script(project, "vm-sendfile", "/tmp/payload.txt", str(payload)).returncode == 0
+    back = tmp_path / "back.txt"
+    assert script(project, "vm-getfile", "/tmp/payload.txt", str(back)).returncode == 0
+    assert back.read_text() == "through the master\n"
+    assert script(project, "vm-runscript", "exit 7").returncode == 7
+    assert ssh_client(project) == first
+
+    # A stale socket (nothing answers on it) is replaced; the backgrounded master does not
+    # hold the caller's pipes: capture_output returns as soon as start does.
+    for pid in master_processes(master):
+        os.kill(pid, 9)
+    time.sleep(0.3)
+    assert master.exists()
+    began = time.monotonic()
+    again = subprocess.run([str(project.root / "bin" / "vm-ctl"), "start"], capture_output=True,
+                           text=True, timeout=60, check=False,
+                           env={**os.environ, **project.environment()})
+    assert again.returncode == 0 and "already running" in again.stdout, again.stderr
+    assert time.monotonic() - began < 30
+    assert len(master_processes(master)) == 1
+    second = ssh_client(project)
+    assert second != first and ssh_client(project) == second
+
+    assert script(project, "vm-ctl", "stop").returncode == 0
+    assert not master.exists() and not master.is_symlink()
+    assert master_processes(master) == []
+    assert qemu_pids_under(project.root) == []
