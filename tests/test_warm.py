@@ -101,3 +101,58 @@ def test_one_ssh_connection_per_vm_with_a_long_run_directory(
     assert not master.exists() and not master.is_symlink()
     assert master_processes(master) == []
     assert qemu_pids_under(project.root) == []
+
+
+def guest_epoch(project: Project) -> int:
+    answer = script(project, "vm-runscript", "date +%s")
+    assert answer.returncode == 0, answer.stderr
+    return int(answer.stdout)
+
+
+def test_suspend_resume_and_a_state_that_no_longer_fits(
+    project: Project, guest: Guest, tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(guest.image.path.read_bytes())
+    project.write(vm_config(guest, f"file = {disk}", free_port()))
+    started = project.run("start:vm", timeout=300)
+    assert started.returncode == 0, started.describe()
+    master = socket_of(project)
+    # In memory (the root file system is a tmpfs), and a clock far in the past.
+    assert script(project, "vm-runscript", "echo kept > /tmp/mem && date -u -s @1000000000").returncode == 0
+
+    suspended = project.run("suspend:vm", timeout=300)
+    assert suspended.returncode == 0, suspended.describe()
+    assert "vm suspended" in suspended.stdout
+    assert qemu_pids_under(project.root) == [] and not master.exists()
+    status = script(project, "vm-ctl", "status")
+    assert status.returncode == 3 and "vm is suspended" in status.stdout, status.stdout
+
+    resumed = script(project, "vm-ctl", "start")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "vm resumed" in resumed.stdout and "discarded" not in resumed.stdout
+    assert script(project, "vm-runscript", "cat /tmp/mem").stdout == "kept\n"
+    assert abs(guest_epoch(project) - time.time()) < 30
+    assert master.is_socket()
+    assert list((project.var / "vm").glob("suspended*")) == []
+    assert script(project, "vm-ctl", "status").returncode == 0
+
+    # Re-provisioned: the boot disk is another file now. The state is dropped, the VM boots.
+    assert script(project, "vm-ctl", "suspend").returncode == 0
+    fresh = tmp_path / "fresh.img"
+    fresh.write_bytes(guest.image.path.read_bytes())
+    fresh.replace(disk)
+    cold = script(project, "vm-ctl", "start")
+    assert cold.returncode == 0, cold.stdout + cold.stderr
+    notice = [line for line in cold.stdout.splitlines() if "discarded" in line]
+    assert len(notice) == 1 and "boot disk" in notice[0] and "booting afresh" in notice[0]
+    assert script(project, "vm-runscript", "test -e /tmp/mem").returncode == 1
+
+    # stop of a suspended VM drops the state and says so.
+    assert script(project, "vm-ctl", "suspend").returncode == 0
+    stopped = script(project, "vm-ctl", "stop")
+    assert stopped.returncode == 0 and "saved state is discarded" in stopped.stdout
+    status = script(project, "vm-ctl", "status")
+    assert status.returncode == 3 and "vm is stopped" in status.stdout
+    assert list((project.var / "vm").glob("suspended*")) == []
+    assert not master.exists()

@@ -78,17 +78,18 @@ class Status:
     accel: str | None = None
 
 
-def _cmdline(pid: int) -> list[str]:
+def command_line(pid: int) -> list[str]:
+    """The process's argv, from /proc ([] once it is gone)."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return []
-    return raw.decode(errors="replace").split("\0")
+    return raw.decode(errors="replace").split("\0")[:-1]
 
 
 def is_our_qemu(pid: int, files: RunFiles) -> bool:
     """True only for a live qemu started with this part's pid file (never another process)."""
-    return str(files.pidfile) in _cmdline(pid)
+    return str(files.pidfile) in command_line(pid)
 
 
 def read_pid(files: RunFiles) -> int | None:

@@ -38,6 +38,7 @@ STEP_DOCS = {
     "start": "Provision the part, then start its VM and wait until it answers",
     "stop": "Stop the VM of a part (ACPI power-down, then quit, then signals)",
     "status": "Show whether the VM of a part is running",
+    "suspend": "Save the state of a part's running VM and stop it; start resumes it",
 }
 
 
@@ -223,6 +224,7 @@ def _vm_tasks(part: Part, shared_ports: tuple[ports.Clash, ...]) -> Iterator[Tas
         ("start", start, [f"provision:{part.name}"]),
         ("stop", engine.stop, []),
         ("status", status, []),
+        ("suspend", engine.suspend, []),
     ):
         yield {
             "basename": name,

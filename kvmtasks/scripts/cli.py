@@ -18,9 +18,11 @@ from kvmtasks.provision import overlay
 EXIT_STOPPED = 3  # LSB: program is not running
 
 HELP = {
-    "ctl": "Start, stop, restart the VM of part {part}, or show its status "
-           "(exit 0 when running, 3 when stopped); reset throws the guest's disk changes away "
-           "(a new overlay over the verified image; the VM must be stopped).",
+    "ctl": "Start, stop, restart, suspend the VM of part {part}, or show its status "
+           "(exit 0 when running, 3 when stopped or suspended); start resumes a suspended VM. "
+           "reset throws the guest's disk changes away (a new overlay over the verified image; "
+           "the VM must be stopped). "
+           "snapshot save|restore|list|delete manages named snapshots of its disk and memory.",
     "sendfile": "Copy LOCALFILE into the guest of part {part} as REMOTEFILE "
                 "(argument order as in erp5.recipe.kvm: remote first).",
     "getfile": "Copy REMOTEFILE from the guest of part {part} to LOCALFILE "
@@ -35,7 +37,7 @@ def _parser(part: Part, kind: str) -> argparse.ArgumentParser:
         prog=f"{part.name}-{kind}", description=HELP[kind].format(part=part.name)
     )
     if kind == "ctl":
-        parser.add_argument("action", choices=("start", "stop", "status", "restart", "reset"))
+        parser.add_argument("action", choices=("start", "stop", "status", "restart", "reset", "suspend"))
     elif kind in ("sendfile", "getfile"):
         parser.add_argument("remotefile", metavar="REMOTEFILE")
         parser.add_argument("localfile", metavar="LOCALFILE", type=Path)
@@ -46,8 +48,9 @@ def _ctl(part: Part, action: str) -> int:
     if action == "status":
         print("\n".join(engine.describe(part)))
         return 0 if current(part).running else EXIT_STOPPED
-    {"start": engine.start, "stop": engine.stop, "restart": engine.restart, "reset": overlay.reset}[
-        action](part, print)
+    steps = {"start": engine.start, "stop": engine.stop, "restart": engine.restart,
+             "reset": overlay.reset, "suspend": engine.suspend}
+    steps[action](part, print)
     return 0
 
 
