@@ -16,7 +16,7 @@ import pytest
 from kvmtasks.config.runfiles import control_socket
 from kvmtasks.config.snapshot import from_json
 from tests.conftest import Project
-from tests.test_vm_e2e import script, vm_config
+from tests.test_vm_e2e import _http_get, script, vm_config
 from tests.vmfixtures import Guest, free_port, needs_qemu, qemu_pids_under
 
 pytestmark = [needs_qemu, pytest.mark.vm, pytest.mark.usefixtures("no_vm_left")]
@@ -156,3 +156,88 @@ def test_suspend_resume_and_a_state_that_no_longer_fits(
     assert status.returncode == 3 and "vm is stopped" in status.stdout
     assert list((project.var / "vm").glob("suspended*")) == []
     assert not master.exists()
+
+
+def qcow2_copy(guest: Guest, target: Path) -> Path:
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(guest.image.path), str(target)],
+                   check=True)
+    return target
+
+
+def test_snapshots_of_disk_and_memory(project: Project, guest: Guest, tmp_path: Path) -> None:
+    disk = qcow2_copy(guest, tmp_path / "disk.qcow2")
+    web_port = free_port()
+    project.write(vm_config(guest, f"file = {disk}", free_port(), f"kvm_redir =\n  tcp:{web_port}::80\n"))
+    assert project.run("render:vm").returncode == 0
+
+    assert script(project, "vm-ctl", "snapshot", "list").stdout.startswith("no snapshots in ")
+    refused = script(project, "vm-ctl", "snapshot", "save", "one")
+    assert refused.returncode == 1 and "vm is not running" in refused.stderr
+    for bad in ("a b", "1", "x\ny", "-x"):
+        named = script(project, "vm-ctl", "snapshot", "save", "--", bad)
+        assert named.returncode != 0 and len(named.stderr.strip().splitlines()) <= 2, named.stderr
+
+    started = project.run("start:vm", timeout=300)
+    assert started.returncode == 0, started.describe()
+    (pid,) = qemu_pids_under(project.root)
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    assert cmdline[cmdline.index("-machine") + 1].startswith("pc-i440fx-")
+
+    serve = "mkdir -p /www && echo served > /www/hello.txt && busybox httpd -p 80 -h /www"
+    setup = f"{serve} && echo one > /tmp/mem && echo one > /mnt/disk && sync"
+    assert script(project, "vm-runscript", setup).returncode == 0
+    saved = script(project, "vm-ctl", "snapshot", "save", "one")
+    assert saved.returncode == 0 and "snapshot one saved" in saved.stdout, saved.stdout + saved.stderr
+    change = "echo two > /tmp/mem && echo two > /mnt/disk && sync && killall httpd; date -u -s @1000000000"
+    assert script(project, "vm-runscript", change).returncode == 0
+
+    listed = script(project, "vm-ctl", "snapshot", "list").stdout.splitlines()
+    assert listed[0].split() == ["NAME", "DATE", "SIZE"]
+    assert listed[1].split()[0] == "one" and listed[1].endswith(" MB")
+    assert listed[1].split()[1] == time.strftime("%Y-%m-%d")
+
+    restored = script(project, "vm-ctl", "snapshot", "restore", "one")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert script(project, "vm-runscript", "cat /tmp/mem /mnt/disk").stdout == "one\none\n"
+    assert abs(guest_epoch(project) - time.time()) < 30
+    assert b"served" in _http_get(web_port)  # the forward, to a process of the snapshot
+
+    # A stopped VM starts from the snapshot.
+    assert script(project, "vm-runscript", "echo three > /tmp/mem").returncode == 0
+    assert script(project, "vm-ctl", "stop").returncode == 0
+    from_stopped = script(project, "vm-ctl", "snapshot", "restore", "one")
+    assert from_stopped.returncode == 0, from_stopped.stdout + from_stopped.stderr
+    assert "started from snapshot one" in from_stopped.stdout
+    assert script(project, "vm-runscript", "cat /tmp/mem /mnt/disk").stdout == "one\none\n"
+
+    # Delete while running (QEMU) and while stopped (qemu-img).
+    assert script(project, "vm-ctl", "snapshot", "save", "two").returncode == 0
+    assert script(project, "vm-ctl", "snapshot", "delete", "one").returncode == 0
+    assert [line.split()[0] for line in script(project, "vm-ctl", "snapshot", "list").stdout.splitlines()] \
+        == ["NAME", "two"]
+    assert script(project, "vm-ctl", "stop").returncode == 0
+    assert script(project, "vm-ctl", "snapshot", "delete", "two").returncode == 0
+    assert script(project, "vm-ctl", "snapshot", "list").stdout.startswith("no snapshots in ")
+    missing = script(project, "vm-ctl", "snapshot", "restore", "two")
+    assert missing.returncode == 1 and "no snapshot two in" in missing.stderr
+    assert not socket_of(project).exists()
+
+
+def test_snapshots_are_refused_where_they_cannot_work(project: Project, guest: Guest,
+                                                     tmp_path: Path) -> None:
+    raw = tmp_path / "disk.img"
+    raw.write_bytes(guest.image.path.read_bytes())
+    for source, extra, reason in (
+        (f"file = {raw}", "", f"no snapshots on {raw}: it is raw"),
+        (f"file = {qcow2_copy(guest, tmp_path / 'disk.qcow2')}", "kvm_snapshot = true\n",
+         "no snapshots with kvm_snapshot = true"),
+    ):
+        project.write(vm_config(guest, source, free_port(), extra))
+        assert project.run("render:vm").returncode == 0
+        for args in (("save", "one"), ("restore", "one"), ("list",), ("delete", "one")):
+            refused = script(project, "vm-ctl", "snapshot", *args)
+            assert refused.returncode == 1, refused.stdout
+            (line,) = refused.stderr.strip().splitlines()
+            assert reason in line and "Traceback" not in line
+    suspend = script(project, "vm-ctl", "suspend")
+    assert suspend.returncode == 1 and "vm is not running" in suspend.stderr

@@ -80,6 +80,8 @@ def _preflight(part: Part) -> str:
 def _check_port_free(part: Part, protocol: str, address: str, port: int) -> None:
     kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as probe:
+        # As QEMU binds its forwards: a connection of the last run in TIME_WAIT is no obstacle.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((address, port))
         except OSError as error:
@@ -118,7 +120,7 @@ def start(part: Part, say: Say = print, *, loadvm: str | None = None) -> None:
         _boot(part, Accel.TCG, address, machine_type, extra)
     connection.open_master(part)
     if loadvm is not None:
-        _set_clock(part, say)
+        set_clock(part, say)
     say(f"{part.name} is running (pid {current(part).pid}, accel {RunFiles.of(part).accel.read_text()})")
 
 
@@ -141,12 +143,12 @@ def _resume(part: Part, address: str, machine_type: str | None, say: Say) -> boo
         say(f"{part.name}: the suspended state is discarded, {reason}; booting afresh")
         return False
     connection.open_master(part)
-    _set_clock(part, say)
+    set_clock(part, say)
     say(f"{part.name} resumed (pid {current(part).pid}, accel {accel.value})")
     return True
 
 
-def _set_clock(part: Part, say: Say) -> None:
+def set_clock(part: Part, say: Say) -> None:
     """The guest's clock stood still while its state was saved: set it from the host's."""
     problem = clock.set_from_host(part)
     if problem is not None:

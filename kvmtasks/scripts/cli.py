@@ -37,11 +37,36 @@ def _parser(part: Part, kind: str) -> argparse.ArgumentParser:
         prog=f"{part.name}-{kind}", description=HELP[kind].format(part=part.name)
     )
     if kind == "ctl":
-        parser.add_argument("action", choices=("start", "stop", "status", "restart", "reset", "suspend"))
+        parser.add_argument(
+            "action", choices=("start", "stop", "status", "restart", "reset", "suspend", "snapshot"))
     elif kind in ("sendfile", "getfile"):
         parser.add_argument("remotefile", metavar="REMOTEFILE")
         parser.add_argument("localfile", metavar="LOCALFILE", type=Path)
     return parser
+
+
+def _snapshot(part: Part, args: Sequence[str]) -> int:
+    from kvmtasks.engines import snapshots
+
+    parser = argparse.ArgumentParser(
+        prog=f"{part.name}-ctl snapshot",
+        description=f"Named snapshots of the VM of part {part.name}, disk and memory together, kept "
+                    "in its qcow2 boot disk: save (the VM runs), restore (a running VM jumps back, a "
+                    "stopped one starts from it), list (name, date, size), delete.",
+    )
+    parser.add_argument("operation", choices=("save", "restore", "list", "delete"))
+    parser.add_argument("name", metavar="NAME", nargs="?")
+    options = parser.parse_args(args)
+    if options.operation == "list":
+        if options.name is not None:
+            parser.error("list takes no NAME")
+        print("\n".join(snapshots.describe(part)))
+        return 0
+    if options.name is None:
+        parser.error(f"{options.operation} needs a NAME")
+    step = {"save": snapshots.save, "restore": snapshots.restore, "delete": snapshots.delete}
+    step[options.operation](part, options.name, print)
+    return 0
 
 
 def _ctl(part: Part, action: str) -> int:
@@ -60,6 +85,8 @@ def run(part: Part, kind: str, args: Sequence[str]) -> int:
             _parser(part, kind).print_help()
             return 0 if args else 2
         return ssh.runscript(part, list(args))
+    if kind == "ctl" and args and args[0] == "snapshot":
+        return _snapshot(part, args[1:])
     options = _parser(part, kind).parse_args(args)
     if kind == "ctl":
         return _ctl(part, options.action)
