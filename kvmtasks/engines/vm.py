@@ -118,7 +118,6 @@ def start(part: Part, say: Say = print, *, loadvm: str | None = None) -> None:
             raise VmError(f"{error}; set kvm_accel = tcg or auto", error.details) from None
         say(f"{part.name}: {error}; starting again under TCG (software emulation, slower)")
         _boot(part, Accel.TCG, address, machine_type, extra)
-    connection.open_master(part)
     if loadvm is not None:
         set_clock(part, say)
     say(f"{part.name} is running (pid {current(part).pid}, accel {RunFiles.of(part).accel.read_text()})")
@@ -142,7 +141,6 @@ def _resume(part: Part, address: str, machine_type: str | None, say: Say) -> boo
     if reason is not None:
         say(f"{part.name}: the suspended state is discarded, {reason}; booting afresh")
         return False
-    connection.open_master(part)
     set_clock(part, say)
     say(f"{part.name} resumed (pid {current(part).pid}, accel {accel.value})")
     return True
@@ -207,7 +205,7 @@ def _wait_until_ready(part: Part, accel: Accel, deadline: float) -> None:
         if part.ssh_port is None:
             if state == "running":
                 return
-        elif ssh.banner(part.ssh_hostname, part.ssh_port) and ssh.can_log_in(part):
+        elif ssh.banner(part.ssh_hostname, part.ssh_port) and connection.open_master(part):
             return
         if time.monotonic() > deadline:
             waited = "answered on ssh" if part.ssh_port is not None else "reached QMP status running"

@@ -87,13 +87,17 @@ def close(part: Part) -> None:
 
 
 def open_master(part: Part) -> bool:
-    """A fresh master for a VM that just started or resumed; False when ssh could not log in."""
+    """A fresh master for a VM that just started or resumed; False when ssh could not log in.
+
+    Its login is the proof that the guest answers: start waits on this, not on a login of its own.
+    """
     if part.ssh_port is None:
         return False
     path = control_socket(part)
     _private_folder(path.parent)
     close(part)  # a master left from an earlier run of this VM talks to a guest that is gone
     result = command.run(master_argv(part), timeout=ssh.CONNECT_TIMEOUT + 20)
+    ssh.check_host_key(part, result)
     return result.exit_code == 0 and _answers(path)
 
 

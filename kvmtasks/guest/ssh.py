@@ -182,11 +182,16 @@ def banner(host: str, port: int, timeout: float = 3.0) -> bool:
 def can_log_in(part: Part) -> bool:
     """A real login: the guest ran ``true`` for us."""
     result = command.run(ssh_argv(part, ["true"]), timeout=CONNECT_TIMEOUT + 20)
+    check_host_key(part, result)
+    return result.exit_code == 0
+
+
+def check_host_key(part: Part, result: command.Result) -> None:
+    """A login refused for the guest's host key is no "not up yet": say so, once."""
     if "Host key verification failed" in result.stderr:
         known_hosts = RunFiles.of(part).known_hosts
         raise VmError(
             f"the guest's ssh host key is not the one in {known_hosts}; "
             "if the guest was reinstalled, delete that file and start again"
         )
-    return result.exit_code == 0
 
