@@ -241,3 +241,4 @@ def test_snapshots_are_refused_where_they_cannot_work(project: Project, guest: G
             assert reason in line and "Traceback" not in line
     suspend = script(project, "vm-ctl", "suspend")
     assert suspend.returncode == 1 and "vm is not running" in suspend.stderr
+
