@@ -241,7 +241,7 @@ def report(image: Path, ctl: list[float], raw: list[float], warm: Warm, quiet: Q
     return "\n".join([
         "## Booting the tiny guest",
         "",
-        f"`python bench/boot.py`: median of {len(ctl)} rounds, start and raw taking turns going "
+        f"`python bench/boot.py`: median of {len(ctl)} rounds, start, raw and warm taking turns going "
         "first, each in a fresh folder with a fresh copy of the image. " + quiet.note(),
         "",
         f"Guest: the demo's tiny image ({image.stat().st_size / MB:.0f} MB raw: Debian kernel, "
@@ -258,8 +258,9 @@ def report(image: Path, ctl: list[float], raw: list[float], warm: Warm, quiet: Q
         f"{median(warm.runscript) / median(warm.plain_ssh):.2f}x the time of a plain `ssh ... true` "
         "(target: 0.6x or less). Restore and resume include what `start` does after the boot: "
         "an ssh login, opening the ssh master and setting the guest's clock. Peak RSS is the "
-        "maximum resident set size GNU time reports for the script's process (for runscript: Python, "
-        "then ssh, which replaces it), its children (qemu, ssh) not included.",
+        "maximum resident set size GNU time reports: the largest of the script's process (for "
+        "runscript: Python, then ssh, which replaces it) and the children it waited for (ssh, "
+        "qemu-img, the QEMU launcher that daemonizes), never the running QEMU.",
         "",
         "```",
         summary_line(ctl, raw, warm),

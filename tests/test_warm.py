@@ -17,7 +17,7 @@ from kvmtasks.config.runfiles import control_socket
 from kvmtasks.config.snapshot import from_json
 from tests.conftest import Project
 from tests.test_vm_e2e import _http_get, script, vm_config
-from tests.vmfixtures import Guest, free_port, needs_qemu, qemu_pids_under
+from tests.vmfixtures import Guest, free_port, loop_device, needs_qemu, qemu_pids_under
 
 pytestmark = [needs_qemu, pytest.mark.vm, pytest.mark.usefixtures("no_vm_left")]
 
@@ -242,3 +242,14 @@ def test_snapshots_are_refused_where_they_cannot_work(project: Project, guest: G
     suspend = script(project, "vm-ctl", "suspend")
     assert suspend.returncode == 1 and "vm is not running" in suspend.stderr
 
+
+
+def test_snapshots_are_refused_on_a_block_device(project: Project, guest: Guest, tmp_path: Path) -> None:
+    backing = qcow2_copy(guest, tmp_path / "disk.qcow2")  # qcow2 bytes, yet a device is given as raw
+    with loop_device(backing) as device:
+        project.write(vm_config(guest, f"file = {device}", free_port()))
+        assert project.run("render:vm").returncode == 0
+        refused = script(project, "vm-ctl", "snapshot", "list")
+        assert refused.returncode == 1
+        assert refused.stderr.strip() == (f"vm-ctl: no snapshots on {device}: it is a block device, "
+                                          "and snapshots live in a qcow2 boot disk")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvmtasks.config.part import Part
+from kvmtasks.config.part import Part, path_is_block_device
 from kvmtasks.errors import KvmTasksError
 
 # Magic numbers of the formats QEMU is most often given; anything else is raw.
@@ -29,10 +29,14 @@ def disk_format(path: Path) -> str:
 
 
 def boot_disk(part: Part) -> Path:
-    """The disk QEMU boots, the one that holds snapshots and that a saved state belongs to."""
+    """The disk QEMU boots, the one that holds snapshots and that a saved state belongs to.
+
+    Everything that means "the disk the VM runs on" asks here, and only here.
+    """
     return part.image_path
 
 
 def boot_disk_format(part: Part) -> str:
     """The boot disk's real format; a block device is always given to QEMU as raw."""
-    return "raw" if part.is_block_device else disk_format(boot_disk(part))
+    disk = boot_disk(part)
+    return "raw" if path_is_block_device(disk) else disk_format(disk)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from kvmtasks import command
 from kvmtasks.config.diskformat import boot_disk, boot_disk_format
-from kvmtasks.config.part import Part
+from kvmtasks.config.part import Part, path_is_block_device
 from kvmtasks.config.runfiles import RunFiles, current
 from kvmtasks.engines import qmp, savestate, vm
 from kvmtasks.engines.qemu import escape
@@ -46,7 +46,7 @@ def check_supported(part: Part) -> None:
         raise VmError("no snapshots with kvm_snapshot = true: the guest's writes go to a temporary "
                       "file QEMU drops, so a snapshot could not be kept")
     disk = boot_disk(part)
-    if part.is_block_device:
+    if path_is_block_device(disk):
         raise VmError(f"no snapshots on {disk}: it is a block device, and snapshots live in a "
                       "qcow2 boot disk")
     disk_format = boot_disk_format(part)
