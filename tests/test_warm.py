@@ -148,6 +148,16 @@ def test_suspend_resume_and_a_state_that_no_longer_fits(
     assert len(notice) == 1 and "boot disk" in notice[0] and "booting afresh" in notice[0]
     assert script(project, "vm-runscript", "test -e /tmp/mem").returncode == 1
 
+    # A state QEMU cannot load (cut short): dropped with a notice, the VM boots.
+    assert script(project, "vm-ctl", "suspend").returncode == 0
+    state = project.var / "vm" / "suspended.state"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    cold = script(project, "vm-ctl", "start")
+    assert cold.returncode == 0, cold.stdout + cold.stderr
+    notice = [line for line in cold.stdout.splitlines() if "discarded" in line]
+    assert len(notice) == 1 and "QEMU could not load it" in notice[0], cold.stdout
+    assert "vm is running" in cold.stdout and qemu_pids_under(project.root)
+
     # stop of a suspended VM drops the state and says so.
     assert script(project, "vm-ctl", "suspend").returncode == 0
     stopped = script(project, "vm-ctl", "stop")
