@@ -252,6 +252,14 @@ def test_snapshots_are_refused_where_they_cannot_work(project: Project, guest: G
     suspend = script(project, "vm-ctl", "suspend")
     assert suspend.returncode == 1 and "vm is not running" in suspend.stderr
 
+    # Saved states are QEMU's own: a libvirt part is refused before anything is asked of libvirt.
+    project.write(vm_config(guest, f"file = {raw}", free_port(), "kvm_engine = libvirt\n"))
+    assert project.run("render:vm").returncode == 0
+    for args, what in ((("suspend",), "suspend"), (("snapshot", "list"), "snapshots")):
+        refused = script(project, "vm-ctl", *args)
+        assert refused.returncode == 1
+        assert refused.stderr.strip() == f"vm-ctl: {what} needs kvm_engine = qemu (this part runs on libvirt)"
+
 
 
 def test_snapshots_are_refused_on_a_block_device(project: Project, guest: Guest, tmp_path: Path) -> None:

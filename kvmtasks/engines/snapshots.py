@@ -16,7 +16,7 @@ from kvmtasks import command
 from kvmtasks.config.diskformat import boot_disk, boot_disk_format
 from kvmtasks.config.part import Part, path_is_block_device
 from kvmtasks.config.runfiles import RunFiles, current
-from kvmtasks.engines import qmp, savestate, vm
+from kvmtasks.engines import engine, qmp, savestate, vm
 from kvmtasks.engines.qemu import escape
 from kvmtasks.errors import VmError
 from kvmtasks.guest import connection
@@ -42,6 +42,7 @@ def check_name(name: str) -> None:
 
 def check_supported(part: Part) -> None:
     """Refuse, with the reason, a part whose boot disk cannot hold snapshots."""
+    engine.direct_qemu(part, "snapshots")
     if part.kvm_snapshot:
         raise VmError("no snapshots with kvm_snapshot = true: the guest's writes go to a temporary "
                       "file QEMU drops, so a snapshot could not be kept")
