@@ -6,6 +6,7 @@ The tiny busybox guest under TCG; its root file system lives in memory (so a fil
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import time
@@ -271,3 +272,30 @@ def test_snapshots_are_refused_on_a_block_device(project: Project, guest: Guest,
         assert refused.returncode == 1
         assert refused.stderr.strip() == (f"vm-ctl: no snapshots on {device}: it is a block device, "
                                           "and snapshots live in a qcow2 boot disk")
+
+
+def test_snapshots_live_in_the_overlay_never_in_the_verified_image(
+    project: Project, guest: Guest, tmp_path: Path
+) -> None:
+    image = tmp_path / "disk.img"  # raw: with an overlay the boot disk is qcow2 all the same
+    image.write_bytes(guest.image.path.read_bytes())
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    project.write(vm_config(guest, f"file = {image}", free_port(), "overlay = true\n"))
+    started = project.run("start:vm", timeout=300)
+    assert started.returncode == 0, started.describe()
+    assert script(project, "vm-runscript", "echo one > /mnt/disk && sync").returncode == 0
+    saved = script(project, "vm-ctl", "snapshot", "save", "one")
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    assert script(project, "vm-runscript", "echo two > /mnt/disk && sync").returncode == 0
+    assert script(project, "vm-ctl", "snapshot", "restore", "one").returncode == 0
+    assert script(project, "vm-runscript", "cat /mnt/disk").stdout == "one\n"
+    # Suspended, then reset: the state belonged to the overlay that is gone.
+    assert script(project, "vm-ctl", "suspend").returncode == 0
+    assert script(project, "vm-ctl", "reset").returncode == 0
+    cold = script(project, "vm-ctl", "start")
+    assert cold.returncode == 0, cold.stdout + cold.stderr
+    assert "the suspended state is discarded, the boot disk" in cold.stdout
+    assert script(project, "vm-runscript", "test -e /mnt/disk").returncode == 1
+    assert script(project, "vm-ctl", "snapshot", "list").stdout.startswith("no snapshots in ")
+    assert script(project, "vm-ctl", "stop").returncode == 0
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before

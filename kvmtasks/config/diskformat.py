@@ -33,7 +33,7 @@ def boot_disk(part: Part) -> Path:
 
     Everything that means "the disk the VM runs on" asks here, and only here.
     """
-    return part.image_path
+    return part.boot_disk
 
 
 def boot_disk_format(part: Part) -> str:

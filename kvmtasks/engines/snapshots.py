@@ -53,7 +53,7 @@ def check_supported(part: Part) -> None:
     disk_format = boot_disk_format(part)
     if disk_format != "qcow2":
         raise VmError(f"no snapshots on {disk}: it is {disk_format}, and snapshots live in a qcow2 "
-                      "boot disk (qemu-img convert -O qcow2 makes one)")
+                      "boot disk (overlay = true gives one; or qemu-img convert -O qcow2)")
 
 
 def listing(part: Part) -> list[Snapshot]:
