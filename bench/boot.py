@@ -1,4 +1,4 @@
-"""Benchmark `PART-ctl start` against QEMU started by hand with the same argv.
+"""Benchmark `PART-ctl start` against QEMU started by hand with the same argv, and warm starts.
 
     python bench/boot.py
 
@@ -9,9 +9,11 @@ with a fresh copy of the image:
 - start: ``bin/PART-ctl start``, which returns once an ssh login works;
 - raw: the same qemu argv (kvmtasks.engines.qemu.qemu_argv) run by hand, then
   ``ssh ... true`` in a tight loop until it succeeds;
-- stop: ``bin/PART-ctl stop`` after each start (the guest acts on the ACPI power
-  button), and after a start of the variant that ignores the button (stop asks
-  it over ssh).
+- warm, on a qcow2 copy: a cold start, ``snapshot save``, stop, then
+  ``snapshot restore`` of the stopped VM (until an ssh login works);
+  ``PART-runscript true`` over the VM's ssh master against a plain ``ssh ... true``,
+  taking turns; ``suspend``, then ``start`` (resume, until an ssh login works); the
+  peak RSS of the generated scripts.
 
 Guests run under TCG (KVM crashes guests on the nested machines this runs on).
 Every VM is killed when its measurement ends, whatever happened. Prints a table
@@ -31,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib import (
@@ -65,8 +68,25 @@ BOOT_TIMEOUT = 300.0
 # a tighter poll than PART-ctl's, so that "raw" is the best a script could do.
 POLL_CONNECT_TIMEOUT = 1
 POLL_PAUSE = 0.05
-ACPI = "the guest acts on the ACPI power button"
-OVER_SSH = "the guest ignores the button: `poweroff` over ssh after 3 s"
+COMMAND_RUNS = 15
+GNU_TIME = "/usr/bin/time"
+
+
+@dataclass
+class Warm:
+    """What the warm round measured, in seconds (RSS in KiB)."""
+
+    cold: list[float] = field(default_factory=list)
+    save: list[float] = field(default_factory=list)
+    restore: list[float] = field(default_factory=list)
+    suspend: list[float] = field(default_factory=list)
+    resume: list[float] = field(default_factory=list)
+    runscript: list[float] = field(default_factory=list)
+    plain_ssh: list[float] = field(default_factory=list)
+    rss: dict[str, int] = field(default_factory=dict)
+
+    def peak(self, name: str, kib: int) -> None:
+        self.rss[name] = max(self.rss.get(name, 0), kib)
 
 
 def make_project(folder: Path, image: Path, key: Path) -> Part:
@@ -79,6 +99,7 @@ def make_project(folder: Path, image: Path, key: Path) -> Part:
         f"[buildout]\ndirectory = {folder}\n\n[{PART}]\nfile = {disk}\n"
         f"ssh_port = {free_port()}\nssh_key_path = {key}\n"
         f"kvm_memory = 256M\nkvm_accel = tcg\nkvm_boot_timeout = {BOOT_TIMEOUT:g}\n"
+        "kvm_shutdown_timeout = 5\n"
     )
     (part,) = load_file(config, folder)
     return part
@@ -98,17 +119,15 @@ def killed_afterwards(folder: Path) -> Iterator[None]:
             time.sleep(0.05)
 
 
-def run_ctl(folder: Path, image: Path, key: Path, quiet: Quiet) -> tuple[float, float]:
-    """doit provision (not timed), then `bin/PART-ctl start` and `stop` (each timed)."""
+def run_ctl(folder: Path, image: Path, key: Path, quiet: Quiet) -> float:
+    """doit provision (not timed), then `bin/PART-ctl start` (timed)."""
     part = make_project(folder, image, key)
     env = environment(KVMTASKS_CONFIG=str(folder / "boot.cfg"), HOME=str(folder / "home"))
     measure(doit_argv(f"provision:{PART}"), env=env, cwd=folder).check()
-    ctl = str(part.kvm_bin_directory / f"{PART}-ctl")
     with killed_afterwards(folder):
         quiet.wait()
-        started = measure([ctl, "start"], env=env, cwd=folder).check()
-        stopped = measure([ctl, "stop"], env=env, cwd=folder).check()
-        return started.seconds, stopped.seconds
+        started = measure([str(part.kvm_bin_directory / f"{PART}-ctl"), "start"], env=env, cwd=folder)
+        return started.check().seconds
 
 
 def run_raw(folder: Path, image: Path, key: Path, quiet: Quiet) -> float:
@@ -129,31 +148,100 @@ def run_raw(folder: Path, image: Path, key: Path, quiet: Quiet) -> float:
         return time.perf_counter() - started
 
 
-def guest_images(work: Path) -> tuple[Path, Path, Path]:
-    """The tiny guest, the variant that ignores the ACPI button, and their key."""
+def plain(argv: list[str]) -> list[str]:
+    """The ssh argv without the master's ControlPath: a connection of its own, as ssh does."""
+    for index, arg in enumerate(argv):
+        if arg.startswith("ControlPath="):
+            return argv[:index - 1] + argv[index + 1:]
+    return argv
+
+
+def with_peak_rss(argv: list[str], env: dict[str, str], folder: Path) -> tuple[float, int]:
+    """Seconds, and peak RSS in KiB, of argv run under GNU time: a process forked from this
+    benchmark would count the benchmark's own memory as its peak (Linux copies the high-water
+    mark at fork), one forked from the small ``time`` does not."""
+    with tempfile.NamedTemporaryFile("r") as rss:
+        done = measure([GNU_TIME, "-f", "%M", "-o", rss.name, *argv], env=env, cwd=folder).check()
+        return done.seconds, int(rss.read().split()[-1])
+
+
+def run_warm(folder: Path, image: Path, key: Path, quiet: Quiet, warm: Warm) -> None:
+    """Cold start, snapshot restore, runscript against ssh, suspend and resume, on a qcow2 disk."""
+    folder.mkdir(parents=True)
+    qcow2 = folder / "guest.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(image), str(qcow2)], check=True)
+    part = make_project(folder / "project", qcow2, key)
+    env = environment(KVMTASKS_CONFIG=str(folder / "project" / "boot.cfg"), HOME=str(folder / "home"))
+    measure(doit_argv(f"provision:{PART}"), env=env, cwd=folder).check()
+    ctl = str(part.kvm_bin_directory / f"{PART}-ctl")
+    runscript = str(part.kvm_bin_directory / f"{PART}-runscript")
+
+    def timed(*args: str, name: str = "") -> float:
+        seconds, kib = with_peak_rss([ctl, *args], env, folder)
+        warm.peak(name or f"{PART}-ctl {args[0]}", kib)
+        return seconds
+
+    with killed_afterwards(folder):
+        quiet.wait()
+        warm.cold.append(timed("start"))
+        warm.save.append(timed("snapshot", "save", "bench", name=f"{PART}-ctl snapshot"))
+        timed("stop")
+        quiet.wait()
+        warm.restore.append(timed("snapshot", "restore", "bench", name=f"{PART}-ctl snapshot"))
+        timed("status")
+        ssh = plain(ssh_argv(part, ["true"]))
+        quiet.wait()
+        for _ in range(COMMAND_RUNS):
+            warm.runscript.append(measure([runscript, "true"], env=env, cwd=folder).check().seconds)
+            warm.plain_ssh.append(measure(ssh, env=env, cwd=folder).check().seconds)
+        _, kib = with_peak_rss([runscript, "true"], env, folder)
+        warm.peak(f"{PART}-runscript true (Python, then ssh in its place)", kib)
+        warm.suspend.append(timed("suspend"))
+        quiet.wait()
+        warm.resume.append(timed("start", name=f"{PART}-ctl start (resume)"))
+        timed("stop")
+
+
+def guest_image(work: Path) -> tuple[Path, Path]:
     key = work / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     image = build_guest_image(work / "guest.img", key.with_suffix(".pub"), GUEST_CACHE)
-    no_acpi = build_guest_image(work / "no-acpi.img", key.with_suffix(".pub"), GUEST_CACHE,
-                                with_acpi=False)
-    return image.path, no_acpi.path, key
+    return image.path, key
 
 
-def report(image: Path, ctl: list[float], raw: list[float], stops: dict[str, list[float]],
-           quiet: Quiet) -> str:
+def report(image: Path, ctl: list[float], raw: list[float], warm: Warm, quiet: Quiet) -> str:
     def runs(values: list[float]) -> str:
         return ", ".join(f"{value:.2f}" for value in values)
+
+    def row(label: str, values: list[float]) -> list[str]:
+        return [label, f"{median(values):.2f} s", runs(values)]
+
+    def ms(values: list[float]) -> str:
+        return f"{median(values) * 1000:.0f} ms"
+
+    cold = median(ctl)
+    warm_rows = [
+        row("warm: cold `boot-ctl start` of the qcow2 copy", warm.cold),
+        row("warm: `boot-ctl snapshot save bench` (running VM)", warm.save),
+        row("restore: `boot-ctl snapshot restore bench` of the stopped VM (until an ssh login works)",
+            warm.restore),
+        row("warm: `boot-ctl suspend`", warm.suspend),
+        row("resume: `boot-ctl start` of the suspended VM (until an ssh login works)", warm.resume),
+        [f"runscript: `boot-runscript true`, median of {len(warm.runscript)}", ms(warm.runscript),
+         f"min {min(warm.runscript) * 1000:.0f} ms, max {max(warm.runscript) * 1000:.0f} ms"],
+        [f"ssh: a plain `ssh ... true`, median of {len(warm.plain_ssh)}", ms(warm.plain_ssh),
+         f"min {min(warm.plain_ssh) * 1000:.0f} ms, max {max(warm.plain_ssh) * 1000:.0f} ms"],
+        *([f"peak RSS: `{name}`", f"{kib / 1024:.0f} MB", ""] for name, kib in sorted(warm.rss.items())),
+    ]
 
     rows = [
         ["start: `bin/boot-ctl start` (until an ssh login works)", f"{median(ctl):.2f} s", runs(ctl)],
         ["raw: the same qemu argv by hand, `ssh ... true` in a loop", f"{median(raw):.2f} s", runs(raw)],
-        *([f"stop: `bin/boot-ctl stop`, {label}", f"{median(values):.2f} s", runs(values)]
-          for label, values in stops.items()),
     ]
     return "\n".join([
         "## Booting the tiny guest",
         "",
-        f"`python bench/boot.py`: median of {len(ctl)} rounds, start and raw taking turns going "
+        f"`python bench/boot.py`: median of {len(ctl)} rounds, start, raw and warm taking turns going "
         "first, each in a fresh folder with a fresh copy of the image. " + quiet.note(),
         "",
         f"Guest: the demo's tiny image ({image.stat().st_size / MB:.0f} MB raw: Debian kernel, "
@@ -162,16 +250,31 @@ def report(image: Path, ctl: list[float], raw: list[float], stops: dict[str, lis
         "",
         *machine_lines(["qemu-system-x86_64", "--version"]),
         "",
-        table(["measurement", "median", "runs"], rows),
+        table(["measurement", "median", "runs"], rows + warm_rows),
+        "",
+        f"Warm starts, against the cold start above ({cold:.2f} s): snapshot restore "
+        f"{median(warm.restore) / cold:.2f}x, resume {median(warm.resume) / cold:.2f}x (target: 0.15x "
+        f"or less). `boot-runscript true` through the VM's ssh master takes "
+        f"{median(warm.runscript) / median(warm.plain_ssh):.2f}x the time of a plain `ssh ... true` "
+        "(target: 0.6x or less). Restore and resume include what `start` does after the boot: "
+        "an ssh login, opening the ssh master and setting the guest's clock. Peak RSS is the "
+        "maximum resident set size GNU time reports: the largest of the script's process (for "
+        "runscript: Python, then ssh, which replaces it) and the children it waited for (ssh, "
+        "qemu-img, the QEMU launcher that daemonizes), never the running QEMU.",
         "",
         "```",
-        summary_line(ctl, raw),
+        summary_line(ctl, raw, warm),
         "```",
     ])
 
 
-def summary_line(ctl: list[float], raw: list[float]) -> str:
-    return f"start/raw={median(ctl) / median(raw):.2f} start_s={median(ctl):.2f} raw_s={median(raw):.2f}"
+def summary_line(ctl: list[float], raw: list[float], warm: Warm) -> str:
+    cold = median(ctl)
+    return (f"start/raw={cold / median(raw):.2f} start_s={cold:.2f} raw_s={median(raw):.2f} "
+            f"restore/start={median(warm.restore) / cold:.2f} resume/start={median(warm.resume) / cold:.2f} "
+            f"runscript/ssh={median(warm.runscript) / median(warm.plain_ssh):.2f} "
+            f"runscript_ms={median(warm.runscript) * 1000:.0f} ssh_ms={median(warm.plain_ssh) * 1000:.0f} "
+            f"script_rss_mb={max(warm.rss.values()) / 1024:.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,34 +285,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patience", type=float, default=120.0,
                         help="seconds to wait for a quiet machine before each run (default 120)")
     options = parser.parse_args(argv)
-    for program in ("qemu-system-x86_64", "ssh", "ssh-keygen"):
+    for program in ("qemu-system-x86_64", "qemu-img", "ssh", "ssh-keygen", GNU_TIME):
         if shutil.which(program) is None:
             parser.error(f"{program} not found")
     quiet = Quiet(patience=options.patience)
     ctl: list[float] = []
     raw: list[float] = []
-    stops: dict[str, list[float]] = {ACPI: [], OVER_SSH: []}
+    warm = Warm()
     with tempfile.TemporaryDirectory(prefix="kvmtasks-boot-") as work_name:
         work = Path(work_name)
-        image, no_acpi, key = guest_images(work)
+        image, key = guest_image(work)
         for round_number in range(options.repeat):
-            kinds = ["start", "raw"] if round_number % 2 == 0 else ["raw", "start"]
-            for kind in [*kinds, "no-acpi"]:
+            kinds = ["start", "raw", "warm"] if round_number % 2 == 0 else ["warm", "raw", "start"]
+            for kind in kinds:
                 folder = work / f"{kind}-{round_number}"
                 if kind == "start":
-                    started, stopped = run_ctl(folder, image, key, quiet)
-                    ctl.append(started)
-                    stops[ACPI].append(stopped)
-                elif kind == "no-acpi":
-                    stops[OVER_SSH].append(run_ctl(folder, no_acpi, key, quiet)[1])
-                else:
+                    ctl.append(run_ctl(folder, image, key, quiet))
+                elif kind == "raw":
                     raw.append(run_raw(folder, image, key, quiet))
+                else:
+                    run_warm(folder, image, key, quiet, warm)
                 shutil.rmtree(folder, ignore_errors=True)
                 print(f"  round {round_number + 1}/{options.repeat}: {kind} done", file=sys.stderr)
-        text = report(image, ctl, raw, stops, quiet)
+        text = report(image, ctl, raw, warm, quiet)
     write_section(options.output, "boot", text)
     print(text)
-    print(summary_line(ctl, raw))
+    print(summary_line(ctl, raw, warm))
     return 0
 
 

@@ -7,10 +7,12 @@ config value.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from kvmtasks.errors import CommandError
 
@@ -78,3 +80,11 @@ def run_foreground(argv: Sequence[str]) -> int:
     except sh.SignalException as error:
         return 128 + abs(int(error.exit_code))
     return 0
+
+
+def replace_process(argv: Sequence[str]) -> NoReturn:
+    """Become argv (exec): its output, signals and exit status are the caller's, and no
+    Python stays behind waiting for it (the fast path of PART-runscript)."""
+    path = find(argv[0])
+    log.debug("running %s", shlex.join(argv))
+    os.execv(path, [argv[0], *argv[1:]])  # noqa: S606 (an argv list: no shell, as everywhere)

@@ -171,3 +171,27 @@ def test_debian_guest_end_to_end(project: Project, debian_guest: DebianGuest, tm
         built = "built now" if debian_guest.built_now else "cached; it was built"
         print(f"\nDebian guest {info['kernel_release']}, image {built} in {info['build_seconds']} s; "
               + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()))
+
+
+@pytest.mark.timeout(1800)  # a Debian boot under TCG, a suspend, a resume, a stop
+@pytest.mark.usefixtures("free_the_disk")
+def test_debian_guest_resumes_with_the_host_clock(project: Project, debian_guest: DebianGuest) -> None:
+    project.write(config(debian_guest, free_port()))
+    started = project.run("start:vm", timeout=BOOT_TIMEOUT + 300)
+    assert started.returncode == 0, started.describe()
+    known_hosts = (project.var / "vm" / "known_hosts").read_text()
+    run_in_guest(project, "systemctl is-system-running --wait; echo kept > /dev/shm/mem")
+    run_in_guest(project, "date -u -s @1000000000")  # far in the past: resume must set it
+
+    suspended = script(project, "vm-ctl", "suspend")
+    assert suspended.returncode == 0, suspended.stdout + suspended.stderr
+    time.sleep(3)  # a jump in time of its own
+    resumed = script(project, "vm-ctl", "start")
+    assert resumed.returncode == 0 and "vm resumed" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert "clock could not be set" not in resumed.stdout
+    assert run_in_guest(project, "cat /dev/shm/mem").stdout == "kept\n"
+    assert abs(int(run_in_guest(project, "date +%s").stdout) - time.time()) < 10
+    assert run_in_guest(project, "systemctl is-system-running").stdout.strip() == "running"
+    assert (project.var / "vm" / "known_hosts").read_text() == known_hosts
+    assert script(project, "vm-ctl", "stop").returncode == 0
+    assert qemu_pids_under(project.root) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kvmtasks.config.part import Part, path_is_block_device
 from kvmtasks.errors import KvmTasksError
 
 # Magic numbers of the formats QEMU is most often given; anything else is raw.
@@ -25,3 +26,17 @@ def disk_format(path: Path) -> str:
     if header[offset:offset + len(signature)] == signature:
         return "vdi"
     return "raw"
+
+
+def boot_disk(part: Part) -> Path:
+    """The disk QEMU boots, the one that holds snapshots and that a saved state belongs to.
+
+    Everything that means "the disk the VM runs on" asks here, and only here.
+    """
+    return part.boot_disk
+
+
+def boot_disk_format(part: Part) -> str:
+    """The boot disk's real format; a block device is always given to QEMU as raw."""
+    disk = boot_disk(part)
+    return "raw" if path_is_block_device(disk) else disk_format(disk)

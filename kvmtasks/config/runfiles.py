@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,36 @@ class RunFiles:
         )
 
 
+# A unix socket path holds at most 104 bytes on some systems (108 on Linux), and ssh adds a
+# 17-character suffix while it creates one: a runtime folder longer than this is not used.
+RUNTIME_FOLDER_MAX = 50
+
+
+def runtime_folder() -> Path:
+    """The user's private folder for sockets: short whatever the run directory's length."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg.startswith("/") and len(xdg) <= RUNTIME_FOLDER_MAX:
+        return Path(xdg) / "kvmtasks"
+    # Not TMPDIR (of any length); used only once is_private_folder says it is ours alone.
+    return Path("/tmp") / f"kvmtasks-{os.getuid()}"  # noqa: S108
+
+
+def is_private_folder(path: Path) -> bool:
+    """True for a real folder that only we own and can enter (no other user's socket in it)."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+            and stat.S_IMODE(info.st_mode) & 0o077 == 0)
+
+
+def control_socket(part: Part) -> Path:
+    """The ssh master's socket of the part: a short hashed name in the private runtime folder."""
+    key = hashlib.sha256(str(part.state_directory.absolute()).encode()).hexdigest()[:20]
+    return runtime_folder() / key
+
+
 @dataclass(frozen=True)
 class Status:
     running: bool
@@ -45,17 +78,18 @@ class Status:
     accel: str | None = None
 
 
-def _cmdline(pid: int) -> list[str]:
+def command_line(pid: int) -> list[str]:
+    """The process's argv, from /proc ([] once it is gone)."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return []
-    return raw.decode(errors="replace").split("\0")
+    return raw.decode(errors="replace").split("\0")[:-1]
 
 
 def is_our_qemu(pid: int, files: RunFiles) -> bool:
     """True only for a live qemu started with this part's pid file (never another process)."""
-    return str(files.pidfile) in _cmdline(pid)
+    return str(files.pidfile) in command_line(pid)
 
 
 def read_pid(files: RunFiles) -> int | None:

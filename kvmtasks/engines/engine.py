@@ -14,6 +14,7 @@ from kvmtasks.config.options import Engine as EngineName
 from kvmtasks.config.part import Part
 from kvmtasks.engines import status
 from kvmtasks.engines.status import Facts
+from kvmtasks.errors import VmError
 
 Say = Callable[[str], None]
 
@@ -57,3 +58,17 @@ def facts(part: Part) -> Facts:
 
 def describe(part: Part) -> list[str]:
     return status.describe(facts(part))
+
+
+def direct_qemu(part: Part, what: str) -> None:
+    """Saved states (suspend, snapshots) are QEMU's, driven over its QMP socket: only for a VM
+    kvmtasks runs itself."""
+    if part.kvm_engine is not EngineName.QEMU:
+        raise VmError(f"{what} needs kvm_engine = qemu (this part runs on {part.kvm_engine.value})")
+
+
+def suspend(part: Part, say: Say = print) -> None:
+    direct_qemu(part, "suspend")
+    from kvmtasks.engines import vm
+
+    vm.suspend(part, say)

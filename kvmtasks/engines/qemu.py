@@ -51,12 +51,19 @@ def disk_args(part: Part, disk_format: str) -> list[str]:
     return ["-drive", f"file={image},if=virtio,cache=none,format={disk_format}"]
 
 
-def qemu_argv(part: Part, *, accel: str, disk_format: str, listen_address: str) -> list[str]:
-    """The full command line that starts the part's VM as a daemon."""
+def qemu_argv(
+    part: Part, *, accel: str, disk_format: str, listen_address: str, machine: str | None = None
+) -> list[str]:
+    """The full command line that starts the part's VM as a daemon.
+
+    machine is the versioned machine type (engines/machine.py), pinned so that a saved
+    state restores on the same machine; None leaves QEMU's default.
+    """
     files = RunFiles.of(part)
     argv = [
         part.kvm_binary,
         "-name", escape(part.name),
+        *(["-machine", machine] if machine else []),
         "-accel", accel,
         "-m", part.kvm_memory,
         "-smp", str(part.kvm_smp),

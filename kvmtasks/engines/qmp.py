@@ -1,4 +1,4 @@
-"""A minimal QMP client: enough to ask a VM's status and to stop it."""
+"""A minimal QMP client: enough to ask a VM's status, stop it and hand it file descriptors."""
 
 from __future__ import annotations
 
@@ -46,11 +46,23 @@ class QmpClient:
         return message
 
     def execute(self, command: str, **arguments: Any) -> Any:
+        return self._execute(command, arguments, None)
+
+    def pass_fd(self, name: str, fd: int) -> None:
+        """Give QEMU an open file as NAME (``getfd`` with the descriptor sent as SCM_RIGHTS):
+        QEMU then reads or writes it as ``fd:NAME`` and never opens a path itself."""
+        self._execute("getfd", {"fdname": name}, fd)
+
+    def _execute(self, command: str, arguments: dict[str, Any], fd: int | None) -> Any:
         request: dict[str, Any] = {"execute": command}
         if arguments:
             request["arguments"] = arguments
+        data = json.dumps(request).encode() + b"\n"
         try:
-            self._socket.sendall(json.dumps(request).encode() + b"\n")
+            if fd is None:
+                self._socket.sendall(data)
+            else:
+                socket.send_fds(self._socket, [data], [fd])
         except OSError as error:
             raise VmError(f"QMP: {error}") from None
         while True:

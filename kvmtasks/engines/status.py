@@ -18,6 +18,7 @@ from kvmtasks.guest import ssh
 class State(StrEnum):
     RUNNING = "running"
     STOPPED = "stopped"
+    SUSPENDED = "suspended"  # not running, with a saved state that start resumes
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,14 @@ class Facts:
 
 
 def gather(part: Part, *, address: str, console_log: Path | None,
-           libvirt_uri: str | None = None) -> Facts:
-    """The facts of a part; an engine says where its forwards listen and where its console is."""
+           libvirt_uri: str | None = None, suspended: bool = False) -> Facts:
+    """The facts of a part; an engine says where its forwards listen, where its console is,
+    and whether a stopped VM has a saved state."""
     status = current(part)
+    stopped = State.SUSPENDED if suspended else State.STOPPED
     return Facts(
         part=part.name,
-        state=State.RUNNING if status.running else State.STOPPED,
+        state=State.RUNNING if status.running else stopped,
         engine=part.kvm_engine.value,
         libvirt_uri=libvirt_uri,
         pid=status.pid,
@@ -74,6 +77,8 @@ def gather(part: Part, *, address: str, console_log: Path | None,
 
 def describe(facts: Facts) -> list[str]:
     """The lines ``status`` prints."""
+    if facts.state is State.SUSPENDED:
+        return [f"{facts.part} is suspended; start resumes it"]
     if not facts.running:
         return [f"{facts.part} is {facts.state}"]
     accel = f"accel {facts.accelerator or 'unknown'}"

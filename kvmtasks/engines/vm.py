@@ -8,14 +8,14 @@ import time
 from collections.abc import Callable
 
 from kvmtasks import command
-from kvmtasks.config.diskformat import disk_format
+from kvmtasks.config.diskformat import boot_disk_format
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.runfiles import RunFiles, clean_run_files, current, is_our_qemu, read_pid
-from kvmtasks.engines import portprobe, poweroff, qmp, status
+from kvmtasks.engines import machine, portprobe, poweroff, qmp, savestate, status
 from kvmtasks.engines.qemu import forwards, qemu_argv
 from kvmtasks.errors import VmError
-from kvmtasks.guest import ssh
+from kvmtasks.guest import clock, connection, ssh
 
 Say = Callable[[str], None]
 # Run states after which the guest will never answer.
@@ -75,24 +75,65 @@ def _preflight(part: Part) -> str:
     return address
 
 
-def start(part: Part, say: Say = print) -> None:
-    """Start the VM and wait until it answers; leave nothing running on failure."""
+def start(part: Part, say: Say = print, *, loadvm: str | None = None) -> None:
+    """Start the VM and wait until it answers; leave nothing running on failure.
+
+    A suspended VM resumes instead; loadvm names a snapshot of the boot disk to start from.
+    """
     status = current(part)
     if status.running:
+        if part.ssh_port is not None and not connection.is_open(part):
+            connection.open_master(part)
         say(f"{part.name} is already running (pid {status.pid})")
         return
     address = _preflight(part)
     part.state_directory.mkdir(parents=True, exist_ok=True)
     _keep_previous_console_log(part)
+    machine_type = machine.resolve(part)
+    if loadvm is None and _resume(part, address, machine_type, say):
+        return
+    extra = ("-loadvm", loadvm) if loadvm is not None else ()
     accel = choose_accel(part)
     try:
-        _boot(part, accel, address)
+        _boot(part, accel, address, machine_type, extra)
     except KvmUnusable as error:
         if part.effective_accel is not Accel.AUTO:
             raise VmError(f"{error}; set kvm_accel = tcg or auto", error.details) from None
         say(f"{part.name}: {error}; starting again under TCG (software emulation, slower)")
-        _boot(part, Accel.TCG, address)
+        _boot(part, Accel.TCG, address, machine_type, extra)
+    if loadvm is not None:
+        set_clock(part, say)
     say(f"{part.name} is running (pid {current(part).pid}, accel {RunFiles.of(part).accel.read_text()})")
+
+
+def _resume(part: Part, address: str, machine_type: str | None, say: Say) -> bool:
+    """Start the suspended VM from its saved state; False (state discarded) when it cannot."""
+    found = savestate.saved(part)
+    if found is None:
+        return False
+    accel = Accel(found.accel)
+    argv = _argv(part, accel, address, machine_type)
+    reason = savestate.mismatch(part, found, argv)
+    if reason is None:
+        try:
+            _boot(part, accel, address, machine_type, savestate.INCOMING, found)
+        except VmError as error:
+            reason = f"QEMU could not load it: {error}"
+            _keep_previous_console_log(part)
+    savestate.discard(part)
+    if reason is not None:
+        say(f"{part.name}: the suspended state is discarded, {reason}; booting afresh")
+        return False
+    set_clock(part, say)
+    say(f"{part.name} resumed (pid {current(part).pid}, accel {accel.value})")
+    return True
+
+
+def set_clock(part: Part, say: Say) -> None:
+    """The guest's clock stood still while its state was saved: set it from the host's."""
+    problem = clock.set_from_host(part)
+    if problem is not None:
+        say(f"{part.name}: the guest's clock could not be set from the host's ({problem})")
 
 
 def _keep_previous_console_log(part: Part) -> None:
@@ -102,9 +143,15 @@ def _keep_previous_console_log(part: Part) -> None:
         os.replace(console_log, console_log.with_name(console_log.name + ".1"))
 
 
-def _boot(part: Part, accel: Accel, address: str) -> None:
+def _argv(part: Part, accel: Accel, address: str, machine_type: str | None) -> list[str]:
+    return qemu_argv(part, accel=accel.value, disk_format=boot_disk_format(part),
+                     listen_address=address, machine=machine_type)
+
+
+def _boot(part: Part, accel: Accel, address: str, machine_type: str | None,
+          extra: tuple[str, ...] = (), incoming: savestate.Saved | None = None) -> None:
     files = RunFiles.of(part)
-    argv = qemu_argv(part, accel=accel.value, disk_format=_disk_format(part), listen_address=address)
+    argv = [*_argv(part, accel, address, machine_type), *extra]
     started_at = time.monotonic()
     result = command.run(argv, timeout=120)
     if result.exit_code != 0:
@@ -115,16 +162,12 @@ def _boot(part: Part, accel: Accel, address: str) -> None:
         raise VmError(f"qemu failed to start: {message}", _details(part, result.stderr))
     files.accel.write_text(accel.value)
     try:
+        if incoming is not None:
+            savestate.load(part, incoming)
         _wait_until_ready(part, accel, started_at + part.kvm_boot_timeout)
     except (VmError, KeyboardInterrupt):
         _kill(part)
         raise
-
-
-def _disk_format(part: Part) -> str:
-    if part.overlay:
-        return "qcow2"
-    return "raw" if part.is_block_device else disk_format(part.image_path)
 
 
 def _first_error_line(stderr: str) -> str:
@@ -145,7 +188,7 @@ def _wait_until_ready(part: Part, accel: Accel, deadline: float) -> None:
         if part.ssh_port is None:
             if state == "running":
                 return
-        elif ssh.banner(part.ssh_hostname, part.ssh_port) and ssh.can_log_in(part):
+        elif ssh.banner(part.ssh_hostname, part.ssh_port) and connection.open_master(part):
             return
         if time.monotonic() > deadline:
             waited = "answered on ssh" if part.ssh_port is not None else "reached QMP status running"
@@ -206,9 +249,14 @@ def _kill(part: Part, graceful_seconds: float = 0.0) -> str | None:
 
 
 def stop(part: Part, say: Say = print) -> None:
+    connection.close(part)
     status = current(part)
     if not status.running:
-        say(f"{part.name} is not running")
+        if savestate.saved(part) is not None:
+            savestate.discard(part)
+            say(f"{part.name} was suspended: its saved state is discarded, {part.name} is stopped")
+        else:
+            say(f"{part.name} is not running")
         return
     how = _kill(part, part.kvm_shutdown_timeout)
     if how is not None:
@@ -220,4 +268,30 @@ def stop(part: Part, say: Say = print) -> None:
 
 def facts(part: Part) -> status.Facts:
     return status.gather(part, address=listen_address(part.ssh_hostname),
-                         console_log=RunFiles.of(part).console_log)
+                         console_log=RunFiles.of(part).console_log,
+                         suspended=savestate.saved(part) is not None)
+
+
+def suspend(part: Part, say: Say = print) -> None:
+    """Save the running VM's state and stop QEMU; start resumes it."""
+    status = current(part)
+    if not status.running or status.pid is None:
+        if savestate.saved(part) is not None:
+            say(f"{part.name} is already suspended")
+            return
+        raise VmError(f"{part.name} is not running: there is nothing to suspend")
+    if part.kvm_snapshot:
+        raise VmError("cannot suspend with kvm_snapshot = true: the guest's disk writes end with "
+                      "QEMU, so the saved memory would come back without them")
+    connection.close(part)
+    try:
+        record = savestate.save(part, status.pid, status.accel or choose_accel(part).value)
+    except VmError:
+        connection.open_master(part)  # the VM runs on: keep it as fast to reach as it was
+        raise
+    _kill(part)
+    savestate.finish(part, record)
+    size = savestate.state_file(part).stat().st_size
+    say(f"{part.name} suspended ({size / 1e6:.0f} MB state in {savestate.state_file(part)}); "
+        f"start resumes it")
+

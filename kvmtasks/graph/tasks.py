@@ -40,6 +40,7 @@ STEP_DOCS = {
     "start": "start {part}: provision it, then start its VM and wait until it answers",
     "stop": "stop {part}: power its VM off (ACPI button, then poweroff over ssh), else end QEMU",
     "status": "status {part}: show whether its VM runs, and how to reach it",
+    "suspend": "suspend {part}: save its running VM's state and stop it; start resumes it",
 }
 
 
@@ -231,6 +232,7 @@ def _vm_tasks(part: Part, shared_ports: tuple[ports.Clash, ...]) -> Iterator[Tas
         ("start", start, [f"provision:{part.name}"]),
         ("stop", engine.stop, []),
         ("status", status, []),
+        ("suspend", engine.suspend, []),
     ):
         yield {
             "basename": name,

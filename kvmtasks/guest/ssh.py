@@ -6,11 +6,12 @@ import re
 import socket
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from kvmtasks import command
 from kvmtasks.config.part import Part
 from kvmtasks.config.remote import RemoteHost, remote_of
-from kvmtasks.config.runfiles import RunFiles
+from kvmtasks.config.runfiles import RunFiles, control_socket, is_private_folder
 from kvmtasks.errors import CommandError, VmError
 
 CONNECT_TIMEOUT = 10
@@ -52,6 +53,10 @@ def common_options(part: Part) -> list[str]:
         "-o", "StrictHostKeyChecking=accept-new",
         "-o", "LogLevel=ERROR",
     ]
+    socket_path = control_socket(part)
+    if is_private_folder(socket_path.parent):
+        # Through the VM's ssh master when one runs (guest/connection.py); directly otherwise.
+        options += ["-o", f"ControlPath={config_path(socket_path)}"]
     if part.ssh_key_path is not None:
         # -o, not -i: ssh checks an -i path before expanding it, so %% would not be found.
         options += ["-o", f"IdentityFile={config_path(part.ssh_key_path)}", "-o", "IdentitiesOnly=yes"]
@@ -158,8 +163,8 @@ def remote(part: Part, path: str, *, legacy: bool, source: bool) -> str:
     return f"{part.ssh_user}@{part.ssh_hostname}:{path}"
 
 
-def runscript(part: Part, remote_command: Sequence[str]) -> int:
-    return command.run_foreground(ssh_argv(part, remote_command))
+def runscript(part: Part, remote_command: Sequence[str]) -> NoReturn:
+    command.replace_process(ssh_argv(part, remote_command))
 
 
 def login(part: Part, args: Sequence[str], *, tty: bool) -> int:
@@ -222,11 +227,16 @@ def banner(host: str, port: int, timeout: float = 3.0) -> bool:
 def can_log_in(part: Part) -> bool:
     """A real login: the guest ran ``true`` for us."""
     result = command.run(ssh_argv(part, ["true"]), timeout=CONNECT_TIMEOUT + 20)
+    check_host_key(part, result)
+    return result.exit_code == 0
+
+
+def check_host_key(part: Part, result: command.Result) -> None:
+    """A login refused for the guest's host key is no "not up yet": say so, once."""
     if "Host key verification failed" in result.stderr:
         known_hosts = RunFiles.of(part).known_hosts
         raise VmError(
             f"the guest's ssh host key is not the one in {known_hosts}; "
             "if the guest was reinstalled, delete that file and start again"
         )
-    return result.exit_code == 0
 

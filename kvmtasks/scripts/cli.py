@@ -26,13 +26,18 @@ CTL_ACTIONS = {
     "status": "whether the VM runs (exit 0) or not (exit 3), and how to reach it",
     "console": "print the serial console log of the VM (the current boot's)",
     "reset": "throw the guest's disk changes away: a new overlay over the verified image",
+    "suspend": "save the running VM's state and stop it; start resumes it",
+    "snapshot": "named snapshots of the VM's disk and memory, kept in its qcow2 boot disk: "
+                "save NAME (the VM runs), restore NAME (a running VM jumps back, a stopped one "
+                "starts from it), list (name, date, size), delete NAME",
 }
 
 USAGE = {"ssh": "%(prog)s [SSH OPTIONS] [COMMAND...]", "runscript": "%(prog)s COMMAND..."}
 HELP = {
-    "ctl": "Start, stop, restart the VM of part {part}, show its status "
-           "(exit 0 when running, 3 when stopped) or its serial console; reset throws the "
-           "guest's disk changes away (a new overlay over the verified image; the VM must be stopped).",
+    "ctl": "Start, stop, restart or suspend the VM of part {part}, show its status "
+           "(exit 0 when running, 3 when stopped or suspended) or its serial console; start resumes "
+           "a suspended VM; reset throws the guest's disk changes away (a new overlay over the "
+           "verified image; the VM must be stopped); snapshot manages named snapshots.",
     "ssh": "Log in to the guest of part {part} over ssh, or run COMMAND there, with the options "
            "the other scripts use (the part's key, user, port and known_hosts); SSH OPTIONS such as "
            "-L go to ssh. A terminal gets a terminal in the guest. Exit status: COMMAND's.",
@@ -58,10 +63,28 @@ def _parser(part: Part, kind: str) -> argparse.ArgumentParser:
             "--json", action="store_true", help="one JSON object, for programs")
         actions.choices["console"].add_argument(
             "-f", "--follow", action="store_true", help="keep printing what comes, until Ctrl-C")
+        snapshot = actions.choices["snapshot"]
+        snapshot.add_argument("operation", choices=("save", "restore", "list", "delete"))
+        snapshot.add_argument("name", metavar="NAME", nargs="?")
     elif kind in ("sendfile", "getfile"):
         parser.add_argument("remotefile", metavar="REMOTEFILE")
         parser.add_argument("localfile", metavar="LOCALFILE", type=Path)
     return parser
+
+
+def _snapshot(part: Part, operation: str, name: str | None) -> int:
+    from kvmtasks.engines import snapshots
+
+    if operation == "list":
+        if name is not None:
+            raise VmError("snapshot list takes no NAME")
+        print("\n".join(snapshots.describe(part)))
+        return 0
+    if name is None:
+        raise VmError(f"snapshot {operation} needs a NAME")
+    step = {"save": snapshots.save, "restore": snapshots.restore, "delete": snapshots.delete}
+    step[operation](part, name, print)
+    return 0
 
 
 def _ctl(part: Part, options: argparse.Namespace) -> int:
@@ -71,8 +94,11 @@ def _ctl(part: Part, options: argparse.Namespace) -> int:
         return 0 if facts.running else EXIT_STOPPED
     if options.action == "console":
         return console.show(part, follow=options.follow)
-    {"start": engine.start, "stop": engine.stop, "restart": engine.restart, "reset": overlay.reset}[
-        options.action](part, print)
+    if options.action == "snapshot":
+        return _snapshot(part, options.operation, options.name)
+    steps = {"start": engine.start, "stop": engine.stop, "restart": engine.restart,
+             "reset": overlay.reset, "suspend": engine.suspend}
+    steps[options.action](part, print)
     return 0
 
 
