@@ -1,4 +1,4 @@
-"""Benchmark `PART-ctl start` against QEMU started by hand with the same argv, and warm starts.
+"""Benchmark `PART-ctl start` against QEMU started by hand with the same argv, stop, and warm starts.
 
     python bench/boot.py
 
@@ -9,6 +9,9 @@ with a fresh copy of the image:
 - start: ``bin/PART-ctl start``, which returns once an ssh login works;
 - raw: the same qemu argv (kvmtasks.engines.qemu.qemu_argv) run by hand, then
   ``ssh ... true`` in a tight loop until it succeeds;
+- stop: ``bin/PART-ctl stop`` after each start (the guest acts on the ACPI power
+  button), and after a start of the variant that ignores the button (stop asks
+  it over ssh);
 - warm, on a qcow2 copy: a cold start, ``snapshot save``, stop, then
   ``snapshot restore`` of the stopped VM (until an ssh login works);
   ``PART-runscript true`` over the VM's ssh master against a plain ``ssh ... true``,
@@ -55,6 +58,7 @@ from kvmtasks.config.loader import load_file
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.demo.guestimage import build_guest_image
+from kvmtasks.engines.poweroff import STOPPED_HOW
 from kvmtasks.engines.qemu import qemu_argv
 from kvmtasks.guest.ssh import CONNECT_TIMEOUT, ssh_argv
 
@@ -70,6 +74,11 @@ POLL_CONNECT_TIMEOUT = 1
 POLL_PAUSE = 0.05
 COMMAND_RUNS = 15
 GNU_TIME = "/usr/bin/time"
+# The report's label for each way `stop` powers a guest off (keys of poweroff.STOPPED_HOW).
+STOP_LABELS = {
+    "acpi": "the guest acts on the ACPI power button",
+    "ssh": "the guest ignores the button: `poweroff` over ssh after 3 s",
+}
 
 
 @dataclass
@@ -119,15 +128,23 @@ def killed_afterwards(folder: Path) -> Iterator[None]:
             time.sleep(0.05)
 
 
-def run_ctl(folder: Path, image: Path, key: Path, quiet: Quiet) -> float:
-    """doit provision (not timed), then `bin/PART-ctl start` (timed)."""
+def run_ctl(folder: Path, image: Path, key: Path, quiet: Quiet, stop_how: str) -> tuple[float, float]:
+    """doit provision (not timed), then `bin/PART-ctl start` and `stop` (each timed).
+
+    stop_how is how the guest of this image powers off; a stop that says otherwise ends the
+    benchmark, as its time would be filed under the wrong row.
+    """
     part = make_project(folder, image, key)
     env = environment(KVMTASKS_CONFIG=str(folder / "boot.cfg"), HOME=str(folder / "home"))
     measure(doit_argv(f"provision:{PART}"), env=env, cwd=folder).check()
+    ctl = str(part.kvm_bin_directory / f"{PART}-ctl")
     with killed_afterwards(folder):
         quiet.wait()
-        started = measure([str(part.kvm_bin_directory / f"{PART}-ctl"), "start"], env=env, cwd=folder)
-        return started.check().seconds
+        started = measure([ctl, "start"], env=env, cwd=folder).check()
+        stopped = measure([ctl, "stop"], env=env, cwd=folder).check()
+        if STOPPED_HOW[stop_how] not in stopped.output:
+            raise SystemExit(f"stop did not say {STOPPED_HOW[stop_how]!r}: {stopped.output.strip()}")
+        return started.seconds, stopped.seconds
 
 
 def run_raw(folder: Path, image: Path, key: Path, quiet: Quiet) -> float:
@@ -202,14 +219,18 @@ def run_warm(folder: Path, image: Path, key: Path, quiet: Quiet, warm: Warm) -> 
         timed("stop")
 
 
-def guest_image(work: Path) -> tuple[Path, Path]:
+def guest_images(work: Path) -> tuple[Path, Path, Path]:
+    """The tiny guest, the variant that ignores the ACPI button, and their key."""
     key = work / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     image = build_guest_image(work / "guest.img", key.with_suffix(".pub"), GUEST_CACHE)
-    return image.path, key
+    no_acpi = build_guest_image(work / "no-acpi.img", key.with_suffix(".pub"), GUEST_CACHE,
+                                with_acpi=False)
+    return image.path, no_acpi.path, key
 
 
-def report(image: Path, ctl: list[float], raw: list[float], warm: Warm, quiet: Quiet) -> str:
+def report(image: Path, ctl: list[float], raw: list[float], stops: dict[str, list[float]], warm: Warm,
+           quiet: Quiet) -> str:
     def runs(values: list[float]) -> str:
         return ", ".join(f"{value:.2f}" for value in values)
 
@@ -235,14 +256,16 @@ def report(image: Path, ctl: list[float], raw: list[float], warm: Warm, quiet: Q
     ]
 
     rows = [
-        ["start: `bin/boot-ctl start` (until an ssh login works)", f"{median(ctl):.2f} s", runs(ctl)],
-        ["raw: the same qemu argv by hand, `ssh ... true` in a loop", f"{median(raw):.2f} s", runs(raw)],
+        row("start: `bin/boot-ctl start` (until an ssh login works)", ctl),
+        row("raw: the same qemu argv by hand, `ssh ... true` in a loop", raw),
+        *(row(f"stop: `bin/boot-ctl stop`, {STOP_LABELS[how]}", values) for how, values in stops.items()),
     ]
     return "\n".join([
         "## Booting the tiny guest",
         "",
-        f"`python bench/boot.py`: median of {len(ctl)} rounds, start, raw and warm taking turns going "
-        "first, each in a fresh folder with a fresh copy of the image. " + quiet.note(),
+        f"`python bench/boot.py`: median of {len(ctl)} rounds; in each, start (then stop), raw, warm, "
+        "and a start then stop of the guest that ignores the ACPI button, in reverse order every "
+        "other round, each in a fresh folder with a fresh copy of the image. " + quiet.note(),
         "",
         f"Guest: the demo's tiny image ({image.stat().st_size / MB:.0f} MB raw: Debian kernel, "
         "busybox, dropbear), 256 MB of memory, 1 CPU, TCG. The raw loop runs `ssh` with "
@@ -291,23 +314,28 @@ def main(argv: list[str] | None = None) -> int:
     quiet = Quiet(patience=options.patience)
     ctl: list[float] = []
     raw: list[float] = []
+    stops: dict[str, list[float]] = {how: [] for how in STOP_LABELS}
     warm = Warm()
     with tempfile.TemporaryDirectory(prefix="kvmtasks-boot-") as work_name:
         work = Path(work_name)
-        image, key = guest_image(work)
+        image, no_acpi, key = guest_images(work)
         for round_number in range(options.repeat):
-            kinds = ["start", "raw", "warm"] if round_number % 2 == 0 else ["warm", "raw", "start"]
-            for kind in kinds:
+            kinds = ["start", "raw", "warm", "no-acpi"]
+            for kind in kinds if round_number % 2 == 0 else reversed(kinds):
                 folder = work / f"{kind}-{round_number}"
                 if kind == "start":
-                    ctl.append(run_ctl(folder, image, key, quiet))
+                    started, stopped = run_ctl(folder, image, key, quiet, "acpi")
+                    ctl.append(started)
+                    stops["acpi"].append(stopped)
+                elif kind == "no-acpi":
+                    stops["ssh"].append(run_ctl(folder, no_acpi, key, quiet, "ssh")[1])
                 elif kind == "raw":
                     raw.append(run_raw(folder, image, key, quiet))
                 else:
                     run_warm(folder, image, key, quiet, warm)
                 shutil.rmtree(folder, ignore_errors=True)
                 print(f"  round {round_number + 1}/{options.repeat}: {kind} done", file=sys.stderr)
-        text = report(image, ctl, raw, warm, quiet)
+        text = report(image, ctl, raw, stops, warm, quiet)
     write_section(options.output, "boot", text)
     print(text)
     print(summary_line(ctl, raw, warm))
