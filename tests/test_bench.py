@@ -75,7 +75,11 @@ def test_boot_benchmark_runs_and_reports(tmp_path: Path) -> None:
         r"start/raw=\d+\.\d\d start_s=\d+\.\d\d raw_s=\d+\.\d\d restore/start=\d+\.\d\d "
         r"resume/start=\d+\.\d\d runscript/ssh=\d+\.\d\d runscript_ms=\d+ ssh_ms=\d+ script_rss_mb=\d+",
         last), last
-    assert "## Booting the tiny guest" in output.read_text()
+    text = output.read_text()
+    assert "## Booting the tiny guest" in text
+    for how in ("the guest acts on the ACPI power button",
+                "the guest ignores the button: `poweroff` over ssh after 3 s"):
+        assert f"| stop: `bin/boot-ctl stop`, {how} |" in text
 
 
 def test_overlay_benchmark_runs_and_reports(tmp_path: Path) -> None:
