@@ -122,7 +122,8 @@ def test_time_wait_port_then_poweroff_over_ssh_then_quit(project: Project, guest
     started = project.run("start:vm", timeout=300)
     assert started.returncode == 0, started.describe()
     assert script(project, "vm-ssh", "rm /root/.ssh/authorized_keys").returncode == 0
-    assert script(project, "vm-ssh", "true").returncode == 255
+    # The VM's ssh master stays logged in; stop closes it first, so its poweroff needs a new
+    # login, which the guest now refuses.
     took, said = timed_stop(project)
     assert said == "vm stopped (no power-off within kvm_shutdown_timeout = 10 s, so QEMU was told to quit)\n"
     assert 10 <= took < 30, f"stop took {took:.1f} s"
