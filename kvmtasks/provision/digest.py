@@ -24,7 +24,7 @@ CHUNK = 1 << 20
 # Chunks waiting for one hash: enough to ride out scheduling jitter, little memory.
 _QUEUE_CHUNKS = 8
 
-_Pending = queue.Queue["tuple[bytes | bytearray, _Countdown | None] | None"]
+_Pending = queue.Queue["tuple[bytes | bytearray | memoryview, _Countdown | None] | None"]
 
 
 class MultiHasher:
@@ -55,10 +55,10 @@ class MultiHasher:
         if not self._threads:
             self._start()
         if release is None:
-            data: bytes | bytearray = chunk if isinstance(chunk, bytes) else bytes(chunk)
+            data: bytes | bytearray | memoryview = chunk if isinstance(chunk, bytes) else bytes(chunk)
             countdown = None
         else:
-            data = chunk if isinstance(chunk, bytes | bytearray) else bytes(chunk)
+            data = chunk  # lent: unchanged until release()
             countdown = _Countdown(len(self._queues), release)
         for pending in self._queues:
             pending.put((data, countdown))

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from kvmtasks.errors import FetchError
-from kvmtasks.provision.digest import CHUNK, MultiHasher
+from kvmtasks.provision.digest import CHUNK, Buffers, MultiHasher
 
 if TYPE_CHECKING:
     # Imported where used: loading them costs a doit run with nothing to download a third of its time.
@@ -235,22 +235,74 @@ def _save_validator(meta: Path, url: str, response: requests.Response) -> None:
 
 def _stream(response: requests.Response, partial: Path, mode: str, hasher: MultiHasher,
             offset: int, total: int, label: str) -> int:
-    """Write the raw (still encoded) body to partial; return the size reached."""
-    import requests
+    """Write the raw (still encoded) body to partial; return the size reached.
 
+    The body is read straight from the socket into a few reused buffers, which are
+    written (the GIL released) and lent to the hash threads: no chunk is copied,
+    decoded or allocated on the way.
+    """
+    receive = _receiver(response)
+    buffers = Buffers()
     received = offset
     try:
-        with open(partial, mode) as writer, _progress(total or None, label, offset) as bar:
-            for chunk in response.raw.stream(CHUNK, decode_content=False):
-                hasher.update(chunk)
-                writer.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
+        writer = open(partial, mode, buffering=0)  # noqa: SIM115  # closed below
     except OSError as error:
-        if isinstance(error, requests.exceptions.RequestException):
-            raise
         raise FetchError(f"writing {partial}: {error.strerror or error}") from None
+    with writer, _progress(total or None, label, offset) as bar:
+        while count := receive(buffer := buffers.get()):
+            chunk = memoryview(buffer)[:count]
+            try:
+                _write_all(writer, chunk)
+            except OSError as error:
+                raise FetchError(f"writing {partial}: {error.strerror or error}") from None
+            hasher.update(chunk, release=buffers.give_back(buffer))
+            received += count
+            bar.update(count)
     return received
+
+
+def _receiver(response: requests.Response) -> Callable[[bytearray], int]:
+    """What fills a buffer with the next bytes of the body, as sent; 0 at its end.
+
+    http.client reads a buffer's worth from the socket straight into it (recv_into,
+    no copy); urllib3's own read() would copy each chunk twice. Other transports
+    (none today) go through urllib3's stream.
+    """
+    import http.client
+
+    raw = response.raw
+    body = getattr(raw, "_fp", None)
+    if isinstance(body, http.client.HTTPResponse):
+        return lambda buffer: _checked(body.readinto, buffer)
+    chunks = raw.stream(CHUNK, decode_content=False)
+
+    def from_stream(buffer: bytearray) -> int:
+        chunk = next(chunks, b"")
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
+
+    return from_stream
+
+
+def _checked(readinto: Callable[[bytearray], int], buffer: bytearray) -> int:
+    """readinto, with what a dropped or silent connection raises turned into the
+    exceptions requests raises for them (handled in _download)."""
+    import http.client
+
+    import urllib3
+
+    try:
+        return readinto(buffer)
+    except TimeoutError:
+        raise urllib3.exceptions.ReadTimeoutError(None, "", "read timed out") from None  # type: ignore[arg-type]
+    except (OSError, http.client.HTTPException) as error:
+        raise urllib3.exceptions.ProtocolError(_reason(error), error) from None
+
+
+def _write_all(writer: IO[bytes], data: memoryview) -> None:
+    while data:
+        count = writer.write(data)
+        data = data[count or 0:]
 
 
 @contextmanager
