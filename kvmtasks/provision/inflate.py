@@ -64,7 +64,7 @@ class GzipInflater:
                     if out:
                         yield out
                     tail = self._member.unconsumed_tail
-                    if not tail:
+                    if not tail or self._member.eof:
                         break
                     out = self._member.decompress(tail, CHUNK)
                 if self._member.eof:
