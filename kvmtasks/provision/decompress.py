@@ -128,12 +128,14 @@ class StreamedImage:
 
     def update(self, chunk: bytes | bytearray | memoryview, /) -> None:
         """Inflate the download's next chunk (in the consumer thread; never raises)."""
-        if self._writer is None or self._inflater is None:
+        # Held here: the download's thread may abandon (close) them while this runs.
+        writer, inflater, hasher = self._writer, self._inflater, self._hasher
+        if writer is None or inflater is None:
             return
         try:
-            for out in self._inflater.inflate(chunk):
-                self._hasher.update(out)
-                _write_sparse(self._writer, out)
+            for out in inflater.inflate(chunk):
+                hasher.update(out)
+                _write_sparse(writer, out)
         except BadStream as error:
             self._fail(VerifyError(f"{self._source} is not a valid {self._compression} file ({error})"))
         except (OSError, ValueError) as error:
