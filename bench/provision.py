@@ -9,11 +9,18 @@ folders, alternating, repeated:
 - provision: ``doit provision:bench`` with md5_download, md5_image, sha256_image;
 - naive: curl, md5sum of the .gz, gunzip, md5sum and sha256sum of the image;
 - bound: ``sha256sum`` of the image alone;
+- curl: ``curl`` alone, from the same server (the wire's speed);
 - no-op: ``doit provision:bench`` again, nothing changed;
 - touch: ``touch`` the image, then ``doit provision:bench`` again.
 
-Prints a table and a last line of ratios, and writes the table into
-docs/benchmarks.md (or --output).
+Each ``--variant SERVER,BLOCK[,PACE]`` (repeatable; default ``sendfile,64K``)
+is one table: SERVER is ``sendfile`` (the kernel sends the file) or ``plain``
+(Python sends it, as ``python -m http.server`` does), BLOCK the size of the
+image's random, text and zero blocks, PACE a rate in MiB/s the plain server
+keeps to (a link slower than the machine).
+
+Prints a table and a last line of ratios per variant, and writes the tables
+into docs/benchmarks.md (or --output).
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from benchlib import (
 )
 
 PART = "bench"
-BLOCK = 64 << 10
+BLOCK = 64 << 10  # the default layout's block; --variant picks others
 # The share of blocks of each kind, roughly what a used root filesystem image holds.
 MIX = {"random": 0.35, "text": 0.20, "zero": 0.45}
 SEED = 5
@@ -73,34 +80,72 @@ PROVISION_STEPS = ("download", "verify-download", "decompress", "verify-image", 
 
 
 @dataclass(frozen=True)
+class Variant:
+    """How the image is laid out and served."""
+
+    server: str = "sendfile"
+    block: int = BLOCK
+    pace_mib: float = 0.0  # MiB/s; 0: as fast as the server goes
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        fields = text.split(",")
+        if not 2 <= len(fields) <= 3 or fields[0] not in ("sendfile", "plain"):
+            raise ValueError(f"not a variant: {text!r} (e.g. sendfile,64K or plain,1M,40)")
+        pace = float(fields[2]) if len(fields) == 3 else 0.0
+        if pace and fields[0] != "plain":
+            raise ValueError(f"{text!r}: only the plain server can be paced")
+        return cls(fields[0], parse_size(fields[1]), pace)
+
+    @property
+    def default(self) -> bool:
+        return self == Variant()
+
+    @property
+    def name(self) -> str:
+        """Its part of the section name and heading: empty for today's default."""
+        if self.default:
+            return ""
+        pace = f", paced at {self.pace_mib:g} MiB/s" if self.pace_mib else ""
+        return f"{self.server} server, {size_label(self.block)} blocks{pace}"
+
+    def describe(self) -> str:
+        server = ("with sendfile" if self.server == "sendfile"
+                  else "by Python, 64 KiB reads and writes as `python -m http.server` does")
+        pace = f", paced at {self.pace_mib:g} MiB/s" if self.pace_mib else ""
+        return f"served on 127.0.0.1 {server}{pace}"
+
+
+@dataclass(frozen=True)
 class Source:
     raw: Path
     packed: Path
     digests: dict[str, str]  # md5_download, md5_image, sha256_image
 
 
-def _blocks(size: int, rng: random.Random) -> Iterator[bytes]:
-    count = size // BLOCK
+def _blocks(size: int, rng: random.Random, block: int) -> Iterator[bytes]:
+    count = size // block
     kinds = [kind for kind, share in MIX.items() for _ in range(round(count * share))]
     kinds = (kinds + ["zero"] * count)[:count]
     rng.shuffle(kinds)
-    text = "".join(rng.choices(WORDS, k=(4 * BLOCK) // 3)).encode()
-    zero = bytes(BLOCK)
+    text = "".join(rng.choices(WORDS, k=(4 * block) // 3)).encode()
+    zero = bytes(block)
     for kind in kinds:
         if kind == "random":
-            yield rng.randbytes(BLOCK)
+            yield rng.randbytes(block)
         elif kind == "text":
-            start = rng.randrange(len(text) - BLOCK)
-            yield text[start:start + BLOCK]
+            start = rng.randrange(len(text) - block)
+            yield text[start:start + block]
         else:
             yield zero
-    if size % BLOCK:
-        yield rng.randbytes(size % BLOCK)
+    if size % block:
+        yield rng.randbytes(size % block)
 
 
-def synthesize(size: int, cache: Path) -> Source:
+def synthesize(size: int, cache: Path, block: int = BLOCK) -> Source:
     """The image of that size and its .gz, made once and kept in cache."""
-    folder = cache / f"image-{size_label(size)}-seed{SEED}-v{GENERATOR}"
+    layout = "" if block == BLOCK else f"-blocks{size_label(block)}"
+    folder = cache / f"image-{size_label(size)}-seed{SEED}-v{GENERATOR}{layout}"
     raw, packed, record = folder / "image.raw", folder / "image.raw.gz", folder / "digests.json"
     if record.exists() and raw.exists() and packed.exists():
         return Source(raw, packed, json.loads(record.read_text()))
@@ -108,11 +153,11 @@ def synthesize(size: int, cache: Path) -> Source:
     folder.mkdir(parents=True, exist_ok=True)
     md5, sha256 = hashlib.md5(), hashlib.sha256()
     with open(raw, "wb") as image, gzip.open(packed, "wb", compresslevel=GZIP_LEVEL) as compressed:
-        for block in _blocks(size, random.Random(SEED)):
-            md5.update(block)
-            sha256.update(block)
-            image.write(block)
-            compressed.write(block)
+        for data in _blocks(size, random.Random(SEED), block):
+            md5.update(data)
+            sha256.update(data)
+            image.write(data)
+            compressed.write(data)
     download_md5 = hashlib.md5()
     with open(packed, "rb") as handle:
         while chunk := handle.read(1 << 20):
@@ -208,6 +253,17 @@ def run_naive(folder: Path, url: str, source: Source, quiet: Quiet) -> Naive:
     return Naive(seconds, sum(run.user_s for run in runs), sum(run.sys_s for run in runs))
 
 
+def run_curl(folder: Path, url: str, source: Source, quiet: Quiet) -> float:
+    """curl alone, from the same server: how fast the bytes can arrive at all."""
+    folder.mkdir(parents=True)
+    packed = folder / "img.gz"
+    quiet.wait()
+    seconds = measure(["curl", "--fail", "--silent", "--show-error", "-o", str(packed), url]).check().seconds
+    if packed.stat().st_size != source.packed.stat().st_size:
+        raise SystemExit("curl: the download has the wrong size")
+    return seconds
+
+
 def run_bound(source: Source, quiet: Quiet) -> float:
     """sha256sum alone on the (cached) image: the least any verified provisioning must cost."""
     quiet.wait()
@@ -219,6 +275,7 @@ class Results:
     provisions: list[ProvisionRuns] = field(default_factory=list)
     naives: list[Naive] = field(default_factory=list)
     bound: list[float] = field(default_factory=list)
+    curl: list[float] = field(default_factory=list)
 
     @property
     def provision(self) -> list[float]:
@@ -238,7 +295,7 @@ class Results:
 
 def benchmark(source: Source, url: str, work: Path, repeat: int, quiet: Quiet) -> Results:
     results = Results()
-    kinds = ["provision", "naive", "bound"]
+    kinds = ["provision", "naive", "bound", "curl"]
     for round_number in range(repeat):
         # Rotate the order so that no kind always goes first, or always after the same one.
         shift = round_number % len(kinds)
@@ -248,6 +305,8 @@ def benchmark(source: Source, url: str, work: Path, repeat: int, quiet: Quiet) -
                 results.provisions.append(run_provision(folder, url, source, quiet))
             elif kind == "naive":
                 results.naives.append(run_naive(folder, url, source, quiet))
+            elif kind == "curl":
+                results.curl.append(run_curl(folder, url, source, quiet))
             else:
                 results.bound.append(run_bound(source, quiet))
             shutil.rmtree(folder, ignore_errors=True)
@@ -264,7 +323,8 @@ def summary_line(results: Results) -> str:
         f"noop_s={median([rerun.run.seconds for rerun in noop]):.2f} "
         f"noop_read_mb={max(rerun.image_read for rerun in noop) / MB:.0f} "
         f"touch_s={median([rerun.run.seconds for rerun in touch]):.2f} "
-        f"rss_mb={max(results.rss) / MB:.0f}"
+        f"rss_mb={max(results.rss) / MB:.0f} "
+        f"provision/curl={provision / median(results.curl):.2f}"
     )
 
 
@@ -289,13 +349,14 @@ def _rerun_rows(kind: str, what: str, reruns: list[Rerun]) -> list[list[str]]:
     ]
 
 
-def report(source: Source, results: Results, repeat: int, quiet: Quiet) -> str:
+def report(source: Source, variant: Variant, results: Results, repeat: int, quiet: Quiet) -> str:
     size, packed = source.raw.stat().st_size, source.packed.stat().st_size
     speeds = hash_speeds()
     rows = [
         _row("provision: `doit provision:bench`", results.provision, "s"),
         _row("naive: curl; md5sum .gz; gunzip; md5sum; sha256sum", results.naive, "s"),
         _row("bound: `sha256sum` of the image", results.bound, "s"),
+        _row("curl: `curl -o` of the .gz alone, same server", results.curl, "s"),
         _cpu_row("provision: CPU time, user / system",
                  [(runs.provision.user_s, runs.provision.sys_s) for runs in results.provisions]),
         _cpu_row("naive: CPU time, user / system", [(naive.user_s, naive.sys_s) for naive in results.naives]),
@@ -307,15 +368,17 @@ def report(source: Source, results: Results, repeat: int, quiet: Quiet) -> str:
     ]
     label = size_label(size)
     mix = ", ".join(f"{share:.0%} {kind}" for kind, share in MIX.items())
+    heading = f"## Provisioning a {label} image" + (f" ({variant.name})" if variant.name else "")
+    command = f"--size {label}" + ("" if variant.default else f" --variant {_variant_argument(variant)}")
     return "\n".join([
-        f"## Provisioning a {label} image",
+        heading,
         "",
-        f"`python bench/provision.py --size {label}`: median of {repeat} rounds; the three kinds "
+        f"`python bench/provision.py {command}`: median of {repeat} rounds; the four kinds "
         "take turns going first, every run in a fresh folder, page cache warm, `sync` before each "
         "run. " + quiet.note(),
         "",
-        f"Image: {size / MB:.0f} MB raw ({mix}, in blocks of {BLOCK >> 10} KiB), {packed / MB:.0f} MB "
-        f"gzipped (level {GZIP_LEVEL}), served on 127.0.0.1 with sendfile. The part checks "
+        f"Image: {size / MB:.0f} MB raw ({mix}, in blocks of {size_label(variant.block)}iB), "
+        f"{packed / MB:.0f} MB gzipped (level {GZIP_LEVEL}), {variant.describe()}. The part checks "
         "md5_download, md5_image and sha256_image.",
         "",
         *machine_lines(),
@@ -341,6 +404,25 @@ def report(source: Source, results: Results, repeat: int, quiet: Quiet) -> str:
     ])
 
 
+def _variant_argument(variant: Variant) -> str:
+    pace = f",{variant.pace_mib:g}" if variant.pace_mib else ""
+    return f"{variant.server},{size_label(variant.block)}{pace}"
+
+
+def run_variant(variant: Variant, size: int, options: argparse.Namespace, quiet: Quiet) -> str:
+    """One variant's rounds; returns its summary line, its table written into the report file."""
+    source = synthesize(size, options.cache, variant.block)
+    with tempfile.TemporaryDirectory(prefix="kvmtasks-bench-", dir=options.workdir) as work, \
+            serve_files({"/image.raw.gz": source.packed}, plain=variant.server == "plain",
+                        pace=variant.pace_mib * (1 << 20)) as base:
+        results = benchmark(source, f"{base}/image.raw.gz", Path(work), options.repeat, quiet)
+    text = report(source, variant, results, options.repeat, quiet)
+    section = f"provision {size_label(size)}" + (f" {variant.name}" if variant.name else "")
+    write_section(options.output, section, text)
+    print(text)
+    return summary_line(results)
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on the way out
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -352,19 +434,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the fresh folders go (default: a temporary folder)")
     parser.add_argument("--patience", type=float, default=120.0,
                         help="seconds to wait for a quiet machine before each run (default 120)")
+    parser.add_argument("--variant", type=Variant.parse, action="append", default=None,
+                        help="SERVER,BLOCK[,PACE]: sendfile or plain server, the image's block size, "
+                             "a pace in MiB/s (plain only); repeatable (default sendfile,64K)")
     options = parser.parse_args(argv)
     for program in ("curl", "md5sum", "gunzip", "sha256sum", "touch"):
         if shutil.which(program) is None:
             parser.error(f"{program} not found")
-    source = synthesize(parse_size(options.size), options.cache)
     quiet = Quiet(patience=options.patience)
-    with tempfile.TemporaryDirectory(prefix="kvmtasks-bench-", dir=options.workdir) as work, \
-            serve_files({"/image.raw.gz": source.packed}) as base:
-        results = benchmark(source, f"{base}/image.raw.gz", Path(work), options.repeat, quiet)
-    text = report(source, results, options.repeat, quiet)
-    write_section(options.output, f"provision {size_label(source.raw.stat().st_size)}", text)
-    print(text)
-    print(summary_line(results))
+    size = parse_size(options.size)
+    summaries = [run_variant(variant, size, options, quiet) for variant in options.variant or [Variant()]]
+    print("\n".join(summaries))
     return 0
 
 

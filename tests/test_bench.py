@@ -23,7 +23,7 @@ benchlib = importlib.import_module("benchlib")
 
 PROVISION_LINE = re.compile(
     r"provision/naive=\d+\.\d\d provision/bound=\d+\.\d\d noop_s=\d+\.\d\d noop_read_mb=(\d+) "
-    r"touch_s=\d+\.\d\d rss_mb=\d+"
+    r"touch_s=\d+\.\d\d rss_mb=\d+ provision/curl=\d+\.\d\d"
 )
 
 
@@ -35,18 +35,35 @@ def run_script(name: str, *args: str, timeout: float) -> subprocess.CompletedPro
 def test_provision_benchmark_runs_and_reports(tmp_path: Path) -> None:
     output = tmp_path / "benchmarks.md"
     done = run_script("provision.py", "--size", "8M", "--repeat", "1", "--output", str(output),
-                      "--cache", str(tmp_path / "cache"), "--patience", "0", timeout=300)
+                      "--cache", str(tmp_path / "cache"), "--patience", "0",
+                      "--variant", "sendfile,64K", "--variant", "plain,1M,200", timeout=300)
 
     assert done.returncode == 0, done.stderr
-    last = done.stdout.strip().splitlines()[-1]
-    match = PROVISION_LINE.fullmatch(last)
-    assert match, last
-    assert match.group(1) == "0", "a no-op run must not open the image"
+    summaries = done.stdout.strip().splitlines()[-2:]
+    for line in summaries:
+        match = PROVISION_LINE.fullmatch(line)
+        assert match, line
+        assert match.group(1) == "0", "a no-op run must not open the image"
     text = output.read_text()
     assert text.startswith(benchlib.HEADER)
-    assert "## Provisioning a 8M image" in text
-    assert "| no-op: image files opened; steps run | none; none |" in text
-    assert last in text
+    assert "## Provisioning a 8M image\n" in text
+    assert "## Provisioning a 8M image (plain server, 1M blocks, paced at 200 MiB/s)" in text
+    assert "--variant plain,1M,200" in text
+    assert text.count("| no-op: image files opened; steps run | none; none |") == 2
+    assert all(line in text for line in summaries)
+
+
+def test_a_paced_server_keeps_to_its_pace(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.write_bytes(bytes(4 << 20))
+    pace = 20 << 20
+    with benchlib.serve_files({"/data": data}, pace=pace) as base:
+        measured = benchlib.measure(
+            ["curl", "--fail", "--silent", "-o", str(tmp_path / "copy"), f"{base}/data"])
+
+    assert measured.returncode == 0
+    assert (tmp_path / "copy").read_bytes() == data.read_bytes()
+    assert measured.seconds >= (4 << 20) / pace  # never faster than the pace (slower on a busy machine)
 
 
 def test_parts_benchmark_runs_and_reports(tmp_path: Path) -> None:

@@ -71,7 +71,10 @@ def test_each_format_is_decompressed_sparse_and_checked(
     first = project.provision()
 
     assert_ok(first)
-    assert first.ran() == {"download", "verify-download", "decompress", "verify-image"}
+    # A declared gzip download is inflated while it arrives: decompress finds it done.
+    streamed = kind == "gzip" and declared is not None and declared != "gzip = false"
+    assert first.ran() == {"download", "verify-download", "verify-image"} | (
+        set() if streamed else {"decompress"})
     image = project.parts / "vm" / "debian-12.raw"
     assert image.read_bytes() == raw
     assert image.stat().st_blocks * 512 < len(raw) * 3 // 4, "the zero run was written, not a hole"

@@ -7,6 +7,7 @@ import hashlib
 import json
 import random
 import socket
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -244,6 +245,28 @@ def test_a_silent_server_times_out(
 
     with pytest.raises(FetchError, match="timed out"):
         fetch.fetch(url, tmp_path / "disk.img", ALGORITHMS, "vm")
+
+
+def test_a_server_that_stalls_mid_body_times_out_then_the_download_completes(
+    http_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(fetch.TIMEOUT_ENV, "0.3")
+    data = payload(3 << 20)
+    http_server.hold = threading.Event()  # the body stops after its first 64 KiB
+    url = http_server.put("disk.img", data)
+    dest = tmp_path / "disk.img"
+
+    try:
+        with pytest.raises(FetchError, match=f"^{url}: the server stopped answering .*resume$"):
+            fetch.fetch(url, dest, ALGORITHMS, "vm")
+    finally:
+        http_server.hold.set()
+    http_server.hold = None
+
+    # Whatever reached the file is the start of the body (a buffer not yet full is dropped).
+    assert data.startswith(partial(dest).read_bytes())
+    assert fetch.fetch(url, dest, ALGORITHMS, "vm") == digests(data)
+    assert dest.read_bytes() == data
 
 
 @pytest.mark.parametrize("value", ["soon", "0", "-1", "nan", "inf"])

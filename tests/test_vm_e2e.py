@@ -65,7 +65,9 @@ def test_provision_start_use_and_stop(project: Project, guest: Guest, http_serve
 
     started = project.run("start:vm", timeout=300)
     assert started.returncode == 0, started.describe()
-    assert {"download:vm", "decompress:vm", "render:vm", "start:vm"} <= started.executed
+    # The download inflated the image as it arrived: decompress was up to date.
+    assert {"download:vm", "render:vm", "start:vm"} <= started.executed
+    assert "decompress:vm" not in started.executed
     assert "vm is running" in started.stdout
 
     uname = script(project, "vm-runscript", "uname", "-r")

@@ -158,6 +158,11 @@ def _decompress_task(part: Part) -> Task:
         # Decompressed in place (no suffix to strip): the download's record says when it is new.
         task["file_dep"] = [str(provision.download_record(part))]
         task["targets"] = [str(provision.image_record(part))]
+    elif provision.streams(part):
+        # Up to date when the image was made from the download as it is now, by this step or
+        # by the download step inflating as it downloaded (the image's record says which).
+        del task["file_dep"]
+        task["uptodate"] = [lambda: provision.image_made_from_download(part)]
     return task
 
 

@@ -83,8 +83,10 @@ class Entry:
         return self.folder / "lock"
 
 
-def fetch_into(part: Part, dest: Path, algorithms: set[str], label: str) -> dict[str, str]:
-    """The part's download at dest, through the cache; returns its digests."""
+def fetch_into(part: Part, dest: Path, algorithms: set[str], label: str,
+               sink: fetch.Sink | None = None) -> dict[str, str]:
+    """The part's download at dest, through the cache; returns its digests. The sink gets the
+    bytes only when they are downloaded (not when the cache has them)."""
     assert part.image is not None and part.buildout.download_cache is not None
     entry = Entry(part.buildout.download_cache, part.image)
     with _locked(entry, label):
@@ -92,7 +94,7 @@ def fetch_into(part: Part, dest: Path, algorithms: set[str], label: str) -> dict
         expected, _ = checksums.expected(part, "download")
         digests = _trusted_digests(entry, algorithms, expected, label)
         if digests is None:
-            digests = _fetch(entry, algorithms, label)
+            digests = _fetch(entry, algorithms, label, sink)
         else:
             print(f"{label}: {part.image} is in the download cache ({entry.folder}); "
                   "not downloading it", file=sys.stderr, flush=True)
@@ -187,9 +189,10 @@ def _distrust(
     return None
 
 
-def _fetch(entry: Entry, algorithms: set[str], label: str) -> dict[str, str]:
+def _fetch(entry: Entry, algorithms: set[str], label: str, sink: fetch.Sink | None) -> dict[str, str]:
     # sha256 always: a later part may ask for it, and the entry then needs no re-read.
-    digests, validator = fetch.fetch_validated(entry.url, entry.data, algorithms | {"sha256"}, label)
+    digests, validator = fetch.fetch_validated(entry.url, entry.data, algorithms | {"sha256"}, label,
+                                               sink)
     try:
         os.chmod(entry.data, READ_ONLY)
     except OSError as error:

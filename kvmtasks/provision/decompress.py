@@ -1,4 +1,9 @@
-"""Decompress a download into the image (gzip, xz, zstd, bz2), hashing the output as it goes."""
+"""Decompress a download into the image (gzip, xz, zstd, bz2), hashing the output as it goes.
+
+Two ways: decompress reads a download already on disk; StreamedImage inflates
+the download while it arrives (the download step feeds it; gzip), so that the
+image is complete at the download's last byte.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from typing import IO, Any, cast
 from kvmtasks.config.options import Compression
 from kvmtasks.errors import KvmTasksError, VerifyError
 from kvmtasks.provision.digest import CHUNK, Buffers, MultiHasher
+from kvmtasks.provision.inflate import INFLATERS, BadStream, Inflater
 from kvmtasks.provision.zstdframes import ZstdFrames
 
 # A zero run becomes a hole when it covers whole blocks of the file system's usual size.
@@ -87,6 +93,100 @@ def _read(reader: Reader, buffer: bytearray, bad_data: tuple[type[Exception], ..
         if error.errno is None:  # bz2 reports bad data as an OSError without errno
             raise _BadData(str(error)) from None
         raise
+
+
+class StreamedImage:
+    """The image, inflated from the download's bytes as they arrive, into ``IMAGE.part``.
+
+    The download hands it every chunk, from byte 0 (a resumed download first re-reads
+    what it kept), through its MultiHasher: it runs in a thread of its own, beside the
+    hashes, and hashes the image in threads of its own. A failure (a corrupt stream, a
+    full disk) removes the .part at once and is kept for check() to raise in the
+    download's thread; nothing ever reaches the image's final path before commit().
+    """
+
+    def __init__(self, dest: Path, compression: str, algorithms: Iterable[str], source: str) -> None:
+        self.dest = dest
+        self.partial = dest.with_name(dest.name + ".part")
+        self._compression, self._algorithms, self._source = compression, tuple(algorithms), source
+        self._writer: io.RawIOBase | None = None
+        self._inflater: Inflater | None = None
+        self._hasher = MultiHasher(())
+        self._failure: KvmTasksError | None = None
+        self._digests: dict[str, str] | None = None
+
+    def start(self) -> None:
+        """Begin (again) at the download's first byte."""
+        self._close()
+        self._failure, self._digests = None, None
+        self._inflater = INFLATERS[self._compression]()
+        self._hasher = MultiHasher(self._algorithms)
+        try:
+            self._writer = open(self.partial, "wb", buffering=0)  # noqa: SIM115  # closed by finish/abandon
+        except OSError as error:
+            self._fail(KvmTasksError(f"writing {self.partial}: {error.strerror or error}"))
+
+    def update(self, chunk: bytes | bytearray | memoryview, /) -> None:
+        """Inflate the download's next chunk (in the consumer thread; never raises)."""
+        # Held here: the download's thread may abandon (close) them while this runs.
+        writer, inflater, hasher = self._writer, self._inflater, self._hasher
+        if writer is None or inflater is None:
+            return
+        try:
+            for out in inflater.inflate(chunk):
+                hasher.update(out)
+                _write_sparse(writer, out)
+        except BadStream as error:
+            self._fail(VerifyError(f"{self._source} is not a valid {self._compression} file ({error})"))
+        except (OSError, ValueError) as error:
+            if self._writer is None:
+                return  # abandoned by the download's thread while writing: nothing to report
+            self._fail(KvmTasksError(f"decompressing {self._source} to {self.partial}: "
+                                     f"{getattr(error, 'strerror', None) or error}"))
+
+    def check(self) -> None:
+        """Raise what went wrong so far, if anything did."""
+        if self._failure is not None:
+            raise self._failure
+
+    def finish(self) -> None:
+        """After the download's last byte was consumed: the .part holds the whole image."""
+        self.check()
+        assert self._writer is not None and self._inflater is not None
+        try:
+            self._inflater.end()
+            self._writer.truncate()  # the size, when the image ends with a hole
+        except BadStream as error:
+            self._fail(VerifyError(f"{self._source} is not a valid {self._compression} file ({error})"))
+        except OSError as error:
+            self._fail(KvmTasksError(f"writing {self.partial}: {error.strerror or error}"))
+        self.check()
+        self._close()
+        self._digests = self._hasher.hexdigests()
+
+    @property
+    def complete(self) -> bool:
+        return self._digests is not None
+
+    def commit(self) -> dict[str, str]:
+        """Put the finished image at its final path; return its digests."""
+        assert self._digests is not None
+        os.replace(self.partial, self.dest)
+        return self._digests
+
+    def abandon(self) -> None:
+        """The download failed or stopped: no image, not even a partial one."""
+        self._close()
+        self.partial.unlink(missing_ok=True)
+
+    def _fail(self, failure: KvmTasksError) -> None:
+        self._failure = failure
+        self.abandon()
+
+    def _close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
 
 
 def _write_sparse(writer: io.RawIOBase, chunk: bytes | bytearray) -> None:

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from kvmtasks.errors import VerifyError
 
@@ -24,7 +24,14 @@ CHUNK = 1 << 20
 # Chunks waiting for one hash: enough to ride out scheduling jitter, little memory.
 _QUEUE_CHUNKS = 8
 
-_Pending = queue.Queue["tuple[bytes | bytearray, _Countdown | None] | None"]
+_Pending = queue.Queue["tuple[bytes | bytearray | memoryview, _Countdown | None] | None"]
+
+
+class Consumer(Protocol):
+    """What else takes every chunk, in a thread of its own, besides the hashes (it must
+    not raise: it keeps its failure for its owner to ask about)."""
+
+    def update(self, chunk: bytes | bytearray | memoryview, /) -> None: ...
 
 
 class MultiHasher:
@@ -35,8 +42,9 @@ class MultiHasher:
     costs the caller a queue put, not the hash.
     """
 
-    def __init__(self, algorithms: Iterable[str]) -> None:
+    def __init__(self, algorithms: Iterable[str], also: Iterable[Consumer] = ()) -> None:
         self._hashes = {name: hashlib.new(name) for name in sorted(set(algorithms))}
+        self._also = tuple(also)
         self._queues: list[_Pending] = []
         self._threads: list[threading.Thread] = []
 
@@ -48,27 +56,30 @@ class MultiHasher:
         release, the caller lends chunk: it stays unchanged until release() is called,
         once every hash is done with it (see Buffers).
         """
-        if not self._hashes:
+        if not self._hashes and not self._also:
             if release is not None:
                 release()
             return
         if not self._threads:
             self._start()
         if release is None:
-            data: bytes | bytearray = chunk if isinstance(chunk, bytes) else bytes(chunk)
+            data: bytes | bytearray | memoryview = chunk if isinstance(chunk, bytes) else bytes(chunk)
             countdown = None
         else:
-            data = chunk if isinstance(chunk, bytes | bytearray) else bytes(chunk)
+            data = chunk  # lent: unchanged until release()
             countdown = _Countdown(len(self._queues), release)
         for pending in self._queues:
             pending.put((data, countdown))
 
     def hexdigests(self) -> dict[str, str]:
+        """The digests, once every chunk was hashed (and consumed)."""
         self._finish()
         return {name: h.hexdigest() for name, h in self._hashes.items()}
 
     def _start(self) -> None:
-        for name, hash_object in self._hashes.items():
+        consumers: list[tuple[str, Consumer]] = [*self._hashes.items(),
+                                                 *(("consumer", also) for also in self._also)]
+        for name, hash_object in consumers:
             pending: _Pending = queue.Queue(_QUEUE_CHUNKS)
             thread = threading.Thread(target=_hash_chunks, args=(hash_object, pending),
                                       name=f"hash-{name}", daemon=True)
@@ -121,7 +132,7 @@ class _Countdown:
             self._release()
 
 
-def _hash_chunks(hash_object: Any, pending: _Pending) -> None:
+def _hash_chunks(hash_object: Consumer, pending: _Pending) -> None:
     while (item := pending.get()) is not None:
         chunk, countdown = item
         hash_object.update(chunk)
@@ -164,6 +175,8 @@ class Record:
     size: int
     mtime_ns: int
     digests: Mapping[str, str]
+    # For an image: the (size, mtime_ns) of the download it was made from.
+    source: tuple[int, int] | None = None
 
     def matches(self, path: Path) -> bool:
         try:
@@ -173,14 +186,23 @@ class Record:
         return (info.st_size, info.st_mtime_ns) == (self.size, self.mtime_ns)
 
 
-def write_record(record_path: Path, file_path: Path, digests: Mapping[str, str]) -> Record:
+def identity(path: Path) -> tuple[int, int]:
+    """What tells one version of a file from another without reading it: size and mtime."""
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns
+
+
+def write_record(record_path: Path, file_path: Path, digests: Mapping[str, str],
+                 made_from: tuple[int, int] | None = None) -> Record:
+    """Record file_path's size, mtime and digests (and the identity of the file it was made from)."""
     info = file_path.stat()
-    record = Record(info.st_size, info.st_mtime_ns, dict(digests))
+    record = Record(info.st_size, info.st_mtime_ns, dict(digests), made_from)
     record_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = record_path.with_name(record_path.name + ".tmp")
-    temporary.write_text(json.dumps(
-        {"size": record.size, "mtime_ns": record.mtime_ns, "digests": record.digests}
-    ))
+    data: dict[str, object] = {"size": record.size, "mtime_ns": record.mtime_ns, "digests": record.digests}
+    if made_from is not None:
+        data["source"] = {"size": made_from[0], "mtime_ns": made_from[1]}
+    temporary.write_text(json.dumps(data))
     os.replace(temporary, record_path)
     return record
 
@@ -188,7 +210,12 @@ def write_record(record_path: Path, file_path: Path, digests: Mapping[str, str])
 def read_record(record_path: Path) -> Record | None:
     try:
         data = json.loads(record_path.read_text())
-        return Record(int(data["size"]), int(data["mtime_ns"]), dict(data["digests"]))
+        record = Record(int(data["size"]), int(data["mtime_ns"]), dict(data["digests"]))
+        if "source" in data:
+            source = data["source"]
+            return Record(record.size, record.mtime_ns, record.digests,
+                          (int(source["size"]), int(source["mtime_ns"])))
+        return record
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -20,8 +20,8 @@ from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles, current
 from kvmtasks.errors import KvmTasksError, VerifyError, VmError
 from kvmtasks.provision import cache, checksums, digest, fetch
+from kvmtasks.provision.decompress import StreamedImage, detect
 from kvmtasks.provision.decompress import decompress as decompress_file
-from kvmtasks.provision.decompress import detect
 
 
 def record_directory(part: Part) -> Path:
@@ -72,9 +72,10 @@ def _open_lock(part: Part, path: Path) -> TextIO:
         raise KvmTasksError(f"cannot create {path}: {error.strerror or error}") from None
 
 
-def _write_record(record_path: Path, file_path: Path, digests: Mapping[str, str]) -> None:
+def _write_record(record_path: Path, file_path: Path, digests: Mapping[str, str],
+                  made_from: tuple[int, int] | None = None) -> None:
     try:
-        digest.write_record(record_path, file_path, digests)
+        digest.write_record(record_path, file_path, digests, made_from)
     except OSError as error:
         raise KvmTasksError(f"writing {record_path}: {error.strerror or error}") from None
 
@@ -89,17 +90,47 @@ def _refuse_if_running(part: Part) -> None:
 
 
 def download(part: Part) -> None:
+    """Download the image; a gzipped one is inflated into the image as its bytes arrive, so
+    that decompress finds its work done (the image's record names the download it came from)."""
     assert part.image is not None
     with exclusive(part, "download"):
         _refuse_if_running(part)
         algorithms = set(part.download_digests)
         if part.compression in (Compression.NONE, Compression.AUTO):
             algorithms |= set(part.image_digests)  # it may well be the image
-        if cache.caches(part):
-            digests = cache.fetch_into(part, part.download_path, algorithms, f"download:{part.name}")
-        else:
-            digests = fetch.fetch(part.image, part.download_path, algorithms, part.name)
-        _write_record(download_record(part), part.download_path, digests)
+        image = StreamedImage(part.image_path, "gzip", part.image_digests, part.image) \
+            if streams(part) else None
+        try:
+            if cache.caches(part):
+                digests = cache.fetch_into(part, part.download_path, algorithms,
+                                           f"download:{part.name}", image)
+            else:
+                digests = fetch.fetch(part.image, part.download_path, algorithms, part.name, image)
+            _write_record(download_record(part), part.download_path, digests)
+            # An image from a download that verify-download will refuse is not kept.
+            if image is not None and image.complete and all(
+                    digests[name] == value for name, value in part.download_digests.items()):
+                _keep_streamed(part, image)
+        finally:
+            if image is not None:
+                image.abandon()  # whatever did not reach its final path
+
+
+def streams(part: Part) -> bool:
+    """The download step inflates the image while the bytes arrive: a declared gzip download
+    with a name of its own for the image."""
+    return (part.image is not None and part.compression is Compression.GZIP
+            and part.image_path != part.download_path)
+
+
+def _keep_streamed(part: Part, image: StreamedImage) -> None:
+    """Put the image inflated while downloading in place, recorded as made from this download."""
+    made_from = digest.identity(part.download_path)
+    try:
+        digests = image.commit()
+    except OSError as error:
+        raise KvmTasksError(f"renaming {image.partial}: {error.strerror or error}") from None
+    _write_record(image_record(part), part.image_path, digests, made_from)
 
 
 def decompress(part: Part) -> None:
@@ -108,13 +139,15 @@ def decompress(part: Part) -> None:
     with exclusive(part, "decompress"):
         _refuse_if_running(part)
         download, image = part.download_path, part.image_path
+        # What the image is made from, for decompress's up-to-date check (see streams).
+        made_from = digest.identity(download) if image != download else None
         kind = detect(download) if part.compression is Compression.AUTO else part.compression
         if kind is None:
             digests = _as_image(part)
         else:
             # Without a suffix to strip, the image takes the download's name: one copy.
             digests = decompress_file(download, image, kind, part.image_digests)
-        _write_record(image_record(part), image, digests)
+        _write_record(image_record(part), image, digests, made_from)
 
 
 def _as_image(part: Part) -> dict[str, str]:
@@ -134,6 +167,25 @@ def _as_image(part: Part) -> dict[str, str]:
     if missing:
         known |= digest.hash_file(image, missing)
     return {algorithm: known[algorithm] for algorithm in part.image_digests}
+
+
+def image_made_from_download(part: Part) -> bool:
+    """The image is there, made from the download as it is now (for decompress's uptodate).
+
+    The download step inflates while it downloads, and the decompress step from the file:
+    either records the download's size and mtime in the image's record. The image itself is
+    not compared (a VM may write to it)."""
+    record = digest.read_record(image_record(part))
+    try:
+        download = digest.identity(part.download_path)
+    except OSError:
+        return False
+    if record is None or not part.image_path.exists():
+        return False
+    if record.source is None:
+        # A record from before records named their download: the image was made after it.
+        return record.mtime_ns >= download[1]
+    return record.source == download
 
 
 def verify_download(part: Part) -> None:
@@ -182,7 +234,7 @@ def _verify(part: Part, what: str, path: Path, record_path: Path) -> None:
                 "delete it to provision again"
             )
         record = digest.write_record(
-            record_path, path, {**record.digests, **digest.hash_file(path, missing)}
+            record_path, path, {**record.digests, **digest.hash_file(path, missing)}, record.source
         )
     try:
         digest.compare(what, expected, record.digests, sources)
