@@ -25,6 +25,7 @@ PACKAGES = {
     "ssh": "openssh-client",
     "scp": "openssh-client",
     "virsh": "libvirt-clients",
+    "ssh-keygen": "openssh-client",
 }
 
 

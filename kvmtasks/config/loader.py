@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmtasks.config import buildout as syntax
+from kvmtasks.config import cloudinit
 from kvmtasks.config.buildout import Config, Entry, Sections, merge
 from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Compression, Engine
 from kvmtasks.config.part import Buildout, Part, path_is_block_device
@@ -249,6 +250,8 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
             "(kvmtasks never resizes a file or device of yours)"
         )
     key = local_path("ssh_key_path")
+    user_data, network_config = local_path("cloud_init_user_data"), local_path("cloud_init_network_config")
+    _check_cloud_init(values, where, key, user_data, network_config)
     return Part(
         name=section,
         config_file=path,
@@ -283,6 +286,10 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         kvm_engine=values["kvm_engine"],
         libvirt_uri=values["libvirt_uri"],
         libvirt_pool=values["libvirt_pool"],
+        cloud_init=values["cloud_init"],
+        cloud_init_hostname=values.get("cloud_init_hostname") or cloudinit.default_hostname(section),
+        cloud_init_user_data=user_data,
+        cloud_init_network_config=network_config,
     )
 
 
@@ -294,6 +301,52 @@ def _compression(values: Mapping[str, Any], where: str) -> Compression:
     if compression not in (Compression.AUTO, Compression.GZIP):
         raise ConfigError(f"{where} gzip = true contradicts compression = {compression.value}")
     return Compression.GZIP
+
+
+def _check_cloud_init(values: Mapping[str, Any], where: str, key: Path | None,
+                      user_data: Path | None, network_config: Path | None) -> None:
+    """What cloud-init would refuse at first boot, refused now, in one line."""
+    if not values["cloud_init"]:
+        for name in ("cloud_init_hostname", "cloud_init_user_data", "cloud_init_network_config"):
+            if values.get(name) is not None:
+                raise ConfigError(f"{where} {name} = {values[name]!r}: needs cloud_init = true")
+        return
+    if values["kvm_engine"] is Engine.LIBVIRT:
+        # The seed would have to reach the libvirt host's pool, as the image does: not done yet.
+        raise ConfigError(f"{where} cloud_init = true: works with kvm_engine = qemu only, "
+                          f"not with kvm_engine = {values['kvm_engine']}")
+    user = values["ssh_user"]
+    if user in cloudinit.RESERVED_GROUPS:
+        raise ConfigError(f"{where} ssh_user = {user!r}: a group of that name exists on common "
+                          "images and cloud-init cannot create the user; choose another name")
+    if user_data is not None:
+        text = _read_user_file(where, "cloud_init_user_data", values, user_data)
+        if cloudinit.user_data_kind(text) is None:
+            first = text.split("\n", 1)[0][:40]
+            raise ConfigError(f"{where} cloud_init_user_data = {values['cloud_init_user_data']!r}: "
+                              f"cloud-init would ignore it: the first line ({first!r}) must be "
+                              "#cloud-config, a #! script or a MIME header")
+    if network_config is not None:
+        _read_user_file(where, "cloud_init_network_config", values, network_config)
+    if key is not None:
+        _read_user_file(where, "ssh_key_path", values, key.with_name(key.name + ".pub"),
+                        "its public key ")
+
+
+def _read_user_file(where: str, option: str, values: Mapping[str, Any], path: Path,
+                    what: str = "") -> str:
+    """A text file the seed carries; it must be readable UTF-8 now, not fail later in the guest."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problem = "not found"
+    except IsADirectoryError:
+        problem = "is a folder"
+    except UnicodeDecodeError:
+        problem = "is not UTF-8 text"
+    except OSError as error:
+        problem = f"cannot be read ({error.strerror or error})"
+    raise ConfigError(f"{where} {option} = {values[option]!r}: {what}{path} {problem}")
 
 
 def _digests(values: Mapping[str, Any], what: str) -> dict[str, str]:

@@ -209,6 +209,15 @@ def parse_hostname(value: str) -> str:
     return text
 
 
+def parse_guest_hostname(value: str) -> str:
+    """A host name the guest can take (RFC 1123 labels), as cloud-init's local-hostname."""
+    text = value.strip()
+    label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    if not re.fullmatch(rf"{label}(?:\.{label})*", text) or len(text) > 253:
+        raise ValueError("not a host name (letters, digits and '-', labels separated by '.')")
+    return text
+
+
 def parse_user(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", value.strip()):
         raise ValueError("not a user name")
@@ -340,6 +349,18 @@ OPTIONS: tuple[Option, ...] = (
            "`qemu+ssh://root@host/system?keyfile=/path/key`."),
     Option("libvirt_pool", parse_pool, "kvmtasks",
            "The libvirt storage pool that receives the image (a directory pool, created if missing)."),
+    Option("cloud_init", parse_bool, "false",
+           "Give the guest a cloud-init NoCloud seed (a CD-ROM labelled `cidata`): the ssh key "
+           "for `ssh_user` (generated in the run directory without `ssh_key_path`), the host key "
+           "kvmtasks pins, the host name. For cloud images, which hold no key."),
+    Option("cloud_init_hostname", parse_guest_hostname, None,
+           "The guest's host name (`local-hostname`). Default: the part name, "
+           "other characters than letters, digits, `.` and `-` made `-`."),
+    Option("cloud_init_user_data", parse_path, None,
+           "Your own user-data (`#cloud-config`, `#!` script or MIME), merged after kvmtasks' "
+           "cloud-config (lists append)."),
+    Option("cloud_init_network_config", parse_path, None,
+           "A cloud-init network-config file for the seed. Default: cloud-init's (DHCP on the first NIC)."),
 )
 
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}

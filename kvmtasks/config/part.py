@@ -72,6 +72,10 @@ class Part:
     kvm_engine: Engine
     libvirt_uri: str
     libvirt_pool: str
+    cloud_init: bool
+    cloud_init_hostname: str
+    cloud_init_user_data: Path | None
+    cloud_init_network_config: Path | None
 
     @property
     def download_path(self) -> Path:

@@ -10,7 +10,8 @@ from typing import Any
 from kvmtasks.config.options import Accel, Compression, Engine, ImageType, Redirect
 from kvmtasks.config.part import Buildout, Part
 
-_PATHS = {"config_file", "file", "location", "kvm_bin_directory", "kvm_run_directory", "ssh_key_path"}
+_PATHS = {"config_file", "file", "location", "kvm_bin_directory", "kvm_run_directory", "ssh_key_path",
+          "cloud_init_user_data", "cloud_init_network_config"}
 
 
 def _plain(value: Any) -> Any:

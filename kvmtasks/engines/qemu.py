@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kvmtasks.config.cloudinit import seed_path
 from kvmtasks.config.options import ImageType, Redirect
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
@@ -51,6 +52,16 @@ def disk_args(part: Part, disk_format: str) -> list[str]:
     return ["-drive", f"file={image},if=virtio,cache=none,format={disk_format}"]
 
 
+def seed_args(part: Part) -> list[str]:
+    """The cloud-init seed as a read-only CD-ROM on the IDE bus of QEMU's pc machine (AHCI on
+    q35): Debian's kernel finds it with its stock modules (ata_piix, sr_mod, isofs), and a
+    read-only drive never blocks a snapshot of the writable disk. No index: the first free
+    IDE slot, so an hda disk or a -cdrom in kvm_extra_args keeps its own."""
+    if not part.cloud_init:
+        return []
+    return ["-drive", f"file={escape(seed_path(part))},if=ide,media=cdrom,readonly=on,format=raw"]
+
+
 def qemu_argv(
     part: Part, *, accel: str, disk_format: str, listen_address: str, machine: str | None = None
 ) -> list[str]:
@@ -68,6 +79,7 @@ def qemu_argv(
         "-m", part.kvm_memory,
         "-smp", str(part.kvm_smp),
         *disk_args(part, disk_format),
+        *seed_args(part),
         # Entropy from the host: guests otherwise stall generating ssh keys at first boot.
         "-device", "virtio-rng-pci",
     ]

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from kvmtasks import command
+from kvmtasks.config import cloudinit
 from kvmtasks.config.diskformat import boot_disk_format
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
@@ -16,6 +17,8 @@ from kvmtasks.engines import machine, portprobe, poweroff, qmp, savestate, statu
 from kvmtasks.engines.qemu import forwards, qemu_argv
 from kvmtasks.errors import VmError
 from kvmtasks.guest import clock, connection, ssh
+from kvmtasks.guest import cloudinit as guest_cloudinit
+from kvmtasks.guest import hostkeys
 
 Say = Callable[[str], None]
 # Run states after which the guest will never answer.
@@ -63,6 +66,9 @@ def _preflight(part: Part) -> str:
     for what, disk in (("image", part.image_path), ("overlay", part.boot_disk)):
         if not disk.exists():  # an overlay without its image would not boot either
             raise VmError(f"{what} {disk} not found; run: doit provision:{part.name}")
+    if part.cloud_init and not cloudinit.seed_path(part).exists():
+        raise VmError(f"cloud-init seed {cloudinit.seed_path(part)} not found; "
+                      f"run: doit provision:{part.name}")
     if len(str(files.qmp_socket)) > SOCKET_PATH_MAX:
         raise VmError(
             f"kvm_run_directory path is too long for a unix socket: {files.qmp_socket}"
@@ -92,17 +98,20 @@ def start(part: Part, say: Say = print, *, loadvm: str | None = None) -> None:
     machine_type = machine.resolve(part)
     if loadvm is None and _resume(part, address, machine_type, say):
         return
+    hostkeys.prepare(part)
     extra = ("-loadvm", loadvm) if loadvm is not None else ()
     accel = choose_accel(part)
     try:
-        _boot(part, accel, address, machine_type, extra)
+        deadline = _boot(part, accel, address, machine_type, extra)
     except KvmUnusable as error:
         if part.effective_accel is not Accel.AUTO:
             raise VmError(f"{error}; set kvm_accel = tcg or auto", error.details) from None
         say(f"{part.name}: {error}; starting again under TCG (software emulation, slower)")
-        _boot(part, Accel.TCG, address, machine_type, extra)
+        deadline = _boot(part, Accel.TCG, address, machine_type, extra)
     if loadvm is not None:
         set_clock(part, say)
+    if part.ssh_port is not None:
+        guest_cloudinit.wait(part, deadline, say)
     say(f"{part.name} is running (pid {current(part).pid}, accel {RunFiles.of(part).accel.read_text()})")
 
 
@@ -149,7 +158,8 @@ def _argv(part: Part, accel: Accel, address: str, machine_type: str | None) -> l
 
 
 def _boot(part: Part, accel: Accel, address: str, machine_type: str | None,
-          extra: tuple[str, ...] = (), incoming: savestate.Saved | None = None) -> None:
+          extra: tuple[str, ...] = (), incoming: savestate.Saved | None = None) -> float:
+    """Boot and wait for the guest; return the deadline kvm_boot_timeout sets for this boot."""
     files = RunFiles.of(part)
     argv = [*_argv(part, accel, address, machine_type), *extra]
     started_at = time.monotonic()
@@ -161,13 +171,15 @@ def _boot(part: Part, accel: Accel, address: str, machine_type: str | None,
             raise KvmUnusable(f"qemu could not start under KVM ({message})")
         raise VmError(f"qemu failed to start: {message}", _details(part, result.stderr))
     files.accel.write_text(accel.value)
+    deadline = started_at + part.kvm_boot_timeout
     try:
         if incoming is not None:
             savestate.load(part, incoming)
-        _wait_until_ready(part, accel, started_at + part.kvm_boot_timeout)
+        _wait_until_ready(part, accel, deadline)
     except (VmError, KeyboardInterrupt):
         _kill(part)
         raise
+    return deadline
 
 
 def _first_error_line(stderr: str) -> str:

@@ -14,12 +14,14 @@ from typing import Any
 from doit.dependency import FileChangedChecker
 from doit.tools import config_changed
 
+from kvmtasks.config import cloudinit
 from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
 from kvmtasks.engines import engine, ports
 from kvmtasks.graph.actions import clean_unless_running, guarded
 from kvmtasks.graph.report import Reporter
 from kvmtasks.provision import checksums, overlay
+from kvmtasks.provision import cloudinit as seed
 from kvmtasks.provision import steps as provision
 from kvmtasks.scripts import render
 
@@ -35,6 +37,7 @@ STEP_DOCS = {
     "overlay": "overlay {part}: create the copy-on-write overlay the VM boots, over the verified image",
     "reset": "reset {part}: throw the guest's changes away (a new overlay over the verified image)",
     "render": "render {part}: write the control scripts {name}-ctl, -ssh, -sendfile, -getfile, -runscript",
+    "cloud-init": "cloud-init {part}: write its cloud-init seed (and make its keys, once)",
     "provision": "provision {part}: download, verify and decompress the image, make its overlay, "
                  "write the control scripts",
     "start": "start {part}: provision it, then start its VM and wait until it answers",
@@ -114,6 +117,9 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
     yield _reset_task(part)
     yield _render_task(part)
     steps.append("render")
+    if part.cloud_init:
+        yield _cloud_init_task(part)
+        steps.append("cloud-init")
     yield {
         "basename": "provision",
         "name": part.name,
@@ -222,6 +228,19 @@ def _render_task(part: Part) -> Task:
         "uptodate": [config_changed({"part": render.runtime_snapshot(part), "scripts": texts})],
         "clean": [clean_unless_running(part)],
         "doc": step_doc("render", part),
+    }
+
+
+def _cloud_init_task(part: Part) -> Task:
+    """Up to date by content: editing the user-data file re-runs this step alone."""
+    return {
+        "basename": "cloud-init",
+        "name": part.name,
+        "actions": [guarded(seed.write_seed, part, "cloud-init")],
+        "targets": [str(cloudinit.seed_path(part))],
+        "uptodate": [config_changed(seed.user_inputs(part)), lambda: seed.keys_exist(part)],
+        "clean": [clean_unless_running(part)],
+        "doc": step_doc("cloud-init", part),
     }
 
 

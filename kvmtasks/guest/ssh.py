@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from kvmtasks import command
+from kvmtasks.config.cloudinit import identity_file, pins_host_key
 from kvmtasks.config.part import Part
 from kvmtasks.config.remote import RemoteHost, remote_of
 from kvmtasks.config.runfiles import RunFiles, control_socket, is_private_folder
@@ -46,20 +47,24 @@ def config_path(path: Path) -> str:
 
 
 def common_options(part: Part) -> list[str]:
+    # A host key kvmtasks gave the guest is known before the first connection: strict from the
+    # start. Otherwise the guest's own key is trusted on first use, then held to.
+    strict = "yes" if pins_host_key(part) else "accept-new"
     options = [
         "-o", "BatchMode=yes",
         "-o", f"ConnectTimeout={CONNECT_TIMEOUT}",
         "-o", f"UserKnownHostsFile={config_path(RunFiles.of(part).known_hosts)}",
-        "-o", "StrictHostKeyChecking=accept-new",
+        "-o", f"StrictHostKeyChecking={strict}",
         "-o", "LogLevel=ERROR",
     ]
     socket_path = control_socket(part)
     if is_private_folder(socket_path.parent):
         # Through the VM's ssh master when one runs (guest/connection.py); directly otherwise.
         options += ["-o", f"ControlPath={config_path(socket_path)}"]
-    if part.ssh_key_path is not None:
+    identity = identity_file(part)
+    if identity is not None:
         # -o, not -i: ssh checks an -i path before expanding it, so %% would not be found.
-        options += ["-o", f"IdentityFile={config_path(part.ssh_key_path)}", "-o", "IdentitiesOnly=yes"]
+        options += ["-o", f"IdentityFile={config_path(identity)}", "-o", "IdentitiesOnly=yes"]
     if remote_of(part) is not None:
         options += ["-F", str(jump_config_path(part)), "-o", f"ProxyJump={JUMP_HOST}"]
     return options
