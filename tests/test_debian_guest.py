@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Project
-from tests.debian_guest import DebianGuest, apt_mirror, ensure_debian_guest, missing_tools
+from tests.debian_guest import PLAIN, DebianGuest, Variant, apt_mirror, ensure_debian_guest, missing_tools
 from tests.vmfixtures import free_port, needs_qemu, qemu_pids_under
 
 pytestmark = [needs_qemu, pytest.mark.vm, pytest.mark.usefixtures("no_vm_left")]
@@ -30,8 +30,8 @@ BOOT_TIMEOUT = 300
 SHUTDOWN_TIMEOUT = 120
 
 
-@pytest.fixture(scope="session")
-def debian_guest() -> DebianGuest:
+def debian_guest_or_skip(variant: Variant) -> DebianGuest:
+    """The cached guest of that variant, built first; a skip only where it cannot be built."""
     if os.geteuid() != 0:
         pytest.skip("building the Debian guest (debootstrap, chroot) needs root")
     if missing_tools():
@@ -40,7 +40,12 @@ def debian_guest() -> DebianGuest:
         apt_mirror()
     except Exception as error:
         pytest.skip(str(error))
-    return ensure_debian_guest()
+    return ensure_debian_guest(variant=variant)
+
+
+@pytest.fixture(scope="session")
+def debian_guest() -> DebianGuest:
+    return debian_guest_or_skip(PLAIN)
 
 
 @pytest.fixture

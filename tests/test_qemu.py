@@ -110,6 +110,20 @@ def test_readme_linux_partition_defaults(tmp_path: Path) -> None:
     ]
 
 
+def test_the_cloud_init_seed_is_a_read_only_cd_rom_after_the_disk(tmp_path: Path) -> None:
+    part = load(tmp_path, f"file = /dev/sdb\ncloud_init = true\nkvm_run_directory = {tmp_path}/r,un\n")
+    assert argv(part)[:13] == [
+        "qemu-system-x86_64", "-name", "vm", "-accel", "tcg", "-m", "512M", "-smp", "1",
+        "-drive", "file=/dev/sdb,if=virtio,cache=none,format=raw",
+        "-drive", f"file={tmp_path}/r,,un/vm/seed.iso,if=ide,media=cdrom,readonly=on,format=raw",
+    ]
+    hda = load(tmp_path, "file = /dev/sdb\ncloud_init = true\nimage_type = hda\n")
+    assert [arg for arg in argv(hda) if "if=ide" in arg] == [
+        "file=/dev/sdb,if=ide,index=0,media=disk,format=raw",
+        f"file={tmp_path}/var/vm/seed.iso,if=ide,media=cdrom,readonly=on,format=raw",
+    ]
+
+
 def test_commas_in_paths_and_names_are_doubled(tmp_path: Path) -> None:
     part = load(tmp_path, f"file = {tmp_path}/a,b.img\nkvm_run_directory = {tmp_path}/run,dir\n")
     args = argv(part)

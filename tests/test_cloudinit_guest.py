@@ -1,0 +1,155 @@
+"""End to end with real cloud-init: a Debian 12 guest with cloud-init and OpenSSH, no key and no
+host key inside (tests/debian_guest.py, variant ``cloud-init``), that kvmtasks reaches only
+through the seed it writes.
+
+Three boots, all under ``kvm_snapshot = true`` (every boot a first boot, as after reset or
+re-provisioning) with strict host-key checking and the host key kvmtasks pinned:
+1. root with the key kvmtasks made, plus the user's own user-data (a runcmd leaves a file);
+2. an edited user-data (a new instance) whose runcmd fails: a warning, not a failed start;
+3. a given key for a user that is not root and gets in as root through sudo.
+The guest's disk is the cached image itself, used in place: -snapshot keeps every write off it.
+The network is user-mode with restrict=on: cloud-init probes metadata addresses, and nothing
+may leave the machine; the guest is reached through the 127.0.0.1 forward alone.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from kvmtasks.config import cloudinit
+from kvmtasks.config.loader import load_file
+from kvmtasks.provision import keys
+from tests.conftest import Project
+from tests.debian_guest import CLOUD_INIT, DebianGuest
+from tests.test_debian_guest import debian_guest_or_skip, run_in_guest, script
+from tests.vmfixtures import free_port, needs_qemu, qemu_pids_under
+
+pytestmark = [needs_qemu, pytest.mark.vm, pytest.mark.usefixtures("no_vm_left")]
+
+BOOT_TIMEOUT = 300
+USER_DATA_ONE = "#cloud-config\nruncmd:\n  - [touch, /root/from-user-data-one]\n"
+USER_DATA_TWO = (
+    "#cloud-config\nruncmd:\n  - [touch, /root/from-user-data-two]\n"
+    "  - [sh, -c, 'echo kvmtasks-runcmd-fails; exit 3']\n"
+)
+
+
+@pytest.fixture(scope="session")
+def cloud_guest() -> DebianGuest:
+    return debian_guest_or_skip(CLOUD_INIT)
+
+
+def config(guest: DebianGuest, ssh_port: int, extra: str = "") -> str:
+    extra_args = "".join(f"  {arg}\n" for arg in guest.kvm_extra_args())
+    return (
+        "[vm]\n"
+        f"file = {guest.image}\n"
+        "kvm_snapshot = true\n"
+        "cloud_init = true\n"
+        "cloud_init_hostname = seeded-guest\n"
+        "cloud_init_user_data = user-data\n"
+        f"ssh_port = {ssh_port}\n"
+        "kvm_memory = 1G\n"
+        "kvm_accel = tcg\n"
+        f"kvm_boot_timeout = {BOOT_TIMEOUT}\n"
+        "kvm_net =\n  user,restrict=on\n  nic,model=virtio\n"
+        f"kvm_extra_args =\n{extra_args}"
+        f"{extra}"
+    )
+
+
+def guest_output(project: Project, command: str) -> str:
+    return run_in_guest(project, command).stdout.strip()
+
+
+@pytest.mark.timeout(2400)  # a cold image build (~3 min) and three boots under TCG
+def test_cloud_image_gets_its_login_host_key_and_user_data_from_the_seed(
+        project: Project, cloud_guest: DebianGuest, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    image_before = cloud_guest.image.stat()
+    ssh_port = free_port()
+    (project.root / "user-data").write_text(USER_DATA_ONE)
+    (vm,) = load_file(project.write(config(cloud_guest, ssh_port)), project.root)
+    known_hosts = project.var / "vm" / "known_hosts"
+    timings: dict[str, float] = {}
+
+    # 1. root, with the key kvmtasks made, and the user's own user-data.
+    began = time.monotonic()
+    started = project.run("start:vm", timeout=BOOT_TIMEOUT + 120)
+    timings["first start (seed, keys, boot, cloud-init)"] = time.monotonic() - began
+    assert started.returncode == 0, started.describe()
+    assert {"cloud-init:vm", "render:vm", "start:vm"} <= started.executed
+    assert "warning" not in started.output, started.describe()
+    assert guest_output(project, "id -un") == "root"
+    assert guest_output(project, "hostname") == "seeded-guest"
+    assert guest_output(project, "cloud-init status") == "status: done"
+    assert guest_output(project, "ls /root/from-user-data-one") == "/root/from-user-data-one"
+    # The seed is the IDE CD-ROM Debian's stock kernel sees, and cloud-init read it from there.
+    assert guest_output(project, "blkid -L cidata") == "/dev/sr0"
+    assert "DataSourceNoCloud" in guest_output(project, "cloud-init query subplatform 2>&1; cat "
+                                                        "/run/cloud-init/status.json")
+    # The guest's one host key is the one kvmtasks made and pinned.
+    ours = keys.read_public(cloudinit.host_key_path(vm)).split()[:2]
+    assert guest_output(project, "cat /etc/ssh/ssh_host_ed25519_key.pub").split()[:2] == ours
+    assert guest_output(project, "ls /etc/ssh/ | grep ssh_host_").split() == [
+        "ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
+    pinned = known_hosts.read_text()
+    assert pinned == f"[localhost]:{ssh_port},[127.0.0.1]:{ssh_port} {ours[0]} {ours[1]}\n"
+    status = script(project, "vm-ctl", "status")
+    assert f"ssh key {cloudinit.generated_key_path(vm)} (made by kvmtasks)" in status.stdout, status.stdout
+    # The same login by hand, with strict checking against the pinned file: no prompt, no TOFU.
+    by_hand = subprocess.run(
+        ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+         "-o", f"UserKnownHostsFile={known_hosts}", "-o", "IdentitiesOnly=yes",
+         "-i", str(cloudinit.generated_key_path(vm)), "-p", str(ssh_port), "root@localhost", "true"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert by_hand.returncode == 0, by_hand.stderr
+    assert script(project, "vm-ctl", "stop").returncode == 0
+
+    # 2. Edited user-data: only the seed is rewritten; a new instance, the same host key; a failing
+    # runcmd is a one-line warning with the log's tail, and the start still succeeds.
+    (project.root / "user-data").write_text(USER_DATA_TWO)
+    began = time.monotonic()
+    second = project.run("start:vm", timeout=BOOT_TIMEOUT + 120)
+    timings["second start (new user-data)"] = time.monotonic() - began
+    assert second.returncode == 0, second.describe()
+    assert "cloud-init:vm" in second.executed and "render:vm" not in second.executed, second.describe()
+    warnings = [line for line in second.output.splitlines() if "warning" in line]
+    assert len(warnings) == 1, second.describe()
+    assert "cloud-init reported an error (status: error)" in warnings[0]
+    assert "/var/log/cloud-init-output.log" in warnings[0] and "scripts-user" in warnings[0], warnings[0]
+    assert "vm is running" in second.stdout
+    assert guest_output(project, "ls /root/") == "from-user-data-two"  # a pristine disk, the new data
+    assert known_hosts.read_text() == pinned
+    assert script(project, "vm-ctl", "stop").returncode == 0
+
+    # 3. A key of the user's own, for a user that is not root: created, with passwordless sudo.
+    given = tmp_path / "given_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(given)], check=True)
+    (project.root / "user-data").write_text(USER_DATA_ONE)
+    project.write(config(cloud_guest, ssh_port, f"ssh_user = alice\nssh_key_path = {given}\n"))
+    began = time.monotonic()
+    third = project.run("start:vm", timeout=BOOT_TIMEOUT + 120)
+    timings["third start (alice, given key)"] = time.monotonic() - began
+    assert third.returncode == 0, third.describe()
+    assert "warning" not in third.output, third.describe()
+    assert guest_output(project, "id -un") == "alice"
+    assert guest_output(project, "id -u") != "0"
+    assert guest_output(project, "sudo -n id -u") == "0"
+    assert guest_output(project, "sudo -n ls /root/") == "from-user-data-one"
+    assert script(project, "vm-runscript", "cat /root/x").returncode != 0  # alice is not root
+    status = script(project, "vm-ctl", "status")
+    assert f"ssh key {given}\n" in status.stdout and "made by kvmtasks" not in status.stdout, status.stdout
+    assert known_hosts.read_text() == pinned
+    assert script(project, "vm-ctl", "stop").returncode == 0
+    assert qemu_pids_under(project.root) == []
+
+    image_after = cloud_guest.image.stat()
+    assert (image_after.st_size, image_after.st_mtime_ns) == (image_before.st_size, image_before.st_mtime_ns)
+    with capsys.disabled():
+        print("\ncloud-init guest: "
+              + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()))
