@@ -26,7 +26,7 @@ from kvmtasks.provision import keys
 from tests.conftest import Project
 from tests.debian_guest import CLOUD_INIT, DebianGuest
 from tests.test_debian_guest import debian_guest_or_skip, run_in_guest, script
-from tests.vmfixtures import free_port, needs_qemu, qemu_pids_under
+from tests.vmfixtures import Guest, free_port, needs_qemu, qemu_pids_under
 
 pytestmark = [needs_qemu, pytest.mark.vm, pytest.mark.usefixtures("no_vm_left")]
 
@@ -97,7 +97,7 @@ def test_cloud_image_gets_its_login_host_key_and_user_data_from_the_seed(
     assert guest_output(project, "cat /etc/ssh/ssh_host_ed25519_key.pub").split()[:2] == ours
     assert guest_output(project, "ls /etc/ssh/ | grep ssh_host_").split() == [
         "ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
-    pinned = known_hosts.read_text()
+    pinned, first_port = known_hosts.read_text(), ssh_port
     assert pinned == f"[localhost]:{ssh_port},[127.0.0.1]:{ssh_port} {ours[0]} {ours[1]}\n"
     status = script(project, "vm-ctl", "status")
     assert f"ssh key {cloudinit.generated_key_path(vm)} (made by kvmtasks)" in status.stdout, status.stdout
@@ -110,27 +110,32 @@ def test_cloud_image_gets_its_login_host_key_and_user_data_from_the_seed(
     assert by_hand.returncode == 0, by_hand.stderr
     assert script(project, "vm-ctl", "stop").returncode == 0
 
-    # 2. Edited user-data: only the seed is rewritten; a new instance, the same host key; a failing
-    # runcmd is a one-line warning with the log's tail, and the start still succeeds.
+    # 2. Edited user-data: a new seed, a new instance, the same host key; a failing runcmd is a
+    # one-line warning with the log's tail, and the start still succeeds. Each boot gets a port of
+    # its own: the pinned line follows the port, and no boot waits for the last one's closed
+    # connections to leave the port (test_cloudinit_step pins that an edit re-runs the seed alone).
     (project.root / "user-data").write_text(USER_DATA_TWO)
+    ssh_port = free_port()
+    project.write(config(cloud_guest, ssh_port))
     began = time.monotonic()
     second = project.run("start:vm", timeout=BOOT_TIMEOUT + 120)
     timings["second start (new user-data)"] = time.monotonic() - began
     assert second.returncode == 0, second.describe()
-    assert "cloud-init:vm" in second.executed and "render:vm" not in second.executed, second.describe()
+    assert "cloud-init:vm" in second.executed, second.describe()
     warnings = [line for line in second.output.splitlines() if "warning" in line]
     assert len(warnings) == 1, second.describe()
     assert "cloud-init reported an error (status: error)" in warnings[0]
     assert "/var/log/cloud-init-output.log" in warnings[0] and "scripts-user" in warnings[0], warnings[0]
     assert "vm is running" in second.stdout
     assert guest_output(project, "ls /root/") == "from-user-data-two"  # a pristine disk, the new data
-    assert known_hosts.read_text() == pinned
+    assert known_hosts.read_text() == pinned.replace(str(first_port), str(ssh_port))
     assert script(project, "vm-ctl", "stop").returncode == 0
 
     # 3. A key of the user's own, for a user that is not root: created, with passwordless sudo.
     given = tmp_path / "given_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(given)], check=True)
     (project.root / "user-data").write_text(USER_DATA_ONE)
+    ssh_port = free_port()
     project.write(config(cloud_guest, ssh_port, f"ssh_user = alice\nssh_key_path = {given}\n"))
     began = time.monotonic()
     third = project.run("start:vm", timeout=BOOT_TIMEOUT + 120)
@@ -144,7 +149,7 @@ def test_cloud_image_gets_its_login_host_key_and_user_data_from_the_seed(
     assert script(project, "vm-runscript", "cat /root/x").returncode != 0  # alice is not root
     status = script(project, "vm-ctl", "status")
     assert f"ssh key {given}\n" in status.stdout and "made by kvmtasks" not in status.stdout, status.stdout
-    assert known_hosts.read_text() == pinned
+    assert known_hosts.read_text() == pinned.replace(str(first_port), str(ssh_port))
     assert script(project, "vm-ctl", "stop").returncode == 0
     assert qemu_pids_under(project.root) == []
 
@@ -153,3 +158,33 @@ def test_cloud_image_gets_its_login_host_key_and_user_data_from_the_seed(
     with capsys.disabled():
         print("\ncloud-init guest: "
               + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()))
+
+
+def test_known_hosts_before_a_boot_with_the_tiny_guest(project: Project, guest: Guest) -> None:
+    """Without a seed, a pristine disk forgets the old key; with one, a guest that ignores the
+    seed (the tiny image has no cloud-init and a host key of its own) fails at once, in one line."""
+    ssh_port = free_port()
+    base = (f"[vm]\nfile = {guest.image.path}\nkvm_snapshot = true\nssh_port = {ssh_port}\n"
+            f"ssh_key_path = {guest.key}\nkvm_memory = 256M\nkvm_accel = tcg\nkvm_boot_timeout = 120\n"
+            "kvm_shutdown_timeout = 3\n")
+    project.write(base)
+    known_hosts = project.var / "vm" / "known_hosts"
+    known_hosts.parent.mkdir(parents=True)
+    stale = f"[localhost]:{ssh_port} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{'A' * 43}\n"
+    known_hosts.write_text(stale)
+    started = project.run("start:vm", timeout=300)
+    assert started.returncode == 0, started.describe()
+    assert "warning" not in started.output  # no cloud-init in this guest: nothing to wait for
+    assert stale not in known_hosts.read_text() and known_hosts.read_text().strip()
+    assert script(project, "vm-ctl", "stop").returncode == 0
+
+    project.write(base + "cloud_init = true\n")
+    began = time.monotonic()
+    refused = project.run("start:vm", timeout=300)
+    assert refused.returncode == 1, refused.describe()
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("ERROR:")]
+    assert lines == [f"ERROR: start:vm: the guest's ssh host key is not the one kvmtasks gave it "
+                     f"(pinned in {known_hosts}): the guest did not apply the cloud-init seed; "
+                     "see its console log"]
+    assert time.monotonic() - began < 120  # as soon as ssh answers, not after kvm_boot_timeout
+    assert qemu_pids_under(project.root) == []

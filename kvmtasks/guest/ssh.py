@@ -240,6 +240,10 @@ def check_host_key(part: Part, result: command.Result) -> None:
     """A login refused for the guest's host key is no "not up yet": say so, once."""
     if "Host key verification failed" in result.stderr:
         known_hosts = RunFiles.of(part).known_hosts
+        if pins_host_key(part):
+            raise VmError(f"the guest's ssh host key is not the one kvmtasks gave it (pinned in "
+                          f"{known_hosts}): the guest did not apply the cloud-init seed; "
+                          "see its console log")
         raise VmError(
             f"the guest's ssh host key is not the one in {known_hosts}; "
             "if the guest was reinstalled, delete that file and start again"
