@@ -16,9 +16,8 @@ from kvmtasks.config.runfiles import RunFiles, clean_run_files, current, is_our_
 from kvmtasks.engines import machine, portprobe, poweroff, qmp, savestate, status
 from kvmtasks.engines.qemu import forwards, qemu_argv
 from kvmtasks.errors import VmError
-from kvmtasks.guest import clock, connection, ssh
+from kvmtasks.guest import clock, connection, hostkeys, ssh
 from kvmtasks.guest import cloudinit as guest_cloudinit
-from kvmtasks.guest import hostkeys
 
 Say = Callable[[str], None]
 # Run states after which the guest will never answer.
