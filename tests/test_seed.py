@@ -203,6 +203,8 @@ def test_the_seed_volume_reads_back_with_label_names_and_contents(tmp_path: Path
                            capture_output=True, text=True, check=True).stdout
     assert "LABEL=cidata" in probe.splitlines() and "TYPE=iso9660" in probe.splitlines()
     assert not list(part.state_directory.glob("*.part"))
+    # It holds the guest's private host key: for the owner's eyes only.
+    assert stat.S_IMODE(cloudinit.seed_path(part).stat().st_mode) == 0o600
 
 
 def test_keys_are_made_once_private_and_kept(tmp_path: Path) -> None:

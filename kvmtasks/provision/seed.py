@@ -147,7 +147,13 @@ def write_iso(path: Path, files: Mapping[str, bytes]) -> None:
                    joliet_path=f"/{name}")
     temporary = path.with_name(path.name + ".part")
     try:
-        iso.write(str(temporary))
+        # Private from the first byte: the volume holds the guest's private host key.
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            iso.write_fp(handle)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     finally:
         iso.close()
-    os.replace(temporary, path)
