@@ -297,3 +297,8 @@ def test_a_user_name_that_is_a_group_is_refused(tmp_path: Path, user: str) -> No
                                     "cloud_init_network_config = nc"])
 def test_seed_options_without_cloud_init_are_refused(tmp_path: Path, option: str) -> None:
     assert "needs cloud_init = true" in config_error(tmp_path, f"{option}\n")
+
+
+def test_the_seed_is_refused_with_the_libvirt_engine(tmp_path: Path) -> None:
+    message = config_error(tmp_path, "cloud_init = true\nkvm_engine = libvirt\n")
+    assert "cloud_init = true" in message and "kvm_engine = qemu only" in message

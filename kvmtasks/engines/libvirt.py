@@ -22,7 +22,8 @@ from kvmtasks.config.runfiles import RunFiles, current, virsh
 from kvmtasks.engines import poweroff, status
 from kvmtasks.engines.domain import Disk, domain_xml, made_by_kvmtasks
 from kvmtasks.errors import VmError
-from kvmtasks.guest import ssh
+from kvmtasks.guest import cloudinit as guest_cloudinit
+from kvmtasks.guest import hostkeys, ssh
 from kvmtasks.provision.digest import hash_file
 from kvmtasks.provision.overlay import base_format, image_info
 
@@ -198,17 +199,21 @@ def start(part: Part, say: Say = print) -> None:
         ssh.common_options(part)  # a path ssh cannot take is refused before anything starts
     part.state_directory.mkdir(parents=True, exist_ok=True)
     ssh.write_jump_config(part)
+    hostkeys.prepare(part)
     uuid = _our_domain_uuid(part)
     _ensure_pool(part)
     _upload(part, say)
     if part.overlay:
         _ensure_overlay_volume(part)
     domain_type = _domain_type(part)
+    deadline = time.monotonic() + part.kvm_boot_timeout  # for cloud-init, after the login
     if not _boot(part, domain_type, uuid):
         say(f"{part.name}: the guest stopped under KVM; starting again under TCG "
             "(software emulation, slower)")
         if not _boot(part, "qemu", virsh(part, "domuuid", part.name).strip()):
             raise VmError("the guest stopped while booting (libvirt domain shut off)")
+    if part.ssh_port is not None:
+        guest_cloudinit.wait(part, deadline, say)
     accel = RunFiles.of(part).accel.read_text()
     say(f"{part.name} is running (libvirt domain {part.name} on {part.libvirt_uri}, accel {accel})")
 
