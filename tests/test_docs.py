@@ -63,11 +63,15 @@ def test_readme_cloud_image_examples_parse_as_described(tmp_path: Path) -> None:
     assert block is not None
     config = tmp_path / "cloud.cfg"
     config.write_text(block.group(1))
+    # cloud_init puts the key's public half in the seed: the config needs it to exist.
+    public_key = tmp_path / "home" / ".ssh" / "id_ed25519.pub"
+    public_key.parent.mkdir(parents=True)
+    public_key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample me@host\n")
     debian, fedora = load_file(config, tmp_path)
     assert debian.image_path.name == "debian-12-genericcloud-amd64.qcow2"
     assert debian.download_digests["sha512"].endswith("/SHA512SUMS")
     assert fedora.image_path.name == "Fedora-Cloud-Base-Generic-41-1.4.x86_64.raw"
     assert fedora.download_digests["sha256"].endswith("-CHECKSUM")
     for part in (debian, fedora):
-        assert (part.overlay, part.disk_size) == (True, "20G")
+        assert (part.overlay, part.disk_size, part.cloud_init) == (True, "20G", True)
         assert part.boot_disk.name == f"{part.name}.overlay.qcow2"
