@@ -7,7 +7,9 @@ re-provisioning) with strict host-key checking and the host key kvmtasks pinned:
 1. root with the key kvmtasks made, plus the user's own user-data (a runcmd leaves a file);
 2. an edited user-data (a new instance) whose runcmd fails: a warning, not a failed start;
 3. a given key for a user that is not root and gets in as root through sudo.
-The guest's disk is the cached image itself, used in place: -snapshot keeps every write off it.
+Then two boots around a reset of an overlay: a fresh first boot from the same seed.
+The guest's disk is the cached image itself, used in place: -snapshot or the overlay keeps every
+write off it.
 The network is user-mode with restrict=on: cloud-init probes metadata addresses, and nothing
 may leave the machine; the guest is reached through the 127.0.0.1 forward alone.
 """
@@ -188,3 +190,37 @@ def test_known_hosts_before_a_boot_with_the_tiny_guest(project: Project, guest: 
                      "see its console log"]
     assert time.monotonic() - began < 120  # as soon as ssh answers, not after kvm_boot_timeout
     assert qemu_pids_under(project.root) == []
+
+
+@pytest.mark.timeout(1800)  # two boots under TCG
+def test_a_reset_overlay_boots_fresh_with_the_pinned_host_key(project: Project,
+                                                              cloud_guest: DebianGuest) -> None:
+    """reset makes a new first boot: cloud-init runs again from the same seed (not rewritten),
+    the guest's writes are gone, and the host key kvmtasks pinned holds without a prompt."""
+    image_before = cloud_guest.image.stat()
+    ssh_port = free_port()
+    (project.root / "user-data").write_text(USER_DATA_ONE)
+    body = config(cloud_guest, ssh_port).replace("kvm_snapshot = true\n", "overlay = true\n")
+    project.write(body)
+    known_hosts = project.var / "vm" / "known_hosts"
+
+    started = project.run("start:vm", timeout=BOOT_TIMEOUT + 120)
+    assert started.returncode == 0, started.describe()
+    assert {"overlay:vm", "cloud-init:vm"} <= started.executed
+    run_in_guest(project, "touch /root/written-before-reset && sync")
+    first_boot = guest_output(project, "cat /var/lib/cloud/data/instance-id")
+    pinned = known_hosts.read_text()
+    assert script(project, "vm-ctl", "stop").returncode == 0
+    reset = script(project, "vm-ctl", "reset")
+    assert reset.returncode == 0, reset.stdout + reset.stderr
+
+    again = project.run("start:vm", timeout=BOOT_TIMEOUT + 120)
+    assert again.returncode == 0, again.describe()
+    assert "cloud-init:vm" in again.up_to_date, again.describe()  # the same seed
+    assert "warning" not in again.output, again.describe()
+    assert guest_output(project, "ls /root/") == "from-user-data-one"  # a fresh disk, cloud-init ran
+    assert guest_output(project, "cat /var/lib/cloud/data/instance-id") == first_boot
+    assert known_hosts.read_text() == pinned
+    assert script(project, "vm-ctl", "stop").returncode == 0
+    image_after = cloud_guest.image.stat()
+    assert (image_after.st_size, image_after.st_mtime_ns) == (image_before.st_size, image_before.st_mtime_ns)
