@@ -9,8 +9,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from kvmtasks.config import cloudinit
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import current
+from kvmtasks.config.runfiles import RunFiles, current
 from kvmtasks.engines.qemu import forwards
 from kvmtasks.guest import ssh
 
@@ -45,6 +46,9 @@ class Facts:
     ssh_command: tuple[str, ...] | None  # the argv of an interactive login, as PART-ssh runs it
     console_log: Path | None  # None: it is on a remote libvirt host
     disks: Mapping[str, Path]  # role ("image", "overlay" over it) -> path: what the VM boots from
+    ssh_key: Path | None = None  # the identity file ssh logs in with
+    ssh_key_made: bool = False  # made by kvmtasks for a cloud_init part
+    pinned_known_hosts: Path | None = None  # known_hosts kvmtasks writes from the host key it made
 
     @property
     def running(self) -> bool:
@@ -72,6 +76,9 @@ def gather(part: Part, *, address: str, console_log: Path | None,
         ssh_command=tuple(ssh.login_argv(part, [], tty=False)) if part.ssh_port is not None else None,
         console_log=console_log,
         disks={"image": part.image_path, **({"overlay": part.overlay_path} if part.overlay else {})},
+        ssh_key=cloudinit.identity_file(part),
+        ssh_key_made=part.ssh_key_path is None and part.cloud_init,
+        pinned_known_hosts=RunFiles.of(part).known_hosts if cloudinit.pins_host_key(part) else None,
     )
 
 
@@ -93,6 +100,10 @@ def describe(facts: Facts) -> list[str]:
         lines.append(f"  vnc {facts.vnc}")
     if facts.console_log is not None:
         lines.append(f"  console log {facts.console_log}")
+    if facts.ssh_key is not None:
+        lines.append(f"  ssh key {facts.ssh_key}" + (" (made by kvmtasks)" if facts.ssh_key_made else ""))
+    if facts.pinned_known_hosts is not None:
+        lines.append(f"  host key pinned in {facts.pinned_known_hosts}")
     return lines
 
 
