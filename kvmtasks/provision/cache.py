@@ -34,6 +34,7 @@ from kvmtasks.config.options import Compression
 from kvmtasks.config.part import SAFE_FILE_NAME, Part
 from kvmtasks.errors import FetchError, KvmTasksError
 from kvmtasks.provision import checksums, digest, fetch
+from kvmtasks.provision.locking import held
 
 FICLONE = 0x40049409  # linux/fs.h: share the blocks of another file (btrfs, XFS)
 READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
@@ -115,19 +116,9 @@ def _open_lock(entry: Entry) -> TextIO:
 
 @contextlib.contextmanager
 def _locked(entry: Entry, label: str) -> Iterator[None]:
-    with _open_lock(entry) as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            print(f"{label}: waiting for another run downloading {entry.url} into the cache "
-                  f"(pid {holder}, lock {entry.lock})", file=sys.stderr, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+    with _open_lock(entry) as handle, held(
+        handle, f"{label}: waiting for another run downloading {entry.url} into the cache"
+    ):
         yield
 
 

@@ -7,9 +7,7 @@ re-runs only a comparison and no image is ever read twice.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +20,7 @@ from kvmtasks.errors import KvmTasksError, VerifyError, VmError
 from kvmtasks.provision import cache, checksums, digest, fetch
 from kvmtasks.provision.decompress import StreamedImage, detect
 from kvmtasks.provision.decompress import decompress as decompress_file
+from kvmtasks.provision.locking import held
 
 
 def record_directory(part: Part) -> Path:
@@ -45,20 +44,9 @@ def lock_path(part: Part) -> Path:
 @contextmanager
 def exclusive(part: Part, step: str) -> Iterator[None]:
     """Hold the part's lock: a second doit run provisioning the same part waits for the first."""
-    path = lock_path(part)
-    with _open_lock(part, path) as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            print(f"{step}:{part.name}: waiting for another run provisioning {part.name} "
-                  f"(pid {holder}, lock {path})", file=sys.stderr, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+    with _open_lock(part, lock_path(part)) as handle, held(
+        handle, f"{step}:{part.name}: waiting for another run provisioning {part.name}"
+    ):
         yield
 
 

@@ -1,0 +1,31 @@
+"""A lock file that names its holder: a second run waits for the first, and says so."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TextIO
+
+
+@contextmanager
+def held(handle: TextIO, waiting: str) -> Iterator[None]:
+    """Hold an exclusive lock on handle (a lock file opened "a+"), writing our pid into it.
+
+    While another process holds it, print waiting, with that process's pid and the lock's
+    path, and wait for it.
+    """
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        print(f"{waiting} (pid {holder}, lock {handle.name})", file=sys.stderr, flush=True)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    yield
