@@ -17,7 +17,6 @@ cores the four decompressions share the CPU.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import signal
 import sys
@@ -26,14 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib import (
-    CACHE,
-    DOCS,
     MB,
     Measured,
     Quiet,
     Sent,
     doit_argv,
     environment,
+    image_bench_parser,
     machine_lines,
     measure,
     median,
@@ -145,15 +143,7 @@ def report(source: Source, results: Results, repeat: int, quiet: Quiet) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on the way out
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="1G", help="image size, e.g. 8M, 1G (default 1G)")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is reported (default 3)")
-    parser.add_argument("--output", type=Path, default=DOCS, help=f"report file (default {DOCS})")
-    parser.add_argument("--cache", type=Path, default=CACHE, help=f"where images are kept (default {CACHE})")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the fresh folders go (default: a temporary folder)")
-    parser.add_argument("--patience", type=float, default=120.0,
-                        help="seconds to wait for a quiet machine before each run (default 120)")
+    parser = image_bench_parser(__doc__, "8M, 1G")
     options = parser.parse_args(argv)
     source = synthesize(parse_size(options.size), options.cache)
     quiet, sent = Quiet(patience=options.patience), Sent()

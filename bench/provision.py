@@ -42,8 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib import (
-    CACHE,
-    DOCS,
     MB,
     Measured,
     OpenWatch,
@@ -51,6 +49,7 @@ from benchlib import (
     doit_argv,
     environment,
     hash_speeds,
+    image_bench_parser,
     machine_lines,
     measure,
     median,
@@ -425,15 +424,7 @@ def run_variant(variant: Variant, size: int, options: argparse.Namespace, quiet:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on the way out
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="1G", help="image size, e.g. 8M, 1G, 4G (default 1G)")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is reported (default 3)")
-    parser.add_argument("--output", type=Path, default=DOCS, help=f"report file (default {DOCS})")
-    parser.add_argument("--cache", type=Path, default=CACHE, help=f"where images are kept (default {CACHE})")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the fresh folders go (default: a temporary folder)")
-    parser.add_argument("--patience", type=float, default=120.0,
-                        help="seconds to wait for a quiet machine before each run (default 120)")
+    parser = image_bench_parser(__doc__, "8M, 1G, 4G")
     parser.add_argument("--variant", type=Variant.parse, action="append", default=None,
                         help="SERVER,BLOCK[,PACE]: sendfile or plain server, the image's block size, "
                              "a pace in MiB/s (plain only); repeatable (default sendfile,64K)")

@@ -93,6 +93,13 @@ def test_console_before_any_start_is_one_line(rendered: tuple[Project, int]) -> 
                             "the VM of vm has not been started\n")
 
 
+def assert_ends_quietly_on_ctrl_c(follower: subprocess.Popen[bytes]) -> None:
+    """console --follow ends on Ctrl-C with 130 and no traceback."""
+    follower.send_signal(signal.SIGINT)
+    assert follower.wait(timeout=20) == 130
+    assert follower.stderr is not None and follower.stderr.read() == b""
+
+
 def read_until(stream: IO[bytes], wanted: bytes, timeout: float = 20) -> bytes:
     """Read from a pipe until wanted came (or fail after timeout)."""
     fd = stream.fileno()
@@ -129,9 +136,7 @@ def test_console_prints_and_follows_across_a_new_boot_until_ctrl_c(rendered: tup
         os.replace(log, log.with_name("console.log.1"))
         log.write_bytes(b"second boot\n")
         read_until(follower.stdout, b"second boot\n")
-        follower.send_signal(signal.SIGINT)
-        assert follower.wait(timeout=20) == 130
-        assert follower.stderr is not None and follower.stderr.read() == b""
+        assert_ends_quietly_on_ctrl_c(follower)
     finally:
         follower.kill()
         follower.wait()

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import pty
-import signal
 import subprocess
 import time
 
 import pytest
 
 from tests.conftest import Project
-from tests.test_ctl import check_status_json, read_until
+from tests.test_ctl import assert_ends_quietly_on_ctrl_c, check_status_json, read_until
 from tests.test_portprobe import leave_time_wait, time_wait_entries
 from tests.test_vm_e2e import script, vm_config
 from tests.vmfixtures import Guest, free_port, needs_qemu, qemu_pids_under
@@ -85,9 +84,7 @@ def test_ssh_console_status_json_and_a_stop_on_the_acpi_button(project: Project,
         read_until(follower.stdout, b"kvmtasks-guest: up")
         assert script(project, "vm-ssh", "echo marker-from-the-guest > /dev/console").returncode == 0
         read_until(follower.stdout, b"marker-from-the-guest")
-        follower.send_signal(signal.SIGINT)
-        assert follower.wait(timeout=20) == 130
-        assert follower.stderr is not None and follower.stderr.read() == b""
+        assert_ends_quietly_on_ctrl_c(follower)
     finally:
         follower.kill()
         follower.wait()
