@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import lzma
 import os
 import stat
 import subprocess
@@ -146,6 +147,11 @@ def test_parts_of_one_run_on_one_url_fetch_it_once(
     assert http_server.bytes_sent == len(PACKED)
     assert all((project.parts / f"vm{i}" / "disk.img").read_bytes() == DATA for i in range(4))
     assert entry(shared_cache, url).data.stat().st_nlink == 5  # the entry and four links
+    # Under their overlays the four parts share one image, decompressed once.
+    shared = entry(shared_cache, url).image
+    assert shared.stat().st_nlink == 5
+    assert all((project.parts / f"vm{i}" / "disk.img").samefile(shared) for i in range(4))
+    assert len(run.error_lines(f"the image of {url} is in the download cache")) == 3
 
 
 def test_a_second_project_on_the_same_cache_downloads_nothing(
@@ -163,8 +169,11 @@ def test_a_second_project_on_the_same_cache_downloads_nothing(
     assert_ok(run)
     assert (http_server.bytes_sent, len(http_server.requests)) == (sent, requests)
     assert run.error_lines(f"download:db: {url} is in the download cache")
+    assert run.error_lines(f"download:db: the image of {url} is in the download cache")
     assert (second.parts / "db" / "disk.img").read_bytes() == DATA
-    assert {"download", "verify-download", "decompress", "verify-image"} == run.ran("db")
+    # The image the first project made is taken too: nothing is decompressed again.
+    assert {"download", "verify-download", "verify-image"} == run.ran("db")
+    assert "decompress" in run.skipped("db")
 
 
 def test_a_booted_download_is_a_copy_of_its_own_and_the_cache_stays_read_only(
@@ -172,7 +181,7 @@ def test_a_booted_download_is_a_copy_of_its_own_and_the_cache_stays_read_only(
 ) -> None:
     url = http_server.put("disk.img", DATA)
     project = make_project(tmp_path, "p", shared_cache)
-    project.write(f"[vm]\nimage = {url}\nsha256_image = {sha256(DATA)}\n")
+    project.write(f"[vm]\nimage = {url}\nsha256_image = {sha256(DATA)}\noverlay = false\n")
 
     assert_ok(project.run("provision:vm"))
 
@@ -182,6 +191,91 @@ def test_a_booted_download_is_a_copy_of_its_own_and_the_cache_stays_read_only(
     with open(disk, "r+b") as guest_writes:  # what a VM does to its disk
         guest_writes.write(b"written by the guest")
     assert cached.read_bytes() == DATA
+
+
+def test_an_image_under_an_overlay_is_a_link_until_the_overlay_is_turned_off(
+    tmp_path: Path, http_server: FileServer, shared_cache: Path
+) -> None:
+    url = http_server.put("disk.img", DATA)
+    project = make_project(tmp_path, "p", shared_cache)
+    config = f"[vm]\nimage = {url}\nsha256_image = {sha256(DATA)}\n"
+    project.write(config)
+
+    assert_ok(project.run("provision:vm"))
+
+    cached, disk = entry(shared_cache, url).data, project.parts / "vm" / "disk.img"
+    assert disk.samefile(cached)  # the VM boots an overlay over it: no copy of 3 MiB
+    project.write(config + "overlay = false\n")
+    run = project.run("provision:vm")
+    assert_ok(run)
+    assert "download" in run.ran()
+    assert not disk.samefile(cached)
+    assert stat.S_IMODE(disk.stat().st_mode) & 0o200
+    assert disk.read_bytes() == DATA and cached.read_bytes() == DATA
+
+
+def test_a_part_that_boots_its_image_gets_its_own_while_the_others_share_theirs(
+    tmp_path: Path, http_server: FileServer, shared_cache: Path
+) -> None:
+    url = http_server.put("disk.img.gz", PACKED)
+    project = make_project(tmp_path, "p", shared_cache)
+    project.write(gz_part("a", url) + gz_part("b", url))
+    assert_ok(project.run("provision:a", "provision:b"))
+    shared = entry(shared_cache, url).image
+    assert (project.parts / "b" / "disk.img").samefile(shared)
+
+    project.write(gz_part("a", url) + gz_part("b", url, overlay="false"))
+    run = project.run("provision:b")
+
+    assert_ok(run)
+    assert "decompress" in run.ran("b")
+    disk = project.parts / "b" / "disk.img"
+    assert not disk.samefile(shared) and stat.S_IMODE(disk.stat().st_mode) & 0o200
+    with open(disk, "r+b") as guest_writes:
+        guest_writes.write(b"written by the guest")
+    assert shared.read_bytes() == DATA and stat.S_IMODE(shared.stat().st_mode) == 0o444
+    assert (project.parts / "a" / "disk.img").samefile(shared)
+
+
+def test_a_changed_cached_image_is_discarded_with_one_line_and_made_again(
+    tmp_path: Path, http_server: FileServer, shared_cache: Path
+) -> None:
+    url = http_server.put("disk.img.gz", PACKED)
+    first, second = (make_project(tmp_path, name, shared_cache) for name in ("first", "second"))
+    first.write(gz_part("vm", url))
+    second.write(gz_part("vm", url))
+    assert_ok(first.run("provision:vm"))
+    shared = entry(shared_cache, url).image
+    os.chmod(shared, 0o644)
+    with open(shared, "r+b") as handle:  # root, or anyone who made it writable, wrote to it
+        handle.write(b"damage")
+
+    run = second.run("provision:vm")
+
+    assert_ok(run)
+    (line,) = run.error_lines("discarding the cached image")
+    assert line.startswith(f"download:vm: discarding the cached image of {url}: ")
+    assert "decompress" in run.ran()
+    assert (second.parts / "vm" / "disk.img").read_bytes() == DATA
+    assert entry(shared_cache, url).image.read_bytes() == DATA
+    assert http_server.bytes_sent == len(PACKED)
+
+
+def test_parts_decompressing_from_the_cache_do_it_once(
+    tmp_path: Path, http_server: FileServer, shared_cache: Path
+) -> None:
+    url = http_server.put("disk.img.xz", lzma.compress(DATA, preset=0))
+    project = make_project(tmp_path, "p", shared_cache)
+    parts = "".join(f"[vm{i}]\nimage = {url}\nsha256_image = {sha256(DATA)}\n" for i in range(3))
+    project.write(parts)
+
+    run = project.run("-n", "3", *(f"provision:vm{i}" for i in range(3)), timeout=120)
+
+    assert_ok(run)
+    shared = entry(shared_cache, url).image
+    assert shared.stat().st_nlink == 4
+    assert len(run.error_lines(f"the image of {url} is in the download cache")) == 2
+    assert all((project.parts / f"vm{i}" / "disk.img").samefile(shared) for i in range(3))
 
 
 # -- an entry is trusted only while its record holds ----------------------------------------------

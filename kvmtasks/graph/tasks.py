@@ -20,7 +20,7 @@ from kvmtasks.config.part import Part
 from kvmtasks.engines import engine, ports
 from kvmtasks.graph.actions import clean_unless_running, guarded
 from kvmtasks.graph.report import Reporter
-from kvmtasks.provision import checksums, overlay
+from kvmtasks.provision import cache, checksums, overlay
 from kvmtasks.provision import cloudinit as seed
 from kvmtasks.provision import steps as provision
 from kvmtasks.scripts import render
@@ -90,7 +90,7 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
             "name": part.name,
             "actions": [guarded(provision.download, part, "download")],
             "targets": [str(part.download_path), str(provision.download_record(part))],
-            "uptodate": [config_changed({"url": part.image})],
+            "uptodate": [config_changed({"url": part.image}), lambda: cache.placed_safely(part)],
             # An unreachable list or a missing entry fails before gigabytes are fetched.
             "task_dep": [f"checksums:{part.name}"] if steps else [],
             "clean": [clean_unless_running(part)],
@@ -164,9 +164,10 @@ def _decompress_task(part: Part) -> Task:
         # Decompressed in place (no suffix to strip): the download's record says when it is new.
         task["file_dep"] = [str(provision.download_record(part))]
         task["targets"] = [str(provision.image_record(part))]
-    elif provision.streams(part):
-        # Up to date when the image was made from the download as it is now, by this step or
-        # by the download step inflating as it downloaded (the image's record says which).
+    else:
+        # Up to date when the image was made from the download as it is now: by this step, by
+        # the download step inflating as it downloaded, or taken from the download cache
+        # (the image's record says which download).
         del task["file_dep"]
         task["uptodate"] = [lambda: provision.image_made_from_download(part)]
     return task

@@ -44,10 +44,26 @@ def needs_own_copy(part: Part) -> bool:
     """The VM would boot the downloaded file itself, so it must not be the cached file.
 
     Without an overlay, compression = auto boots it too when it turns out not compressed
-    (the image is then a second name for it: provision/steps.decompress).
+    (the image is then a second name for it: provision/steps.decompress). Under an overlay
+    the VM only reads it: a link will do.
     """
-    auto = part.compression is Compression.AUTO and not part.overlay
-    return part.image_path == part.download_path or auto
+    if part.overlay:
+        return False
+    return part.image_path == part.download_path or part.compression is Compression.AUTO
+
+
+def is_read_only(path: Path) -> bool:
+    """Whether path is read-only, as every file of the cache is (and root could still write it)."""
+    try:
+        return path.stat().st_mode & 0o222 == 0
+    except OSError:
+        return False
+
+
+def placed_safely(part: Part) -> bool:
+    """False when a part that needs its own copy still has the cache's file (its overlay was
+    turned off since): the download step then runs again and makes the copy."""
+    return not (caches(part) and needs_own_copy(part) and is_read_only(part.download_path))
 
 
 def caches(part: Part) -> bool:
@@ -83,23 +99,44 @@ class Entry:
     def lock(self) -> Path:
         return self.folder / "lock"
 
+    @property
+    def image(self) -> Path:
+        """The decompressed image, shared by parts under overlays (provision/sharedimage)."""
+        return self.folder / "image"
 
-def fetch_into(part: Part, dest: Path, algorithms: set[str], label: str,
-               sink: fetch.Sink | None = None) -> dict[str, str]:
-    """The part's download at dest, through the cache; returns its digests. The sink gets the
-    bytes only when they are downloaded (not when the cache has them)."""
+    @property
+    def image_record(self) -> Path:
+        return self.folder / "image.json"
+
+
+@contextlib.contextmanager
+def held_entry(part: Part, label: str, doing: str = "downloading") -> Iterator[Entry | None]:
+    """The part's cache entry, locked (None when the part does not use the cache): a second
+    run wanting it waits, saying what the first is doing."""
+    if not caches(part):
+        yield None
+        return
     assert part.image is not None and part.buildout.download_cache is not None
     entry = Entry(part.buildout.download_cache, part.image)
-    with _locked(entry, label):
-        # A checksum list's digest, as the checksums step resolved it, not the list's URL.
-        expected, _ = checksums.expected(part, "download")
-        digests = _trusted_digests(entry, algorithms, expected, label)
-        if digests is None:
-            digests = _fetch(entry, algorithms, label, sink)
-        else:
-            print(f"{label}: {part.image} is in the download cache ({entry.folder}); "
-                  "not downloading it", file=sys.stderr, flush=True)
-        _place(entry.data, dest, private=needs_own_copy(part))
+    with _open_lock(entry) as handle, held(
+        handle, f"{label}: waiting for another run {doing} {entry.url} into the cache"
+    ):
+        yield entry
+
+
+def fetch_into(entry: Entry, part: Part, dest: Path, algorithms: set[str], label: str,
+               sink: fetch.Sink | None = None) -> dict[str, str]:
+    """The part's download at dest, through the entry (the caller holds its lock); returns its
+    digests. The sink gets the bytes only when they are downloaded (not when the cache has them)."""
+    # A checksum list's digest, as the checksums step resolved it, not the list's URL.
+    expected, _ = checksums.expected(part, "download")
+    digests = _trusted_digests(entry, algorithms, expected, label)
+    if digests is None:
+        digests = _fetch(entry, algorithms, label, sink)
+    else:
+        print(f"{label}: {part.image} is in the download cache ({entry.folder}); "
+              "not downloading it", file=sys.stderr, flush=True)
+    _place(entry.data, dest, private=needs_own_copy(part))
     return {algorithm: digests[algorithm] for algorithm in algorithms}
 
 
@@ -112,14 +149,6 @@ def _open_lock(entry: Entry) -> TextIO:
             f"download cache: cannot create {entry.lock}: {error.strerror or error}; set "
             "[buildout] download-cache to a folder you can write, or empty to turn it off"
         ) from None
-
-
-@contextlib.contextmanager
-def _locked(entry: Entry, label: str) -> Iterator[None]:
-    with _open_lock(entry) as handle, held(
-        handle, f"{label}: waiting for another run downloading {entry.url} into the cache"
-    ):
-        yield
 
 
 def _read_record(entry: Entry) -> tuple[digest.Record, dict[str, str | None]] | None:
@@ -214,25 +243,37 @@ def _write_record(entry: Entry, digests: Mapping[str, str], validators: Mapping[
 def _place(source: Path, dest: Path, private: bool) -> None:
     """dest becomes source's content: a hard link, or (private, or across file systems) a copy."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    temporary = dest.with_name(dest.name + ".part")
-    temporary.unlink(missing_ok=True)
     try:
-        if not private:
-            try:
-                os.link(source, temporary)
-            except OSError as error:
-                if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                    raise
-            else:
-                os.replace(temporary, dest)
-                return
-        _copy(source, temporary)
-        os.replace(temporary, dest)
+        if not private and link(source, dest):
+            return
+        temporary = dest.with_name(dest.name + ".part")
+        try:
+            _copy(source, temporary)
+            os.replace(temporary, dest)
+        finally:
+            temporary.unlink(missing_ok=True)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise FetchError(
             f"download cache: cannot put {source} at {dest}: {error.strerror or error}"
         ) from None
+
+
+def link(source: Path, dest: Path) -> bool:
+    """dest becomes another name of source (through a .part: never half there); False where
+    the file system cannot link (another file system, or links not allowed)."""
+    with contextlib.suppress(OSError):
+        if dest.samefile(source):
+            return True  # rename(2) would do nothing and leave the .part behind
+    temporary = dest.with_name(dest.name + ".part")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError as error:
+        if error.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            return False
+        raise
+    os.replace(temporary, dest)
+    return True
 
 
 def _copy(source: Path, dest: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TextIO
 
@@ -17,7 +17,7 @@ from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles, current
 from kvmtasks.errors import KvmTasksError, VerifyError, VmError
-from kvmtasks.provision import cache, checksums, digest, fetch
+from kvmtasks.provision import cache, checksums, digest, fetch, sharedimage
 from kvmtasks.provision.decompress import StreamedImage, detect
 from kvmtasks.provision.decompress import decompress as decompress_file
 from kvmtasks.provision.locking import held
@@ -79,8 +79,10 @@ def _refuse_if_running(part: Part) -> None:
 
 def download(part: Part) -> None:
     """Download the image; a gzipped one is inflated into the image as its bytes arrive, so
-    that decompress finds its work done (the image's record names the download it came from)."""
+    that decompress finds its work done (the image's record names the download it came from).
+    Through the download cache, the image is also shared with the other parts of the URL."""
     assert part.image is not None
+    label = f"download:{part.name}"
     with exclusive(part, "download"):
         _refuse_if_running(part)
         algorithms = set(part.download_digests)
@@ -89,16 +91,21 @@ def download(part: Part) -> None:
         image = StreamedImage(part.image_path, "gzip", part.image_digests, part.image) \
             if streams(part) else None
         try:
-            if cache.caches(part):
-                digests = cache.fetch_into(part, part.download_path, algorithms,
-                                           f"download:{part.name}", image)
-            else:
-                digests = fetch.fetch(part.image, part.download_path, algorithms, part.name, image)
-            _write_record(download_record(part), part.download_path, digests)
-            # An image from a download that verify-download will refuse is not kept.
-            if image is not None and image.complete and all(
-                    digests[name] == value for name, value in part.download_digests.items()):
-                _keep_streamed(part, image)
+            with cache.held_entry(part, label) as entry:
+                if entry is None:
+                    digests = fetch.fetch(part.image, part.download_path, algorithms, part.name,
+                                          image)
+                else:
+                    digests = cache.fetch_into(entry, part, part.download_path, algorithms, label,
+                                               image)
+                _write_record(download_record(part), part.download_path, digests)
+                # An image from a download that verify-download will refuse is not kept.
+                if not all(digests[name] == value for name, value in part.download_digests.items()):
+                    return
+                if image is not None and image.complete:
+                    _keep_streamed(part, image, entry)
+                elif entry is not None and sharedimage.shares(part):
+                    _take_shared(part, entry, label)
         finally:
             if image is not None:
                 image.abandon()  # whatever did not reach its final path
@@ -111,7 +118,7 @@ def streams(part: Part) -> bool:
             and part.image_path != part.download_path)
 
 
-def _keep_streamed(part: Part, image: StreamedImage) -> None:
+def _keep_streamed(part: Part, image: StreamedImage, entry: cache.Entry | None) -> None:
     """Put the image inflated while downloading in place, recorded as made from this download."""
     made_from = digest.identity(part.download_path)
     try:
@@ -119,23 +126,47 @@ def _keep_streamed(part: Part, image: StreamedImage) -> None:
     except OSError as error:
         raise KvmTasksError(f"renaming {image.partial}: {error.strerror or error}") from None
     _write_record(image_record(part), part.image_path, digests, made_from)
+    if entry is not None and sharedimage.shares(part):
+        sharedimage.share(entry, part, digests)
+
+
+def _take_shared(part: Part, entry: cache.Entry, label: str) -> bool:
+    """The image another part made from this download, linked from the cache, if there is one."""
+    digests = sharedimage.take(entry, part, label)
+    if digests is None:
+        return False
+    _write_record(image_record(part), part.image_path, digests, digest.identity(part.download_path))
+    return True
 
 
 def decompress(part: Part) -> None:
     """The download, decompressed into the image; with compression = auto, a download that is
-    not compressed is the image itself (a second name for it, never a copy)."""
+    not compressed is the image itself (a second name for it, never a copy). A part under an
+    overlay takes the image another part of the URL left in the download cache, or leaves its
+    own there; the entry's lock makes the parts of one URL decompress it once."""
+    label = f"decompress:{part.name}"
     with exclusive(part, "decompress"):
         _refuse_if_running(part)
-        download, image = part.download_path, part.image_path
-        # What the image is made from, for decompress's up-to-date check (see streams).
-        made_from = digest.identity(download) if image != download else None
-        kind = detect(download) if part.compression is Compression.AUTO else part.compression
-        if kind is None:
-            digests = _as_image(part)
-        else:
-            # Without a suffix to strip, the image takes the download's name: one copy.
-            digests = decompress_file(download, image, kind, part.image_digests)
-        _write_record(image_record(part), image, digests, made_from)
+        shared = sharedimage.shares(part)
+        with cache.held_entry(part, label, "decompressing") if shared else nullcontext() as entry:
+            if entry is not None and _take_shared(part, entry, label):
+                return
+            digests, kind = _decompress(part)
+            if entry is not None and kind is not None:
+                sharedimage.share(entry, part, digests)
+
+
+def _decompress(part: Part) -> tuple[dict[str, str], Compression | None]:
+    """The image made from the download, recorded; its digests, and the compression found."""
+    download, image = part.download_path, part.image_path
+    # What the image is made from, for decompress's up-to-date check (see streams).
+    made_from = digest.identity(download) if image != download else None
+    kind = detect(download) if part.compression is Compression.AUTO else part.compression
+    # Without a suffix to strip, the image takes the download's name: one copy.
+    digests = _as_image(part) if kind is None else \
+        decompress_file(download, image, kind, part.image_digests)
+    _write_record(image_record(part), image, digests, made_from)
+    return digests, kind
 
 
 def _as_image(part: Part) -> dict[str, str]:
@@ -170,6 +201,8 @@ def image_made_from_download(part: Part) -> bool:
         return False
     if record is None or not part.image_path.exists():
         return False
+    if not part.overlay and cache.is_read_only(part.image_path):
+        return False  # the cache's shared image, and the VM would now boot it: make a copy
     if record.source is None:
         # A record from before records named their download: the image was made after it.
         return record.mtime_ns >= download[1]
