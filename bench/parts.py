@@ -10,9 +10,9 @@ folders (a fresh download cache each), alternating, repeated:
 - four: ``doit -n 4 provision:p0 ... provision:p3``, four parts on the same URL.
 
 Reports the bytes fetched against the file's size (the download cache should
-fetch it once) and the wall time of four parts against one. Each gzip part
-still decompresses its own image, so on a machine with fewer than four free
-cores the four decompressions share the CPU.
+fetch it once) and the wall time of four parts against one. The parts boot
+overlays, so they share one decompressed image: the first part inflates it
+while downloading, the others link it from the cache.
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ def report(source: Source, results: Results, repeat: int, quiet: Quiet) -> str:
         "",
         f"Image: bench/provision.py's {label} synthetic image, {size / MB:.0f} MB gzipped, served "
         "on 127.0.0.1 with sendfile; the server counts the body bytes it sent. Every part checks "
-        "md5_download, md5_image and sha256_image and decompresses its own image.",
+        "md5_download, md5_image and sha256_image; under their overlays the parts share one "
+        "decompressed image through the download cache.",
         "",
         *machine_lines(),
         "",

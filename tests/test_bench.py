@@ -99,6 +99,22 @@ def test_boot_benchmark_runs_and_reports(tmp_path: Path) -> None:
         assert f"| stop: `bin/boot-ctl stop`, {how} |" in text
 
 
+@pytest.mark.vm
+@needs_qemu
+def test_starts_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    output = tmp_path / "benchmarks.md"
+    done = run_script("starts.py", "--repeat", "1", "--output", str(output), "--patience", "0",
+                      timeout=600)
+
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"two/one=\d+\.\d\d one_s=\d+\.\d\d two_s=\d+\.\d\d "
+                        r"stop_two/stop_one=\d+\.\d\d", last), last
+    text = output.read_text()
+    assert "## Two VMs started by one doit run" in text
+    assert "| two: `doit -n 2 start:a start:b` |" in text
+
+
 def test_overlay_benchmark_runs_and_reports(tmp_path: Path) -> None:
     output = tmp_path / "benchmarks.md"
     done = run_script("overlay.py", "--size", "64M", "--written", "1M", "--repeat", "1",
