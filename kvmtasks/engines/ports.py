@@ -10,7 +10,6 @@ both pass the check.
 
 from __future__ import annotations
 
-import fcntl
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -22,6 +21,7 @@ from kvmtasks.config.remote import remote_of
 from kvmtasks.config.runfiles import current
 from kvmtasks.engines.qemu import forwards
 from kvmtasks.errors import VmError
+from kvmtasks.provision.locking import held
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,9 @@ def claimed(part: Part, shared: Sequence[Clash]) -> Iterator[None]:
     with ExitStack() as stack:
         for clash in shared:  # sorted by (host, protocol, port): every start takes them in one order
             clash.lock.parent.mkdir(parents=True, exist_ok=True)
-            handle = stack.enter_context(open(clash.lock, "a"))
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            handle = stack.enter_context(open(clash.lock, "a+"))
+            stack.enter_context(held(handle, f"start:{part.name}: waiting for another start "
+                                             f"forwarding {clash.protocol} port {clash.port}"))
             for other in clash.others:
                 if current(other).running:
                     where = f"{clash.protocol} on {clash.host}" if clash.host else clash.protocol
