@@ -1,7 +1,7 @@
 """Decompress a download into the image (gzip, xz, zstd, bz2), hashing the output as it goes.
 
 Two ways: decompress reads a download already on disk; StreamedImage inflates
-the download while it arrives (the download step feeds it; gzip), so that the
+the download while it arrives (the download step feeds it), so that the
 image is complete at the download's last byte.
 """
 
@@ -41,13 +41,20 @@ MAGIC = (
 Reader = Any  # a binary file object with readinto (GzipFile, LZMAFile, BZ2File, _ZstdReader)
 
 
+_MAGIC_LENGTH = max(len(magic) for magic, _ in MAGIC)
+
+
 def detect(path: Path) -> Compression | None:
     """The compression of the file at path, from its first bytes; None when it is not compressed."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(6)
+            head = handle.read(_MAGIC_LENGTH)
     except OSError as error:
         raise KvmTasksError(f"cannot read {path}: {error.strerror or error}") from None
+    return _kind_of(head)
+
+
+def _kind_of(head: bytes) -> Compression | None:
     return next((kind for magic, kind in MAGIC if head.startswith(magic)), None)
 
 
@@ -103,12 +110,19 @@ class StreamedImage:
     hashes, and hashes the image in threads of its own. A failure (a corrupt stream, a
     full disk) removes the .part at once and is kept for check() to raise in the
     download's thread; nothing ever reaches the image's final path before commit().
+
+    With compression = auto, the first bytes say how to inflate, as detect() reads them
+    from the file; a download that is not compressed makes no image here (the decompress
+    step then links it as the image).
     """
 
-    def __init__(self, dest: Path, compression: str, algorithms: Iterable[str], source: str) -> None:
+    def __init__(self, dest: Path, compression: Compression, algorithms: Iterable[str],
+                 source: str) -> None:
         self.dest = dest
         self.partial = dest.with_name(dest.name + ".part")
         self._compression, self._algorithms, self._source = compression, tuple(algorithms), source
+        self._kind: Compression | None = None  # the format, once known
+        self._head = b""  # the first bytes, while they do not say the format yet
         self._writer: io.RawIOBase | None = None
         self._inflater: Inflater | None = None
         self._hasher = MultiHasher(())
@@ -118,8 +132,15 @@ class StreamedImage:
     def start(self) -> None:
         """Begin (again) at the download's first byte."""
         self._close()
-        self._failure, self._digests = None, None
-        self._inflater = INFLATERS[self._compression]()
+        self.partial.unlink(missing_ok=True)
+        self._failure, self._digests, self._head = None, None, b""
+        self._kind = None if self._compression is Compression.AUTO else self._compression
+        self._inflater = None
+        if self._kind is not None:
+            self._begin(self._kind)
+
+    def _begin(self, kind: Compression) -> None:
+        self._inflater = INFLATERS[kind]()
         self._hasher = MultiHasher(self._algorithms)
         try:
             self._writer = open(self.partial, "wb", buffering=0)  # noqa: SIM115  # closed by finish/abandon
@@ -128,21 +149,44 @@ class StreamedImage:
 
     def update(self, chunk: bytes | bytearray | memoryview, /) -> None:
         """Inflate the download's next chunk (in the consumer thread; never raises)."""
+        if self._kind is None:
+            chunk = self._sniff(chunk)
         # Held here: the download's thread may abandon (close) them while this runs.
-        writer, inflater, hasher = self._writer, self._inflater, self._hasher
-        if writer is None or inflater is None:
+        writer, inflater = self._writer, self._inflater
+        if writer is None or inflater is None or not chunk:
             return
+        hasher = self._hasher
+
+        def out(piece: bytes) -> None:
+            hasher.update(piece)
+            _write_sparse(writer, piece)
+
         try:
-            for out in inflater.inflate(chunk):
-                hasher.update(out)
-                _write_sparse(writer, out)
+            inflater.inflate(chunk, out)
         except BadStream as error:
-            self._fail(VerifyError(f"{self._source} is not a valid {self._compression} file ({error})"))
+            self._fail(VerifyError(f"{self._source} is not a valid {self._kind} file ({error})"))
         except (OSError, ValueError) as error:
             if self._writer is None:
                 return  # abandoned by the download's thread while writing: nothing to report
             self._fail(KvmTasksError(f"decompressing {self._source} to {self.partial}: "
                                      f"{getattr(error, 'strerror', None) or error}"))
+
+    def _sniff(self, chunk: bytes | bytearray | memoryview, end: bool = False) -> bytes:
+        """Gather the first bytes until they tell the format (compression = auto); then
+        begin, and return them with the rest of chunk, to be inflated."""
+        if self._inflater is not None or self._failure is not None:
+            return b""  # not compressed (no inflater), or already failed
+        self._head += bytes(chunk)
+        if len(self._head) < _MAGIC_LENGTH and not end:
+            return b""
+        head, self._head = self._head, b""
+        kind = _kind_of(head)
+        if kind is None:
+            self._inflater = _NOT_COMPRESSED
+            return b""
+        self._kind = kind
+        self._begin(kind)
+        return head
 
     def check(self) -> None:
         """Raise what went wrong so far, if anything did."""
@@ -150,14 +194,20 @@ class StreamedImage:
             raise self._failure
 
     def finish(self) -> None:
-        """After the download's last byte was consumed: the .part holds the whole image."""
+        """After the download's last byte was consumed: the .part holds the whole image
+        (unless the download turned out not to be compressed)."""
         self.check()
+        if self._kind is None:
+            self.update(self._sniff(b"", end=True))  # a download shorter than the longest magic
+            self.check()
+            if self._kind is None:
+                return  # not compressed: no image made here
         assert self._writer is not None and self._inflater is not None
         try:
             self._inflater.end()
             self._writer.truncate()  # the size, when the image ends with a hole
         except BadStream as error:
-            self._fail(VerifyError(f"{self._source} is not a valid {self._compression} file ({error})"))
+            self._fail(VerifyError(f"{self._source} is not a valid {self._kind} file ({error})"))
         except OSError as error:
             self._fail(KvmTasksError(f"writing {self.partial}: {error.strerror or error}"))
         self.check()
@@ -187,6 +237,19 @@ class StreamedImage:
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
+
+
+class _NotCompressed:
+    """The inflater of a download that is not compressed: there is nothing to inflate."""
+
+    def inflate(self, data: bytes | bytearray | memoryview, out: Callable[[bytes], None]) -> None:
+        return
+
+    def end(self) -> None:
+        return
+
+
+_NOT_COMPRESSED = _NotCompressed()
 
 
 def _write_sparse(writer: io.RawIOBase, chunk: bytes | bytearray) -> None:

@@ -78,7 +78,7 @@ def _refuse_if_running(part: Part) -> None:
 
 
 def download(part: Part) -> None:
-    """Download the image; a gzipped one is inflated into the image as its bytes arrive, so
+    """Download the image; a compressed one is inflated into the image as its bytes arrive, so
     that decompress finds its work done (the image's record names the download it came from).
     Through the download cache, the image is also shared with the other parts of the URL."""
     assert part.image is not None
@@ -88,7 +88,7 @@ def download(part: Part) -> None:
         algorithms = set(part.download_digests)
         if part.compression in (Compression.NONE, Compression.AUTO):
             algorithms |= set(part.image_digests)  # it may well be the image
-        image = StreamedImage(part.image_path, "gzip", part.image_digests, part.image) \
+        image = StreamedImage(part.image_path, part.compression, part.image_digests, part.image) \
             if streams(part) else None
         try:
             with cache.held_entry(part, label) as entry:
@@ -112,9 +112,9 @@ def download(part: Part) -> None:
 
 
 def streams(part: Part) -> bool:
-    """The download step inflates the image while the bytes arrive: a declared gzip download
-    with a name of its own for the image."""
-    return (part.image is not None and part.compression is Compression.GZIP
+    """The download step inflates the image while the bytes arrive: a compressed download
+    (declared, or found out from its first bytes) with a name of its own for the image."""
+    return (part.image is not None and part.compression is not Compression.NONE
             and part.image_path != part.download_path)
 
 

@@ -22,7 +22,7 @@ class ZstdFrames:
         self._checksum = 0  # bytes of checksum after the current frame's last block
         self._frames = 0
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         view, position = memoryview(data), 0
         while position < len(view):
             if self._skip:
