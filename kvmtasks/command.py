@@ -6,13 +6,15 @@ config value.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import shutil
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from kvmtasks.errors import CommandError
 
@@ -55,17 +57,46 @@ def run(argv: Sequence[str], *, timeout: float | None = None) -> Result:
 
     command = sh.Command(find(argv[0]))
     log.debug("running %s", shlex.join(argv))
+    # The timeout is kept here, not by sh's _timeout: that one is watched by a thread that
+    # wakes every 0.1 s, so every command with a timeout would end up to 0.1 s late.
+    running = command(*argv[1:], _bg=True, _bg_exc=False, _return_cmd=True, _ok_code=ALL_EXIT_CODES,
+                      _tty_out=False)
+    timer = _Deadline(running.process, timeout) if timeout is not None else None
     try:
-        done = command(
-            *argv[1:], _return_cmd=True, _ok_code=ALL_EXIT_CODES, _tty_out=False, _timeout=timeout
-        )
-    except sh.TimeoutException:
+        running.wait()
+    except sh.SignalException:
+        if timer is None or not timer.fired:
+            raise
         raise CommandError(f"{argv[0]} did not finish within {timeout:g} s") from None
+    finally:
+        if timer is not None:
+            timer.cancel()
     return Result(
-        done.exit_code,
-        done.stdout.decode(errors="replace"),
-        done.stderr.decode(errors="replace"),
+        running.exit_code,
+        running.stdout.decode(errors="replace"),
+        running.stderr.decode(errors="replace"),
     )
+
+
+class _Deadline:
+    """Kills a process that is still running after timeout seconds (SIGKILL, as sh's _timeout)."""
+
+    def __init__(self, process: Any, timeout: float) -> None:
+        self.fired = False
+        self._process = process
+        self._timer = threading.Timer(timeout, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        alive, _ = self._process.is_alive()
+        if alive:
+            self.fired = True
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 def run_foreground(argv: Sequence[str]) -> int:
