@@ -19,7 +19,16 @@ is one table: SERVER is ``sendfile`` (the kernel sends the file) or ``plain``
 image's random, text and zero blocks, PACE a rate in MiB/s the plain server
 keeps to (a link slower than the machine).
 
-Prints a table and a last line of ratios per variant, and writes the tables
+Each ``--case SIZE:SERVER,BLOCK[,PACE]`` (repeatable) is one table of that size
+and variant; with cases, --size and --variant are not used. Each ``--rss SIZE``
+(repeatable) provisions once at that size (plain server, 1M blocks) for its peak
+RSS and the no-op run after it, without the other kinds. So one invocation runs
+what the provisioning targets ask:
+
+    python bench/provision.py --case 512M:plain,1M --case 1G:plain,1M \
+        --case 512M:plain,1M,40 --case 512M:plain,1M,200 --rss 4G
+
+Prints a table and a last line of ratios per table, and writes the tables
 into docs/benchmarks.md (or --output).
 """
 
@@ -113,6 +122,24 @@ class Variant:
                   else "by Python, 64 KiB reads and writes as `python -m http.server` does")
         pace = f", paced at {self.pace_mib:g} MiB/s" if self.pace_mib else ""
         return f"served on 127.0.0.1 {server}{pace}"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One table: an image size served one way."""
+
+    size: int
+    variant: Variant
+
+    @classmethod
+    def parse(cls, text: str) -> Case:
+        size, _, variant = text.partition(":")
+        if not variant:
+            raise ValueError(f"not a case: {text!r} (e.g. 512M:plain,1M or 512M:plain,1M,40)")
+        return cls(parse_size(size), Variant.parse(variant))
+
+
+RSS_VARIANT = Variant("plain", 1 << 20)
 
 
 @dataclass(frozen=True)
@@ -422,19 +449,79 @@ def run_variant(variant: Variant, size: int, options: argparse.Namespace, quiet:
     return summary_line(results)
 
 
+def run_rss(size: int, options: argparse.Namespace, quiet: Quiet) -> str:
+    """Provisioning alone at size (and the no-op run after it): its peak RSS, without the
+    other kinds; returns its summary line, its table written into the report file."""
+    source = synthesize(size, options.cache, RSS_VARIANT.block)
+    runs: list[ProvisionRuns] = []
+    with tempfile.TemporaryDirectory(prefix="kvmtasks-bench-", dir=options.workdir) as work, \
+            serve_files({"/image.raw.gz": source.packed}, plain=True) as base:
+        for round_number in range(options.rss_repeat):
+            folder = Path(work) / f"rss-{round_number}"
+            runs.append(run_provision(folder, f"{base}/image.raw.gz", source, quiet))
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"  rss {size_label(size)}: run {round_number + 1}/{options.rss_repeat} done",
+                  file=sys.stderr)
+    label = size_label(size)
+    rss = [run.provision.maxrss_kib * 1024 / MB for run in runs]
+    noop = [run.noop for run in runs]
+    rows = [
+        _row("provision: `doit provision:bench`", [run.provision.seconds for run in runs], "s"),
+        _cpu_row("provision: CPU time, user / system",
+                 [(run.provision.user_s, run.provision.sys_s) for run in runs]),
+        _row("provision: peak RSS (highest)", rss, "MB", 0, "max"),
+        *_rerun_rows("no-op", "`doit provision:bench` again", noop),
+    ]
+    summary = (f"rss_mb={max(rss):.0f} provision_s={median([run.provision.seconds for run in runs]):.2f} "
+               f"noop_s={median([rerun.run.seconds for rerun in noop]):.2f} "
+               f"noop_read_mb={max(rerun.image_read for rerun in noop) / MB:.0f}")
+    text = "\n".join([
+        f"## Peak RSS provisioning a {label} image",
+        "",
+        f"`python bench/provision.py --rss {label}`: `doit provision:bench` alone, "
+        f"{options.rss_repeat} run(s), then the no-op run after each. " + quiet.note(),
+        "",
+        f"Image: {source.raw.stat().st_size / MB:.0f} MB raw, {source.packed.stat().st_size / MB:.0f} MB "
+        f"gzipped, {RSS_VARIANT.describe()}. Peak RSS is the `ru_maxrss` that `wait4` returns for "
+        "the doit process.",
+        "",
+        *machine_lines(),
+        "",
+        table(["measurement", "median", "runs"], rows),
+        "",
+        "```",
+        summary,
+        "```",
+    ])
+    write_section(options.output, f"provision {label} peak RSS", text)
+    print(text)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on the way out
     parser = image_bench_parser(__doc__, "8M, 1G, 4G")
     parser.add_argument("--variant", type=Variant.parse, action="append", default=None,
                         help="SERVER,BLOCK[,PACE]: sendfile or plain server, the image's block size, "
                              "a pace in MiB/s (plain only); repeatable (default sendfile,64K)")
+    parser.add_argument("--case", type=Case.parse, action="append", default=None,
+                        help="SIZE:SERVER,BLOCK[,PACE]: one table of that size and variant; repeatable; "
+                             "replaces --size and --variant")
+    parser.add_argument("--rss", type=parse_size, action="append", default=[],
+                        help="SIZE: provisioning alone at that size, for its peak RSS; repeatable")
+    parser.add_argument("--rss-repeat", type=int, default=1,
+                        help="runs of each --rss size (default 1)")
     options = parser.parse_args(argv)
     for program in ("curl", "md5sum", "gunzip", "sha256sum", "touch"):
         if shutil.which(program) is None:
             parser.error(f"{program} not found")
     quiet = Quiet(patience=options.patience)
-    size = parse_size(options.size)
-    summaries = [run_variant(variant, size, options, quiet) for variant in options.variant or [Variant()]]
+    # --rss alone runs only the RSS check.
+    only_rss = options.rss and options.case is None and options.variant is None
+    cases = options.case or ([] if only_rss else [Case(parse_size(options.size), variant)
+                                                  for variant in options.variant or [Variant()]])
+    summaries = [run_variant(case.variant, case.size, options, quiet) for case in cases]
+    summaries += [run_rss(size, options, quiet) for size in options.rss]
     print("\n".join(summaries))
     return 0
 

@@ -34,23 +34,29 @@ def run_script(name: str, *args: str, timeout: float) -> subprocess.CompletedPro
 
 def test_provision_benchmark_runs_and_reports(tmp_path: Path) -> None:
     output = tmp_path / "benchmarks.md"
-    done = run_script("provision.py", "--size", "8M", "--repeat", "1", "--output", str(output),
+    # Cases of the one invocation, at a tiny size; --rss as it checks 4G.
+    done = run_script("provision.py", "--repeat", "1", "--output", str(output),
                       "--cache", str(tmp_path / "cache"), "--patience", "0",
-                      "--variant", "sendfile,64K", "--variant", "plain,1M,200", timeout=300)
+                      "--case", "8M:sendfile,64K", "--case", "8M:plain,1M,200", "--rss", "8M", timeout=300)
 
     assert done.returncode == 0, done.stderr
-    summaries = done.stdout.strip().splitlines()[-2:]
+    *summaries, rss = done.stdout.strip().splitlines()[-3:]
     for line in summaries:
         match = PROVISION_LINE.fullmatch(line)
         assert match, line
         assert match.group(1) == "0", "a no-op run must not open the image"
+    match = re.fullmatch(r"rss_mb=(\d+) provision_s=\d+\.\d\d noop_s=\d+\.\d\d noop_read_mb=(\d+)", rss)
+    assert match, rss
+    assert int(match.group(1)) > 10, "a Python process's peak RSS, in MB"
+    assert match.group(2) == "0", "a no-op run must not open the image"
     text = output.read_text()
     assert text.startswith(benchlib.HEADER)
     assert "## Provisioning a 8M image\n" in text
     assert "## Provisioning a 8M image (plain server, 1M blocks, paced at 200 MiB/s)" in text
+    assert "## Peak RSS provisioning a 8M image" in text
     assert "--variant plain,1M,200" in text
-    assert text.count("| no-op: image files opened; steps run | none; none |") == 2
-    assert all(line in text for line in summaries)
+    assert text.count("| no-op: image files opened; steps run | none; none |") == 3
+    assert all(line in text for line in [*summaries, rss])
 
 
 def test_a_paced_server_keeps_to_its_pace(tmp_path: Path) -> None:
