@@ -24,7 +24,6 @@ from kvmtasks.provision.digest import CHUNK, Buffers, MultiHasher
 if TYPE_CHECKING:
     # Imported where used: loading them costs a doit run with nothing to download a third of its time.
     import requests
-    from tqdm import tqdm
 
 TIMEOUT_ENV = "KVMTASKS_HTTP_TIMEOUT"
 CONNECT_TIMEOUT = 15.0
@@ -356,10 +355,23 @@ def _write_all(writer: IO[bytes], data: memoryview) -> None:
         data = data[count or 0:]
 
 
+class _Bar(Protocol):
+    def update(self, n: float = 1, /) -> bool | None: ...
+
+
+class _NoBar:
+    def update(self, n: float = 1, /) -> bool | None:
+        return None
+
+
 @contextmanager
-def _progress(total: int | None, label: str, initial: int = 0) -> Iterator[tqdm]:  # type: ignore[type-arg]
+def _progress(total: int | None, label: str, initial: int = 0) -> Iterator[_Bar]:
+    if not sys.stderr.isatty():
+        # No bar to draw: tqdm (and the monitor thread it starts) is not even loaded.
+        yield _NoBar()
+        return
     from tqdm import tqdm
 
     with tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-              desc=label, disable=not sys.stderr.isatty(), leave=False) as bar:
+              desc=label, leave=False) as bar:
         yield bar
