@@ -214,3 +214,20 @@ def test_every_cut_of_a_stream_is_refused_while_it_arrives(kind: Compression) ->
     for cut in cuts:
         with pytest.raises(BadStream):
             inflate(kind, packed[:cut], 4096)
+
+
+def test_auto_opens_no_part_file_once_the_image_was_abandoned(tmp_path: Path) -> None:
+    """Under auto the .part is opened in the consumer thread, at the first bytes; those can
+    still be on their way when the download's thread gives up (a dropped connection)."""
+    image = decompress.StreamedImage(tmp_path / "disk.img", Compression.AUTO, ["md5"], "download")
+    image.start()
+    image.abandon()
+
+    image.update(PACKED[Compression.GZIP][:65536])
+
+    assert not (tmp_path / "disk.img.part").exists()
+    image.start()  # a new attempt opens it again
+    image.update(PACKED[Compression.GZIP][:65536])
+    assert (tmp_path / "disk.img.part").exists()
+    image.abandon()
+    assert list(tmp_path.iterdir()) == []

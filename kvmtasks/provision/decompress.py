@@ -12,6 +12,7 @@ import gzip
 import io
 import lzma
 import os
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -128,12 +129,16 @@ class StreamedImage:
         self._hasher = MultiHasher(())
         self._failure: KvmTasksError | None = None
         self._digests: dict[str, str] | None = None
+        # Under auto the .part is opened in the consumer thread, at the first bytes: never
+        # after the download's thread abandoned the image (it would stay behind).
+        self._opening = threading.Lock()
+        self._abandoned = False
 
     def start(self) -> None:
         """Begin (again) at the download's first byte."""
         self._close()
         self.partial.unlink(missing_ok=True)
-        self._failure, self._digests, self._head = None, None, b""
+        self._failure, self._digests, self._head, self._abandoned = None, None, b"", False
         self._kind = None if self._compression is Compression.AUTO else self._compression
         self._inflater = None
         if self._kind is not None:
@@ -142,10 +147,16 @@ class StreamedImage:
     def _begin(self, kind: Compression) -> None:
         self._inflater = INFLATERS[kind]()
         self._hasher = MultiHasher(self._algorithms)
-        try:
-            self._writer = open(self.partial, "wb", buffering=0)  # noqa: SIM115  # closed by finish/abandon
-        except OSError as error:
-            self._fail(KvmTasksError(f"writing {self.partial}: {error.strerror or error}"))
+        with self._opening:
+            if self._abandoned:
+                return
+            try:
+                self._writer = open(self.partial, "wb", buffering=0)  # noqa: SIM115  # closed by finish/abandon
+            except OSError as error:
+                failure = KvmTasksError(f"writing {self.partial}: {error.strerror or error}")
+            else:
+                return
+        self._fail(failure)
 
     def update(self, chunk: bytes | bytearray | memoryview, /) -> None:
         """Inflate the download's next chunk (in the consumer thread; never raises)."""
@@ -226,8 +237,10 @@ class StreamedImage:
 
     def abandon(self) -> None:
         """The download failed or stopped: no image, not even a partial one."""
-        self._close()
-        self.partial.unlink(missing_ok=True)
+        with self._opening:
+            self._abandoned = True
+            self._close()
+            self.partial.unlink(missing_ok=True)
 
     def _fail(self, failure: KvmTasksError) -> None:
         self._failure = failure
