@@ -170,28 +170,29 @@ def _trusted_digests(
     if not entry.data.exists() and not entry.record.exists():
         return None
     found = _read_record(entry)
-    why = _distrust(entry, found, expected)
+    why = _damage(entry, found)
+    digests: dict[str, str] = {}
+    if why is None:
+        assert found is not None
+        record, validators = found
+        digests = dict(record.digests)
+        missing = (algorithms | set(expected)) - set(digests)
+        if missing:
+            # A checksum the entry was not hashed with: hash once, and remember.
+            digests |= digest.hash_file(entry.data, missing)
+            _write_record(entry, digests, validators)
+        why = _disagreement(digests, expected)
     if why is not None:
         print(f"{label}: discarding the cache entry for {entry.url}: {why}; fetching it again",
               file=sys.stderr, flush=True)
         entry.data.unlink(missing_ok=True)
         entry.record.unlink(missing_ok=True)
         return None
-    assert found is not None
-    record, validators = found
-    digests = dict(record.digests)
-    missing = algorithms - set(digests)
-    if missing:
-        # A checksum the entry was not hashed with: hash once, and remember.
-        digests |= digest.hash_file(entry.data, missing)
-        _write_record(entry, digests, validators)
     return digests
 
 
-def _distrust(
-    entry: Entry, found: tuple[digest.Record, dict[str, str | None]] | None,
-    expected: Mapping[str, str],
-) -> str | None:
+def _damage(entry: Entry, found: tuple[digest.Record, dict[str, str | None]] | None) -> str | None:
+    """Why the entry's file is not the one its record describes, if it is not."""
     if found is None:
         return "no readable record" if entry.data.exists() else "its file is missing"
     record = found[0]
@@ -203,16 +204,19 @@ def _distrust(
         what = "truncated" if info.st_size < record.size else "changed"
         return (f"{what} since it was stored (size {info.st_size}, recorded {record.size}; "
                 f"mtime changed: {info.st_mtime_ns != record.mtime_ns})")
+    return None
+
+
+def _disagreement(digests: Mapping[str, str], expected: Mapping[str, str]) -> str | None:
     for algorithm, value in expected.items():
-        if record.digests.get(algorithm, value) != value:
-            return f"its {algorithm} is {record.digests[algorithm]}, not {algorithm}_download {value}"
+        if digests[algorithm] != value:
+            return f"its {algorithm} is {digests[algorithm]}, not {algorithm}_download {value}"
     return None
 
 
 def _fetch(entry: Entry, algorithms: set[str], label: str, sink: fetch.Sink | None) -> dict[str, str]:
-    # sha256 always: a later part may ask for it, and the entry then needs no re-read.
-    digests, validator = fetch.fetch_validated(entry.url, entry.data, algorithms | {"sha256"}, label,
-                                               sink)
+    # Only what this part checks: a part asking for another digest later hashes the entry once.
+    digests, validator = fetch.fetch_validated(entry.url, entry.data, algorithms, label, sink)
     try:
         os.chmod(entry.data, READ_ONLY)
     except OSError as error:
