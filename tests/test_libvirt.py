@@ -21,13 +21,17 @@ from pathlib import Path
 
 import pytest
 
+from kvmtasks.config import cloudinit
 from kvmtasks.config.loader import load_file
 from kvmtasks.config.part import Part
 from kvmtasks.config.remote import RemoteHost, remote_host
 from kvmtasks.engines.domain import KVMTASKS_NS, QEMU_NS, Disk, domain_xml, made_by_kvmtasks
 from kvmtasks.guest.ssh import jump_config
+from kvmtasks.provision import keys
 from tests.conftest import Project
+from tests.debian_guest import CLOUD_INIT
 from tests.httpserver import FileServer
+from tests.test_debian_guest import debian_guest_or_skip
 from tests.test_vm_e2e import script
 from tests.vmfixtures import Guest, free_port, needs_qemu
 
@@ -196,7 +200,7 @@ def domain_name(libvirtd: None) -> Iterator[str]:
     name = f"lv{uuid.uuid4().hex[:8]}"
     yield name
     _virsh("destroy", name)
-    _virsh("undefine", name)
+    _virsh("undefine", "--snapshots-metadata", "--managed-save", name)
 
 
 def libvirt_config(guest: Guest, name: str, source: str, pool: str, ssh_port: int, extra: str = "") -> str:
@@ -402,3 +406,136 @@ def test_a_libvirt_guest_that_ignores_acpi_is_powered_off_over_ssh(
                               "powered off when asked over ssh)\n")
     assert took < 30, f"stop took {took:.1f} s: it waited for kvm_shutdown_timeout"
     assert _virsh("domstate", domain_name).stdout.strip() == "shut off"
+
+
+def test_the_seed_is_a_read_only_ide_cdrom(tmp_path: Path) -> None:
+    part = load(tmp_path, "ssh_port = 2222\n")
+    domain = xml_of(part, seed=Disk("pool", "vm-seed.iso", "raw"))
+
+    disk, cdrom = domain.findall("devices/disk")
+    assert disk.attrib["device"] == "disk"
+    assert cdrom.attrib == {"type": "volume", "device": "cdrom", "snapshot": "no"}
+    assert cdrom.find("source").attrib == {"pool": "pool", "volume": "vm-seed.iso"}  # type: ignore[union-attr]
+    assert cdrom.find("driver").attrib["type"] == "raw"  # type: ignore[union-attr]
+    assert cdrom.find("target").attrib == {"dev": "hdc", "bus": "ide"}  # type: ignore[union-attr]
+    assert cdrom.find("readonly") is not None
+    assert len(xml_of(part).findall("devices/disk")) == 1
+
+
+@needs_qemu
+@pytest.mark.vm
+@pytest.mark.usefixtures("no_vm_left")
+@pytest.mark.timeout(1800)  # a cold image build (~4 min) and a cloud-init boot under TCG
+def test_a_cloud_image_gets_its_seed_on_libvirt(project: Project, pool: str, domain_name: str) -> None:
+    """The cloud-init Debian guest (no key, no host key inside) on libvirt: its seed is uploaded
+    as a volume, the guest is reached with the key kvmtasks made and the host key it pinned."""
+    cloud = debian_guest_or_skip(CLOUD_INIT)
+    name = domain_name
+    (project.root / "user-data").write_text("#cloud-config\nruncmd:\n  - [touch, /root/from-user-data]\n")
+    extra_args = "".join(f"  {arg}\n" for arg in cloud.kvm_extra_args())
+    config_file = project.write(
+        f"[{name}]\nfile = {cloud.image}\nkvm_engine = libvirt\nlibvirt_pool = {pool}\n"
+        f"ssh_port = {free_port()}\ncloud_init = true\ncloud_init_user_data = user-data\n"
+        "kvm_memory = 1G\nkvm_accel = tcg\nkvm_boot_timeout = 400\nkvm_shutdown_timeout = 10\n"
+        f"kvm_net =\n  user,restrict=on\n  nic,model=virtio\nkvm_extra_args =\n{extra_args}"
+    )
+
+    started = project.run(f"start:{name}", timeout=900)
+
+    assert started.returncode == 0, started.describe()
+    assert "uploading seed.iso" in started.stdout and "warning" not in started.output, started.describe()
+    seed = ET.fromstring(_virsh("dumpxml", name).stdout).find("devices/disk[@device='cdrom']")
+    assert seed is not None and seed.find("readonly") is not None
+    assert seed.find("source").attrib["volume"] == f"{name}-seed.iso"  # type: ignore[union-attr]
+    assert _virsh("vol-info", "--pool", pool, f"{name}-seed.iso").returncode == 0
+
+    def guest(command: str) -> str:
+        done = script(project, f"{name}-runscript", command)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout.strip()
+
+    assert guest("id -un") == "root"
+    assert guest("cloud-init status") == "status: done"
+    assert guest("ls /root/from-user-data") == "/root/from-user-data"
+    assert guest("blkid -L cidata") == "/dev/sr0"
+    # The one host key is the one kvmtasks made, checked strictly from the first login on.
+    (part,) = load_file(config_file, project.root)
+    ours = keys.read_public(cloudinit.host_key_path(part)).split()[:2]
+    assert guest("cat /etc/ssh/ssh_host_ed25519_key.pub").split()[:2] == ours
+    assert "StrictHostKeyChecking=yes" in json.loads(
+        script(project, f"{name}-ctl", "status", "--json").stdout)["ssh_command"]
+    assert script(project, f"{name}-ctl", "stop").returncode == 0
+
+
+@needs_qemu
+@pytest.mark.vm
+@pytest.mark.usefixtures("no_vm_left")
+def test_warm_starts_on_libvirt(project: Project, guest: Guest, http_server: FileServer,
+                                pool: str, domain_name: str) -> None:
+    """suspend is a managed save, snapshots are the domain's internal ones in its overlay volume.
+    The busybox guest's / and /tmp live in memory, /mnt is its disk."""
+    name = domain_name
+    url = http_server.put("guest.img", guest.image.path.read_bytes())
+    project.write(libvirt_config(guest, name, f"image = {url}", pool, free_port()))
+    assert project.run(f"start:{name}", timeout=400).returncode == 0
+
+    def guest_run(command: str) -> subprocess.CompletedProcess[str]:
+        return script(project, f"{name}-runscript", command)
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        done = script(project, f"{name}-ctl", *args)
+        assert done.returncode in (0, 3), done.stdout + done.stderr
+        return done
+
+    assert guest_run("echo one > /tmp/mem && echo one > /mnt/disk && sync && "
+                     "(sleep 100000 </dev/null >/dev/null 2>&1 & echo $! > /tmp/sleeper)").returncode == 0
+
+    # suspend: the domain's managed save; status says suspended; start resumes it.
+    suspended = ctl("suspend")
+    assert suspended.stdout == (f"{name} suspended (libvirt managed save on qemu:///system); "
+                                "start resumes it\n")
+    assert "Managed save:   yes" in _virsh("dominfo", name).stdout
+    status = ctl("status")
+    assert (status.returncode, status.stdout) == (3, f"{name} is suspended; start resumes it\n")
+    assert json.loads(ctl("status", "--json").stdout)["state"] == "suspended"
+    resumed = ctl("start")
+    assert f"{name} resumed (libvirt domain {name}" in resumed.stdout, resumed.stdout
+    assert guest_run("kill -0 $(cat /tmp/sleeper) && cat /tmp/mem /mnt/disk").stdout == "one\none\n"
+    assert "Managed save:   no" in _virsh("dominfo", name).stdout
+
+    # snapshot, a change, revert: memory and disk come back, the change is gone.
+    saved = ctl("snapshot", "save", "ready")
+    assert saved.stdout == f"{name}: snapshot ready saved (libvirt domain {name} on qemu:///system)\n"
+    assert guest_run("echo two > /tmp/mem && echo two > /mnt/disk && sync && kill $(cat /tmp/sleeper)"
+                     ).returncode == 0
+    listed = ctl("snapshot", "list").stdout.splitlines()
+    assert [line.split()[0] for line in listed] == ["NAME", "ready"] and listed[1].endswith(" -")
+    restored = ctl("snapshot", "restore", "ready")
+    assert restored.stdout.endswith(f"{name}: restored snapshot ready\n"), restored.stdout
+    assert guest_run("kill -0 $(cat /tmp/sleeper) && cat /tmp/mem /mnt/disk").stdout == "one\none\n"
+
+    # A stopped domain starts from the snapshot; a suspended one's state is replaced by it.
+    assert guest_run("echo three > /mnt/disk && sync").returncode == 0
+    assert ctl("stop").returncode == 0
+    from_stopped = ctl("snapshot", "restore", "ready")
+    assert "started from snapshot ready" in from_stopped.stdout, from_stopped.stdout + from_stopped.stderr
+    assert guest_run("cat /tmp/mem /mnt/disk").stdout == "one\none\n"
+    assert ctl("status").returncode == 0
+
+    # stop of a suspended domain discards its state; delete leaves no snapshot.
+    assert ctl("suspend").returncode == 0
+    stopped = ctl("stop")
+    assert stopped.stdout == f"{name} was suspended: its saved state is discarded, {name} is stopped\n"
+    assert "Managed save:   no" in _virsh("dominfo", name).stdout
+    assert ctl("snapshot", "delete", "ready").stdout == f"{name}: snapshot ready deleted\n"
+    assert ctl("snapshot", "list").stdout.startswith("no snapshots of libvirt domain")
+    assert _virsh("snapshot-list", name, "--name").stdout.strip() == ""
+
+    # A state saved with other kvm_* values does not fit: discarded with a notice, a cold boot.
+    assert ctl("start").returncode == 0 and ctl("suspend").returncode == 0
+    project.write(libvirt_config(guest, name, f"image = {url}", pool, free_port(), "kvm_smp = 2\n"))
+    changed = project.run(f"start:{name}", timeout=400)
+    assert changed.returncode == 0, changed.describe()
+    assert (f"{name}: the suspended state is discarded, the part changed since (re-provisioned, reset, "
+            "or kvm_* options); booting afresh") in changed.stdout
+    assert guest_run("test -e /tmp/mem").returncode == 1 and guest_run("nproc").stdout == "2\n"

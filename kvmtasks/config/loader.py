@@ -311,10 +311,6 @@ def _check_cloud_init(values: Mapping[str, Any], where: str, key: Path | None,
             if values.get(name) is not None:
                 raise ConfigError(f"{where} {name} = {values[name]!r}: needs cloud_init = true")
         return
-    if values["kvm_engine"] is Engine.LIBVIRT:
-        # The seed would have to reach the libvirt host's pool, as the image does: not done yet.
-        raise ConfigError(f"{where} cloud_init = true: works with kvm_engine = qemu only, "
-                          f"not with kvm_engine = {values['kvm_engine']}")
     user = values["ssh_user"]
     if user in cloudinit.RESERVED_GROUPS:
         raise ConfigError(f"{where} ssh_user = {user!r}: a group of that name exists on common "

@@ -82,10 +82,11 @@ def network_args(part: Part, listen_address: str) -> list[str]:
 
 
 def domain_xml(part: Part, *, domain_type: str, disk: Disk, listen_address: str,
-               console_log: Path | None, uuid: str | None = None) -> str:
+               console_log: Path | None, uuid: str | None = None, seed: Disk | None = None) -> str:
     """The whole domain definition: every option of the part that libvirt can carry.
 
     uuid: the defined domain's, when there is one (libvirt redefines a domain only by its uuid).
+    seed: the cloud-init seed's volume, attached as a read-only CD-ROM.
     """
     ET.register_namespace("qemu", QEMU_NS)
     domain = ET.Element("domain", type=domain_type)
@@ -106,6 +107,8 @@ def domain_xml(part: Part, *, domain_type: str, disk: Disk, listen_address: str,
     ET.SubElement(domain, "on_crash").text = "destroy"
     devices = ET.SubElement(domain, "devices")
     _disk(devices, part, disk)
+    if seed is not None:
+        _seed_cdrom(devices, seed)
     if console_log is not None:
         serial = ET.SubElement(devices, "serial", type="file")
         ET.SubElement(serial, "source", path=str(console_log))
@@ -141,6 +144,17 @@ def _disk(devices: ET.Element, part: Part, disk: Disk) -> None:
         ET.SubElement(element, "target", dev="vda", bus="virtio")
     if part.kvm_snapshot:
         ET.SubElement(element, "transient")  # guest writes are dropped when the domain stops
+
+
+def _seed_cdrom(devices: ET.Element, seed: Disk) -> None:
+    # IDE, as QEMU's -cdrom: a cloud image's kernel has the driver built in, whatever the disk bus.
+    # hdc (the secondary channel) keeps hda free for image_type = hda. Read-only and out of
+    # snapshots, so it never blocks one of the writable disk.
+    element = ET.SubElement(devices, "disk", type="volume", device="cdrom", snapshot="no")
+    ET.SubElement(element, "driver", name="qemu", type=seed.format)
+    ET.SubElement(element, "source", pool=seed.pool, volume=seed.volume)
+    ET.SubElement(element, "target", dev="hdc", bus="ide")
+    ET.SubElement(element, "readonly")
 
 
 def made_by_kvmtasks(xml_text: str) -> bool:

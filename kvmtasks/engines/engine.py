@@ -1,6 +1,7 @@
 """The engine seam: what runs a part's VM, chosen by ``kvm_engine``.
 
-An engine is a module with start, stop and facts (what status reports); both engines share
+An engine is a module with start, stop, suspend and facts (what status reports), and a
+module of named snapshots; both engines share
 config.runfiles.current for "is it running", so provisioning, ``doit clean``
 and the scripts ask the same question whatever the engine.
 """
@@ -14,7 +15,6 @@ from kvmtasks.config.options import Engine as EngineName
 from kvmtasks.config.part import Part
 from kvmtasks.engines import status
 from kvmtasks.engines.status import Facts
-from kvmtasks.errors import VmError
 
 Say = Callable[[str], None]
 
@@ -25,6 +25,18 @@ class Engine(Protocol):
     def stop(self, part: Part, say: Say = ...) -> None: ...
 
     def facts(self, part: Part) -> Facts: ...
+
+    def suspend(self, part: Part, say: Say = ...) -> None: ...
+
+
+class Snapshots(Protocol):
+    def save(self, part: Part, name: str, say: Say = ...) -> None: ...
+
+    def restore(self, part: Part, name: str, say: Say = ...) -> None: ...
+
+    def delete(self, part: Part, name: str, say: Say = ...) -> None: ...
+
+    def describe(self, part: Part) -> list[str]: ...
 
 
 def engine_for(part: Part) -> Engine:
@@ -60,15 +72,16 @@ def describe(part: Part) -> list[str]:
     return status.describe(facts(part))
 
 
-def direct_qemu(part: Part, what: str) -> None:
-    """Saved states (suspend, snapshots) are QEMU's, driven over its QMP socket: only for a VM
-    kvmtasks runs itself."""
-    if part.kvm_engine is not EngineName.QEMU:
-        raise VmError(f"{what} needs kvm_engine = qemu (this part runs on {part.kvm_engine.value})")
-
-
 def suspend(part: Part, say: Say = print) -> None:
-    direct_qemu(part, "suspend")
-    from kvmtasks.engines import vm
+    engine_for(part).suspend(part, say)
 
-    vm.suspend(part, say)
+
+def snapshots(part: Part) -> Snapshots:
+    """The named snapshots of the part's engine: QEMU's in its qcow2 boot disk, or libvirt's."""
+    if part.kvm_engine is EngineName.LIBVIRT:
+        from kvmtasks.engines import libvirt_snapshots
+
+        return libvirt_snapshots
+    from kvmtasks.engines import snapshots as qemu_snapshots
+
+    return qemu_snapshots

@@ -15,15 +15,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kvmtasks.config import cloudinit
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.remote import remote_of
 from kvmtasks.config.runfiles import RunFiles, current, virsh
-from kvmtasks.engines import poweroff, status
+from kvmtasks.engines import managedsave, poweroff, status
 from kvmtasks.engines.domain import Disk, domain_xml, made_by_kvmtasks
+from kvmtasks.engines.savestate import KVM_SNAPSHOT_SUSPEND
 from kvmtasks.errors import VmError
+from kvmtasks.guest import clock, hostkeys, ssh
 from kvmtasks.guest import cloudinit as guest_cloudinit
-from kvmtasks.guest import hostkeys, ssh
 from kvmtasks.provision.digest import hash_file
 from kvmtasks.provision.overlay import base_format, image_info
 
@@ -64,34 +66,42 @@ def _ensure_pool(part: Part) -> None:
         virsh(part, "pool-start", part.libvirt_pool)
 
 
-def _uploaded(part: Part) -> dict[str, object]:
+def seed_volume_name(part: Part) -> str:
+    return f"{part.name}-seed.iso"
+
+
+def _seed_record(part: Part) -> Path:
+    return part.state_directory / "libvirt-seed.json"
+
+
+def _recorded(path: Path) -> dict[str, object]:
     try:
-        data: dict[str, object] = json.loads(_volume_record(part).read_text())
+        data: dict[str, object] = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return data
 
 
-def _upload(part: Part, say: Say) -> None:
-    """Stream the verified image into the pool, unless the volume already holds those bytes."""
-    image = part.image_path
-    info = image.stat()
-    record = _uploaded(part)
-    where = {"uri": part.libvirt_uri, "pool": part.libvirt_pool, "volume": volume_name(part)}
-    exists = _volume_exists(part, volume_name(part))
-    present = exists and all(record.get(k) == v for k, v in where.items())
-    if present and [record.get("size"), record.get("mtime_ns")] == [info.st_size, info.st_mtime_ns]:
+def _upload(part: Part, source: Path, volume: str, record: Path, say: Say) -> None:
+    """Stream a local file into a raw volume of the pool, unless the volume already holds
+    those bytes: a sha256 recorded at the upload says so (size and mtime spare the hash)."""
+    info = source.stat()
+    recorded = _recorded(record)
+    where = {"uri": part.libvirt_uri, "pool": part.libvirt_pool, "volume": volume}
+    exists = _volume_exists(part, volume)
+    present = exists and all(recorded.get(k) == v for k, v in where.items())
+    if present and [recorded.get("size"), recorded.get("mtime_ns")] == [info.st_size, info.st_mtime_ns]:
         return
-    sha256 = hash_file(image, ["sha256"])["sha256"]
-    if present and record.get("sha256") == sha256:
+    sha256 = hash_file(source, ["sha256"])["sha256"]
+    if present and recorded.get("sha256") == sha256:
         return
-    say(f"{part.name}: uploading {image.name} ({info.st_size} bytes) to pool {part.libvirt_pool} "
+    say(f"{part.name}: uploading {source.name} ({info.st_size} bytes) to pool {part.libvirt_pool} "
         f"on {part.libvirt_uri}")
     if exists:
-        virsh(part, "vol-delete", "--pool", part.libvirt_pool, volume_name(part))
-    virsh(part, "vol-create-as", part.libvirt_pool, volume_name(part), str(info.st_size), "--format", "raw")
-    virsh(part, "vol-upload", "--pool", part.libvirt_pool, volume_name(part), str(image), timeout=3600)
-    _volume_record(part).write_text(json.dumps(
+        virsh(part, "vol-delete", "--pool", part.libvirt_pool, volume)
+    virsh(part, "vol-create-as", part.libvirt_pool, volume, str(info.st_size), "--format", "raw")
+    virsh(part, "vol-upload", "--pool", part.libvirt_pool, volume, str(source), timeout=3600)
+    record.write_text(json.dumps(
         {**where, "size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": sha256}
     ))
 
@@ -113,12 +123,22 @@ def _ensure_overlay_volume(part: Part) -> None:
     if exists and recorded == made_from:
         return
     if exists:
+        forget_snapshots(part)
         virsh(part, "vol-delete", "--pool", part.libvirt_pool, overlay_volume_name(part))
     capacity = image_info(part.overlay_path, "qcow2")["virtual-size"]  # disk_size, or the image's
     virsh(part, "vol-create-as", part.libvirt_pool, overlay_volume_name(part), str(capacity),
           "--format", "qcow2", "--backing-vol", volume_name(part),
           "--backing-vol-format", base_format(part))
     _overlay_record(part).write_text(json.dumps(made_from))
+
+
+def forget_snapshots(part: Part) -> None:
+    """Drop libvirt's records of the snapshots of a boot volume made again (reset): they lived in
+    the old volume, and libvirt would otherwise offer to revert to them."""
+    if part.name not in virsh(part, "list", "--all", "--name").split():
+        return
+    for name in virsh(part, "snapshot-list", part.name, "--name").split():
+        virsh(part, "snapshot-delete", part.name, name, "--metadata")
 
 
 def _boot_volume(part: Part) -> Disk:
@@ -169,15 +189,25 @@ def _listen_address(part: Part) -> str:
     return "127.0.0.1" if remote_of(part) is not None else listen_address(part.ssh_hostname)
 
 
-def _define(part: Part, domain_type: str, uuid: str | None) -> None:
+def _xml(part: Part, domain_type: str, uuid: str | None) -> str:
     remote = remote_of(part) is not None
-    xml = domain_xml(
+    return domain_xml(
         part, domain_type=domain_type,
         disk=_boot_volume(part),
         listen_address=_listen_address(part),
         console_log=None if remote else RunFiles.of(part).console_log,
         uuid=uuid,
+        seed=Disk(part.libvirt_pool, seed_volume_name(part), "raw") if part.cloud_init else None,
     )
+
+
+def _defined_xml(part: Part) -> Path:
+    """The XML kvmtasks last defined the domain with: what a suspended state belongs to."""
+    return part.state_directory / "libvirt-domain.xml"
+
+
+def _define(part: Part, domain_type: str, uuid: str | None) -> None:
+    xml = _xml(part, domain_type, uuid)
     with tempfile.NamedTemporaryFile("w", dir=part.state_directory, suffix=".xml",
                                      delete=False) as handle:
         handle.write(xml)
@@ -185,6 +215,8 @@ def _define(part: Part, domain_type: str, uuid: str | None) -> None:
         virsh(part, "define", handle.name)
     finally:
         Path(handle.name).unlink(missing_ok=True)
+    # Without the uuid: libvirt's name for the domain, not part of what the VM is.
+    _defined_xml(part).write_text(_xml(part, domain_type, None))
 
 
 def start(part: Part, say: Say = print) -> None:
@@ -192,7 +224,8 @@ def start(part: Part, say: Say = print) -> None:
     if status.running:
         say(f"{part.name} is already running (libvirt domain {part.name} on {part.libvirt_uri})")
         return
-    for disk in (part.image_path, part.boot_disk):
+    disks = [part.image_path, part.boot_disk, *([cloudinit.seed_path(part)] if part.cloud_init else [])]
+    for disk in disks:
         if not disk.exists():
             raise VmError(f"{disk} not found; run: doit provision:{part.name}")
     if part.ssh_port is not None:
@@ -201,8 +234,13 @@ def start(part: Part, say: Say = print) -> None:
     ssh.write_jump_config(part)
     hostkeys.prepare(part)
     uuid = _our_domain_uuid(part)
+    if uuid is not None and managedsave.has_managed_save(part) and _resume(part, say):
+        return
     _ensure_pool(part)
-    _upload(part, say)
+    _upload(part, part.image_path, volume_name(part), _volume_record(part), say)
+    if part.cloud_init:
+        # The seed travels like the image: uploaded again only when its bytes changed.
+        _upload(part, cloudinit.seed_path(part), seed_volume_name(part), _seed_record(part), say)
     if part.overlay:
         _ensure_overlay_volume(part)
     domain_type = _domain_type(part)
@@ -218,18 +256,64 @@ def start(part: Part, say: Say = print) -> None:
     say(f"{part.name} is running (libvirt domain {part.name} on {part.libvirt_uri}, accel {accel})")
 
 
+def _resume(part: Part, say: Say) -> bool:
+    """Start the domain from its managed save; False (state discarded) when it cannot."""
+    record = managedsave.recorded(part)
+    domain_type = record.get("domain_type", "qemu")
+    reason = None
+    if not record:
+        reason = "kvmtasks did not save it"
+    elif record.get("fit") != managedsave.fit(part, _xml(part, domain_type, None)):
+        reason = "the part changed since (re-provisioned, reset, or kvm_* options)"
+    else:
+        try:
+            virsh(part, "start", part.name, timeout=managedsave.SAVE_TIMEOUT)
+            mark_started(part, domain_type)
+            if not _wait_until_ready(part, "qemu", time.monotonic() + part.kvm_boot_timeout):
+                raise VmError("the domain stopped")
+        except VmError as error:
+            reason = f"libvirt could not load it: {error}"
+            _destroy(part)
+    managedsave.discard(part)  # libvirt drops the state it loaded; a failed one goes too
+    if reason is not None:
+        say(f"{part.name}: the suspended state is discarded, {reason}; booting afresh")
+        return False
+    set_clock(part, say)
+    say(f"{part.name} resumed (libvirt domain {part.name} on {part.libvirt_uri}, "
+        f"accel {RunFiles.of(part).accel.read_text()})")
+    return True
+
+
+def set_clock(part: Part, say: Say) -> None:
+    """The guest's clock stood still while its state was saved: set it from the host's."""
+    problem = clock.set_from_host(part)
+    if problem is not None:
+        say(f"{part.name}: the guest's clock could not be set from the host's ({problem})")
+
+
 def _boot(part: Part, domain_type: str, uuid: str | None) -> bool:
     """Define and start the domain, wait for ssh; False when it stopped by itself under KVM."""
-    files = RunFiles.of(part)
     _define(part, domain_type, uuid)
     virsh(part, "start", part.name)
-    files.domain.write_text(json.dumps({"uri": part.libvirt_uri, "name": part.name}))
-    files.accel.write_text("tcg" if domain_type == "qemu" else "kvm")
+    mark_started(part, domain_type)
     try:
         return _wait_until_ready(part, domain_type, time.monotonic() + part.kvm_boot_timeout)
     except (VmError, KeyboardInterrupt):
         _destroy(part)
         raise
+
+
+def mark_started(part: Part, domain_type: str) -> None:
+    """What status and "is it running" read: the domain kvmtasks started, and its accelerator."""
+    files = RunFiles.of(part)
+    files.domain.write_text(json.dumps({"uri": part.libvirt_uri, "name": part.name}))
+    files.accel.write_text("tcg" if domain_type == "qemu" else "kvm")
+
+
+def wait_for_login(part: Part) -> None:
+    """After a revert: the guest runs on from its saved memory, so only ssh needs to answer."""
+    if not _wait_until_ready(part, "qemu", time.monotonic() + part.kvm_boot_timeout):
+        raise VmError("the guest stopped")
 
 
 def _wait_until_ready(part: Part, domain_type: str, deadline: float) -> bool:
@@ -272,7 +356,11 @@ def _gone_within(part: Part, seconds: float) -> bool:
 
 def stop(part: Part, say: Say = print) -> None:
     if not current(part).running:
-        say(f"{part.name} is not running")
+        if managedsave.suspended(part):
+            managedsave.discard(part)
+            say(f"{part.name} was suspended: its saved state is discarded, {part.name} is stopped")
+        else:
+            say(f"{part.name} is not running")
         return
     how = poweroff.power_off(part, part.kvm_shutdown_timeout, lambda: virsh(part, "shutdown", part.name),
                              lambda seconds: _gone_within(part, seconds))
@@ -289,4 +377,21 @@ def facts(part: Part) -> status.Facts:
     local = remote_of(part) is None
     return status.gather(part, address=_listen_address(part),
                          console_log=RunFiles.of(part).console_log if local else None,
-                         libvirt_uri=part.libvirt_uri)
+                         libvirt_uri=part.libvirt_uri,
+                         suspended=not current(part).running and managedsave.suspended(part))
+
+
+def suspend(part: Part, say: Say = print) -> None:
+    """Save the running domain's state on its host (managed save) and stop it; start resumes it."""
+    status = current(part)
+    if not status.running:
+        if managedsave.suspended(part):
+            say(f"{part.name} is already suspended")
+            return
+        raise VmError(f"{part.name} is not running: there is nothing to suspend")
+    if part.kvm_snapshot:
+        raise VmError(KVM_SNAPSHOT_SUSPEND)
+    domain_type = "kvm" if status.accel == "kvm" else "qemu"
+    managedsave.save(part, domain_type, managedsave.fit(part, _defined_xml(part).read_text()))
+    RunFiles.of(part).domain.unlink(missing_ok=True)
+    say(f"{part.name} suspended (libvirt managed save on {part.libvirt_uri}); start resumes it")

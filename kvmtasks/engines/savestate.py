@@ -30,6 +30,8 @@ MIGRATION_TIMEOUT = 600.0
 MAX_BANDWIDTH = 1 << 40
 # The argv option that makes QEMU wait for migrate-incoming.
 INCOMING = ("-incoming", "defer")
+KVM_SNAPSHOT_SUSPEND = ("cannot suspend with kvm_snapshot = true: the guest's disk writes end with "
+                        "the VM, so the saved memory would come back without them")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from kvmtasks import command
 from kvmtasks.config.diskformat import boot_disk, boot_disk_format
 from kvmtasks.config.part import Part, path_is_block_device
 from kvmtasks.config.runfiles import RunFiles, current
-from kvmtasks.engines import engine, qmp, savestate, vm
+from kvmtasks.engines import qmp, savestate, vm
 from kvmtasks.engines.qemu import escape
 from kvmtasks.errors import VmError
 from kvmtasks.guest import connection
@@ -31,7 +31,7 @@ HMP_TIMEOUT = 600.0
 class Snapshot:
     name: str
     saved_at: float
-    state_size: int
+    state_size: int | None  # bytes of memory state; None where libvirt does not say
 
 
 def check_name(name: str) -> None:
@@ -42,7 +42,6 @@ def check_name(name: str) -> None:
 
 def check_supported(part: Part) -> None:
     """Refuse, with the reason, a part whose boot disk cannot hold snapshots."""
-    engine.direct_qemu(part, "snapshots")
     if part.kvm_snapshot:
         raise VmError("no snapshots with kvm_snapshot = true: the guest's writes go to a temporary "
                       "file QEMU drops, so a snapshot could not be kept")
@@ -97,7 +96,7 @@ def save(part: Part, name: str, say: vm.Say = print) -> None:
         connection.open_master(part)
     saved = _existing(part, name)
     say(f"{part.name}: snapshot {name} {'replaced' if replaced else 'saved'} "
-        f"({saved.state_size / 1e6:.0f} MB of memory state)")
+        f"({(saved.state_size or 0) / 1e6:.0f} MB of memory state)")
 
 
 def restore(part: Part, name: str, say: vm.Say = print) -> None:
@@ -141,12 +140,16 @@ def delete(part: Part, name: str, say: vm.Say = print) -> None:
 
 def describe(part: Part) -> list[str]:
     """The lines ``snapshot list`` prints: name, date, size of the memory state."""
-    found = listing(part)
+    return listing_lines(listing(part), f"no snapshots in {boot_disk(part)}")
+
+
+def listing_lines(found: list[Snapshot], none: str) -> list[str]:
     if not found:
-        return [f"no snapshots in {boot_disk(part)}"]
+        return [none]
     width = max(len("NAME"), *(len(snapshot.name) for snapshot in found))
     lines = [f"{'NAME':<{width}}  {'DATE':<19}  SIZE"]
     for snapshot in found:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snapshot.saved_at))
-        lines.append(f"{snapshot.name:<{width}}  {when}  {snapshot.state_size / 1e6:.0f} MB")
+        size = "-" if snapshot.state_size is None else f"{snapshot.state_size / 1e6:.0f} MB"
+        lines.append(f"{snapshot.name:<{width}}  {when}  {size}")
     return lines

@@ -292,8 +292,7 @@ def suspend(part: Part, say: Say = print) -> None:
             return
         raise VmError(f"{part.name} is not running: there is nothing to suspend")
     if part.kvm_snapshot:
-        raise VmError("cannot suspend with kvm_snapshot = true: the guest's disk writes end with "
-                      "QEMU, so the saved memory would come back without them")
+        raise VmError(savestate.KVM_SNAPSHOT_SUSPEND)
     connection.close(part)
     try:
         record = savestate.save(part, status.pid, status.accel or choose_accel(part).value)

@@ -73,8 +73,7 @@ def _parser(part: Part, kind: str) -> argparse.ArgumentParser:
 
 
 def _snapshot(part: Part, operation: str, name: str | None) -> int:
-    from kvmtasks.engines import snapshots
-
+    snapshots = engine.snapshots(part)
     if operation == "list":
         if name is not None:
             raise VmError("snapshot list takes no NAME")

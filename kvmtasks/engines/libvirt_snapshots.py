@@ -1,0 +1,88 @@
+"""Named snapshots on libvirt: the domain's internal snapshots, disk and memory together.
+
+``virsh snapshot-create-as`` of a running domain keeps its memory and devices inside the
+qcow2 boot volume (the overlay volume), as QEMU's savevm does for the direct engine;
+``snapshot-revert`` brings a running or stopped domain back to one, running;
+``snapshot-list`` and ``snapshot-delete`` do the rest. The same refusals as the direct
+engine's (raw disk, kvm_snapshot) come first, before libvirt is asked anything.
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+
+from kvmtasks.config.diskformat import boot_disk
+from kvmtasks.config.part import Part
+from kvmtasks.config.runfiles import RunFiles, current, virsh
+from kvmtasks.engines import libvirt, managedsave
+from kvmtasks.engines.snapshots import HMP_TIMEOUT, Snapshot, check_name, check_supported, listing_lines
+from kvmtasks.errors import VmError
+
+
+def listing(part: Part) -> list[Snapshot]:
+    """The domain's snapshots, oldest first; none when kvmtasks never defined the domain."""
+    check_supported(part)
+    if part.name not in virsh(part, "list", "--all", "--name").split():
+        return []
+    found = []
+    # "NAME  YYYY-MM-DD HH:MM:SS +ZZZZ  STATE": names never hold blanks (check_name).
+    for line in virsh(part, "snapshot-list", part.name).splitlines():
+        fields = line.split()
+        if len(fields) >= 4:
+            stamp = time.strptime(f"{fields[1]} {fields[2]} {fields[3]}", "%Y-%m-%d %H:%M:%S %z")
+            found.append(Snapshot(fields[0], calendar.timegm(stamp) - stamp.tm_gmtoff, None))
+    return sorted(found, key=lambda snapshot: snapshot.saved_at)
+
+
+def _existing(part: Part, name: str) -> None:
+    if not any(snapshot.name == name for snapshot in listing(part)):
+        raise VmError(f"no snapshot {name} of libvirt domain {part.name} "
+                      f"(see: {part.name}-ctl snapshot list)")
+
+
+def save(part: Part, name: str, say: libvirt.Say = print) -> None:
+    check_supported(part)
+    check_name(name)
+    if not current(part).running:
+        raise VmError(f"{part.name} is not running: a snapshot saves a running VM; start it first")
+    replaced = any(snapshot.name == name for snapshot in listing(part))
+    if replaced:
+        virsh(part, "snapshot-delete", part.name, name, timeout=HMP_TIMEOUT)
+    virsh(part, "snapshot-create-as", part.name, name, timeout=HMP_TIMEOUT)
+    say(f"{part.name}: snapshot {name} {'replaced' if replaced else 'saved'} "
+        f"(libvirt domain {part.name} on {part.libvirt_uri})")
+
+
+def restore(part: Part, name: str, say: libvirt.Say = print) -> None:
+    """A running domain jumps back to the snapshot; a stopped (or suspended) one starts from it."""
+    check_supported(part)
+    check_name(name)
+    _existing(part, name)
+    running = current(part).running
+    if not running and managedsave.suspended(part):
+        managedsave.discard(part)
+        say(f"{part.name}: the suspended state is discarded, snapshot {name} replaces it")
+    virsh(part, "snapshot-revert", part.name, name, "--running", timeout=HMP_TIMEOUT)
+    files = RunFiles.of(part)
+    if not running:
+        libvirt.mark_started(part, "kvm" if "type='kvm'" in virsh(part, "dumpxml", part.name) else "qemu")
+    if part.ssh_port is not None:
+        libvirt.wait_for_login(part)
+    libvirt.set_clock(part, say)
+    if running:
+        say(f"{part.name}: restored snapshot {name}")
+    else:
+        say(f"{part.name}: started from snapshot {name} (accel {files.accel.read_text()})")
+
+
+def delete(part: Part, name: str, say: libvirt.Say = print) -> None:
+    check_supported(part)
+    check_name(name)
+    _existing(part, name)
+    virsh(part, "snapshot-delete", part.name, name, timeout=HMP_TIMEOUT)
+    say(f"{part.name}: snapshot {name} deleted")
+
+
+def describe(part: Part) -> list[str]:
+    return listing_lines(listing(part), f"no snapshots of libvirt domain {part.name} ({boot_disk(part)})")
