@@ -12,7 +12,9 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -25,6 +27,7 @@ from kvmtasks.config import cloudinit
 from kvmtasks.config.loader import load_file
 from kvmtasks.config.part import Part
 from kvmtasks.config.remote import RemoteHost, remote_host
+from kvmtasks.engines import hostports
 from kvmtasks.engines.domain import KVMTASKS_NS, QEMU_NS, Disk, domain_xml, made_by_kvmtasks
 from kvmtasks.guest.ssh import jump_config
 from kvmtasks.provision import keys
@@ -539,3 +542,69 @@ def test_warm_starts_on_libvirt(project: Project, guest: Guest, http_server: Fil
     assert (f"{name}: the suspended state is discarded, the part changed since (re-provisioned, reset, "
             "or kvm_* options); booting afresh") in changed.stdout
     assert guest_run("test -e /tmp/mem").returncode == 1 and guest_run("nproc").stdout == "2\n"
+
+
+SS_OUTPUT = """\
+tcp   LISTEN 0      128          0.0.0.0:2024       0.0.0.0:*
+tcp   LISTEN 0      5          127.0.0.1:2222       0.0.0.0:*    users:(("sshd",pid=812,fd=3))
+tcp   LISTEN 0 4096 [::]:8080 [::]:* users:(("nginx",pid=9,fd=6),("nginx",pid=10,fd=6))
+udp   UNCONN 0      0      127.0.0.53%lo:53         0.0.0.0:*    users:(("systemd-resolve",pid=7,fd=13))
+"""
+
+
+def test_the_listeners_ss_reports_on_a_remote_host() -> None:
+    listeners = hostports.parse_ss(SS_OUTPUT)
+    assert listeners == [
+        hostports.Listener("tcp", "0.0.0.0", 2024, ""),
+        hostports.Listener("tcp", "127.0.0.1", 2222, "sshd (pid 812)"),
+        hostports.Listener("tcp", "[::]", 8080, "nginx (pid 9)"),
+        hostports.Listener("udp", "127.0.0.53", 53, "systemd-resolve (pid 7)"),
+    ]
+    assert hostports.clash(listeners, "tcp", "127.0.0.1", 2222) == listeners[1]
+    assert hostports.clash(listeners, "tcp", "127.0.0.1", 2024) == listeners[0]  # every address
+    assert hostports.clash(listeners, "tcp", "127.0.0.1", 8080) == listeners[2]
+    assert hostports.clash(listeners, "udp", "127.0.0.1", 2222) is None
+    assert hostports.clash(listeners, "tcp", "127.0.0.1", 53) is None
+    assert hostports.clash(listeners, "udp", "127.0.0.1", 53) is None  # another address
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port something on this machine listens on, as a forgotten server would."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def test_a_forwarded_port_in_use_on_the_libvirt_host_is_one_line(
+    project: Project, guest: Guest, pool: str, domain_name: str, held_port: int,
+) -> None:
+    project.write(libvirt_config(guest, domain_name, f"file = {guest.image.path}", pool, held_port))
+
+    refused = project.run(f"start:{domain_name}", timeout=120)
+
+    assert refused.returncode != 0
+    (line,) = refused.error_lines(f"start:{domain_name}:")
+    assert line == (f"ERROR: start:{domain_name}: host port {held_port} (tcp on 127.0.0.1) is already in use "
+                    f"by {Path(sys.executable).name} (pid {os.getpid()})"), refused.describe()
+    assert domain_name not in _virsh("list", "--all", "--name").stdout.split()  # nothing defined
+
+
+def test_a_forwarded_port_in_use_on_a_remote_libvirt_host_is_one_line(
+    project: Project, guest: Guest, pool: str, domain_name: str, held_port: int,
+    loopback_sshd: tuple[int, Path, Path],
+) -> None:
+    port, key, _ = loopback_sshd
+    uri = f"qemu+ssh://root@127.0.0.1:{port}/system?keyfile={key}&no_verify=1"
+    project.write(libvirt_config(guest, domain_name, f"file = {guest.image.path}", pool, held_port,
+                                 f"libvirt_uri = {uri}\n"))
+
+    refused = project.run(f"start:{domain_name}", timeout=120)
+
+    assert refused.returncode != 0
+    (line,) = refused.error_lines(f"start:{domain_name}:")
+    assert line.startswith(f"ERROR: start:{domain_name}: host port {held_port} (tcp on 127.0.0.1) is "
+                           "already in use on the libvirt host 127.0.0.1 by "), refused.describe()
+    assert line.endswith(f"(pid {os.getpid()})")
+    assert domain_name not in _virsh("list", "--all", "--name").stdout.split()

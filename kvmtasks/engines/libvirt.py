@@ -20,7 +20,7 @@ from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.remote import remote_of
 from kvmtasks.config.runfiles import RunFiles, current, virsh
-from kvmtasks.engines import managedsave, poweroff, status
+from kvmtasks.engines import hostports, managedsave, poweroff, status
 from kvmtasks.engines.domain import Disk, domain_xml, made_by_kvmtasks
 from kvmtasks.engines.savestate import KVM_SNAPSHOT_SUSPEND
 from kvmtasks.errors import VmError
@@ -232,6 +232,7 @@ def start(part: Part, say: Say = print) -> None:
         ssh.common_options(part)  # a path ssh cannot take is refused before anything starts
     part.state_directory.mkdir(parents=True, exist_ok=True)
     ssh.write_jump_config(part)
+    hostports.check_free(part, _listen_address(part))
     hostkeys.prepare(part)
     uuid = _our_domain_uuid(part)
     if uuid is not None and managedsave.has_managed_save(part) and _resume(part, say):
