@@ -608,3 +608,30 @@ def test_a_forwarded_port_in_use_on_a_remote_libvirt_host_is_one_line(
                            "already in use on the libvirt host 127.0.0.1 by "), refused.describe()
     assert line.endswith(f"(pid {os.getpid()})")
     assert domain_name not in _virsh("list", "--all", "--name").stdout.split()
+
+
+@needs_qemu
+@pytest.mark.vm
+@pytest.mark.usefixtures("no_vm_left")
+def test_kvm_accel_auto_on_libvirt_starts_a_guest_that_answers(
+    project: Project, guest: Guest, pool: str, domain_name: str, tmp_path: Path
+) -> None:
+    """auto asks the host's domcapabilities for kvm; on a host where guests die or hang under KVM
+    (nested virtualisation, as on the test machines) the domain is started again under TCG."""
+    image = tmp_path / "guest.img"
+    shutil.copyfile(guest.image.path, image)
+    project.write(libvirt_config(guest, domain_name, f"file = {image}", pool, free_port())
+                  .replace("kvm_accel = tcg", "kvm_accel = auto"))
+
+    started = project.run(f"start:{domain_name}", timeout=600)
+
+    assert started.returncode == 0, started.describe()
+    facts = json.loads(script(project, f"{domain_name}-ctl", "status", "--json").stdout)
+    offered = _virsh("domcapabilities", "--virttype", "kvm").returncode == 0
+    fell_back = f"{domain_name}: the guest stopped under KVM" in started.stdout
+    assert facts["accelerator"] == ("kvm" if offered and not fell_back else "tcg"), started.describe()
+    domain_type = ET.fromstring(_virsh("dumpxml", domain_name).stdout).attrib["type"]
+    assert domain_type == ("kvm" if facts["accelerator"] == "kvm" else "qemu")
+    uname = script(project, f"{domain_name}-runscript", "uname", "-r")
+    assert (uname.returncode, uname.stdout.strip()) == (0, guest.image.kernel_release)
+    assert script(project, f"{domain_name}-ctl", "stop").returncode == 0

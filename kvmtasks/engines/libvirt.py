@@ -20,7 +20,7 @@ from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.remote import remote_of
 from kvmtasks.config.runfiles import RunFiles, current, virsh
-from kvmtasks.engines import hostports, managedsave, poweroff, status
+from kvmtasks.engines import hostports, managedsave, poweroff, qmp, status
 from kvmtasks.engines.domain import Disk, domain_xml, made_by_kvmtasks
 from kvmtasks.engines.savestate import KVM_SNAPSHOT_SUSPEND
 from kvmtasks.errors import VmError
@@ -32,8 +32,11 @@ from kvmtasks.provision.overlay import base_format, image_info
 Say = Callable[[str], None]
 POOL_ROOT = "/var/lib/libvirt"
 POLL = 0.5
-# A domain that stops by itself while booting under KVM: KVM is unusable (nested virtualisation).
 STOPPED_STATES = frozenset({"shut off", "crashed"})
+
+
+class KvmUnusable(VmError):
+    """The host offers KVM, yet the guest died under it (nested virtualisation)."""
 
 
 def _volume_record(part: Part) -> Path:
@@ -246,11 +249,13 @@ def start(part: Part, say: Say = print) -> None:
         _ensure_overlay_volume(part)
     domain_type = _domain_type(part)
     deadline = time.monotonic() + part.kvm_boot_timeout  # for cloud-init, after the login
-    if not _boot(part, domain_type, uuid):
-        say(f"{part.name}: the guest stopped under KVM; starting again under TCG "
-            "(software emulation, slower)")
-        if not _boot(part, "qemu", virsh(part, "domuuid", part.name).strip()):
-            raise VmError("the guest stopped while booting (libvirt domain shut off)")
+    try:
+        _boot(part, domain_type, uuid)
+    except KvmUnusable as error:
+        if part.effective_accel is not Accel.AUTO:
+            raise VmError(f"{error}; set kvm_accel = tcg or auto") from None
+        say(f"{part.name}: {error}; starting again under TCG (software emulation, slower)")
+        _boot(part, "qemu", virsh(part, "domuuid", part.name).strip())
     if part.ssh_port is not None:
         guest_cloudinit.wait(part, deadline, say)
     accel = RunFiles.of(part).accel.read_text()
@@ -270,8 +275,7 @@ def _resume(part: Part, say: Say) -> bool:
         try:
             virsh(part, "start", part.name, timeout=managedsave.SAVE_TIMEOUT)
             mark_started(part, domain_type)
-            if not _wait_until_ready(part, "qemu", time.monotonic() + part.kvm_boot_timeout):
-                raise VmError("the domain stopped")
+            _wait_until_ready(part, "qemu", time.monotonic() + part.kvm_boot_timeout)
         except VmError as error:
             reason = f"libvirt could not load it: {error}"
             _destroy(part)
@@ -292,13 +296,13 @@ def set_clock(part: Part, say: Say) -> None:
         say(f"{part.name}: the guest's clock could not be set from the host's ({problem})")
 
 
-def _boot(part: Part, domain_type: str, uuid: str | None) -> bool:
-    """Define and start the domain, wait for ssh; False when it stopped by itself under KVM."""
+def _boot(part: Part, domain_type: str, uuid: str | None) -> None:
+    """Define and start the domain, wait for ssh; KvmUnusable when the guest died under KVM."""
     _define(part, domain_type, uuid)
     virsh(part, "start", part.name)
     mark_started(part, domain_type)
     try:
-        return _wait_until_ready(part, domain_type, time.monotonic() + part.kvm_boot_timeout)
+        _wait_until_ready(part, domain_type, time.monotonic() + part.kvm_boot_timeout)
     except (VmError, KeyboardInterrupt):
         _destroy(part)
         raise
@@ -313,28 +317,42 @@ def mark_started(part: Part, domain_type: str) -> None:
 
 def wait_for_login(part: Part) -> None:
     """After a revert: the guest runs on from its saved memory, so only ssh needs to answer."""
-    if not _wait_until_ready(part, "qemu", time.monotonic() + part.kvm_boot_timeout):
-        raise VmError("the guest stopped")
+    _wait_until_ready(part, "qemu", time.monotonic() + part.kvm_boot_timeout)
 
 
-def _wait_until_ready(part: Part, domain_type: str, deadline: float) -> bool:
+def _wait_until_ready(part: Part, domain_type: str, deadline: float) -> None:
     while True:
         state = virsh(part, "domstate", part.name).strip()
         if state in STOPPED_STATES:
             RunFiles.of(part).domain.unlink(missing_ok=True)
-            if domain_type == "kvm" and part.effective_accel is Accel.AUTO:
-                return False
+            if domain_type == "kvm":
+                raise KvmUnusable(f"the guest stopped under KVM (libvirt domain {state})")
             raise VmError(f"the guest stopped while booting (libvirt domain {state})")
+        if state == "paused" and domain_type == "kvm":
+            # libvirt 9.0 shows QEMU's internal-error (KVM failing a nested guest) as
+            # "paused (unknown)": QEMU's own run state tells it from a pause.
+            run_state = _qemu_run_state(part)
+            if run_state in qmp.DEAD_RUN_STATES:
+                raise KvmUnusable(f"the guest stopped under KVM (QEMU status {run_state})")
         if part.ssh_port is None:
             if state == "running":
-                return True
+                return
         elif ssh.can_log_in(part):
-            return True
+            return
         if time.monotonic() > deadline:
             waited = "answered on ssh" if part.ssh_port is not None else "ran"
             raise VmError(f"the guest never {waited} within kvm_boot_timeout = "
                           f"{part.kvm_boot_timeout:g} s")
         time.sleep(POLL)
+
+
+def _qemu_run_state(part: Part) -> str | None:
+    try:
+        answer = virsh(part, "qemu-monitor-command", part.name, '{"execute":"query-status"}', timeout=30)
+        status: str = json.loads(answer)["return"]["status"]
+    except (VmError, ValueError, KeyError, TypeError):
+        return None
+    return status
 
 
 def _destroy(part: Part) -> None:

@@ -20,8 +20,6 @@ from kvmtasks.guest import clock, connection, hostkeys, ssh
 from kvmtasks.guest import cloudinit as guest_cloudinit
 
 Say = Callable[[str], None]
-# Run states after which the guest will never answer.
-DEAD_STATES = frozenset({"internal-error", "guest-panicked", "shutdown", "io-error"})
 CONSOLE_TAIL_LINES = 20
 QUIT_WAIT = 5.0
 SOCKET_PATH_MAX = 107
@@ -192,7 +190,7 @@ def _wait_until_ready(part: Part, accel: Accel, deadline: float) -> None:
         if not current(part).running:
             raise VmError("qemu exited while the guest was booting", _details(part))
         state = _query_status(files)
-        if state in DEAD_STATES:
+        if state in qmp.DEAD_RUN_STATES:
             if accel is Accel.KVM:
                 raise KvmUnusable(f"the guest stopped under KVM (QMP status {state})")
             raise VmError(f"the guest stopped (QMP status {state})", _details(part))
