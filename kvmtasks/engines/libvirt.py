@@ -1,10 +1,11 @@
 """Run a part's VM as a libvirt domain named after the part, on a local or remote host.
 
 Everything goes through ``virsh`` (one argv per call, through command.run):
-the pool is created when missing, the verified image is streamed into a
-volume of it once (skipped while the volume holds the same bytes), the domain
-is defined from engines/domain.py and started, and the guest is reached over
-ssh as with the direct QEMU engine.
+the forwarded ports are checked free on the host (engines/hostports.py), the
+volumes are made ready (engines/libvirt_storage.py), the domain is defined
+from engines/domain.py and started (or resumed from its managed save,
+engines/managedsave.py), and the guest is reached over ssh as with the
+direct QEMU engine.
 """
 
 from __future__ import annotations
@@ -20,144 +21,20 @@ from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.remote import remote_of
 from kvmtasks.config.runfiles import RunFiles, current, virsh
-from kvmtasks.engines import hostports, managedsave, poweroff, qmp, status
-from kvmtasks.engines.domain import Disk, domain_xml, made_by_kvmtasks
+from kvmtasks.engines import hostports, libvirt_storage, managedsave, poweroff, qmp, status
+from kvmtasks.engines.domain import domain_xml, made_by_kvmtasks
 from kvmtasks.engines.savestate import KVM_SNAPSHOT_SUSPEND
 from kvmtasks.errors import VmError
 from kvmtasks.guest import clock, hostkeys, ssh
 from kvmtasks.guest import cloudinit as guest_cloudinit
-from kvmtasks.provision.digest import hash_file
-from kvmtasks.provision.overlay import base_format, image_info
 
 Say = Callable[[str], None]
-POOL_ROOT = "/var/lib/libvirt"
 POLL = 0.5
 STOPPED_STATES = frozenset({"shut off", "crashed"})
 
 
 class KvmUnusable(VmError):
     """The host offers KVM, yet the guest died under it (nested virtualisation)."""
-
-
-def _volume_record(part: Part) -> Path:
-    return part.state_directory / "libvirt-volume.json"
-
-
-def volume_name(part: Part) -> str:
-    """The part's copy of its verified image in the pool: the base of its overlay volume,
-    or, with overlay = false, the disk the guest writes to."""
-    return f"{part.name}-{part.image_path.name}"
-
-
-def overlay_volume_name(part: Part) -> str:
-    return part.overlay_path.name
-
-
-def _overlay_record(part: Part) -> Path:
-    return part.state_directory / "libvirt-overlay.json"
-
-
-def _ensure_pool(part: Part) -> None:
-    pools = virsh(part, "pool-list", "--all", "--name").split()
-    if part.libvirt_pool not in pools:
-        target = f"{POOL_ROOT}/{part.libvirt_pool}"
-        virsh(part, "pool-define-as", part.libvirt_pool, "dir", "--target", target)
-        virsh(part, "pool-build", part.libvirt_pool)
-        virsh(part, "pool-autostart", part.libvirt_pool)
-    info = virsh(part, "pool-info", part.libvirt_pool)
-    if "running" not in info:
-        virsh(part, "pool-start", part.libvirt_pool)
-
-
-def seed_volume_name(part: Part) -> str:
-    return f"{part.name}-seed.iso"
-
-
-def _seed_record(part: Part) -> Path:
-    return part.state_directory / "libvirt-seed.json"
-
-
-def _recorded(path: Path) -> dict[str, object]:
-    try:
-        data: dict[str, object] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data
-
-
-def _upload(part: Part, source: Path, volume: str, record: Path, say: Say) -> None:
-    """Stream a local file into a raw volume of the pool, unless the volume already holds
-    those bytes: a sha256 recorded at the upload says so (size and mtime spare the hash)."""
-    info = source.stat()
-    recorded = _recorded(record)
-    where = {"uri": part.libvirt_uri, "pool": part.libvirt_pool, "volume": volume}
-    exists = _volume_exists(part, volume)
-    present = exists and all(recorded.get(k) == v for k, v in where.items())
-    if present and [recorded.get("size"), recorded.get("mtime_ns")] == [info.st_size, info.st_mtime_ns]:
-        return
-    sha256 = hash_file(source, ["sha256"])["sha256"]
-    if present and recorded.get("sha256") == sha256:
-        return
-    say(f"{part.name}: uploading {source.name} ({info.st_size} bytes) to pool {part.libvirt_pool} "
-        f"on {part.libvirt_uri}")
-    if exists:
-        virsh(part, "vol-delete", "--pool", part.libvirt_pool, volume)
-    virsh(part, "vol-create-as", part.libvirt_pool, volume, str(info.st_size), "--format", "raw")
-    virsh(part, "vol-upload", "--pool", part.libvirt_pool, volume, str(source), timeout=3600)
-    record.write_text(json.dumps(
-        {**where, "size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": sha256}
-    ))
-
-
-def _ensure_overlay_volume(part: Part) -> None:
-    """The part's overlay volume on the host, backed by its image volume.
-
-    It follows the local overlay: made again whenever that is (re-provisioning, reset,
-    disk_size), which the local overlay's size and mtime tell, since no guest writes it.
-    """
-    info = part.overlay_path.stat()
-    made_from = {"uri": part.libvirt_uri, "pool": part.libvirt_pool, "base": volume_name(part),
-                 "size": info.st_size, "mtime_ns": info.st_mtime_ns}
-    try:
-        recorded = json.loads(_overlay_record(part).read_text())
-    except (OSError, ValueError):
-        recorded = None
-    exists = _volume_exists(part, overlay_volume_name(part))
-    if exists and recorded == made_from:
-        return
-    if exists:
-        forget_snapshots(part)
-        virsh(part, "vol-delete", "--pool", part.libvirt_pool, overlay_volume_name(part))
-    capacity = image_info(part.overlay_path, "qcow2")["virtual-size"]  # disk_size, or the image's
-    virsh(part, "vol-create-as", part.libvirt_pool, overlay_volume_name(part), str(capacity),
-          "--format", "qcow2", "--backing-vol", volume_name(part),
-          "--backing-vol-format", base_format(part))
-    _overlay_record(part).write_text(json.dumps(made_from))
-
-
-def forget_snapshots(part: Part) -> None:
-    """Drop libvirt's records of the snapshots of a boot volume made again (reset): they lived in
-    the old volume, and libvirt would otherwise offer to revert to them."""
-    if part.name not in virsh(part, "list", "--all", "--name").split():
-        return
-    for name in virsh(part, "snapshot-list", part.name, "--name").split():
-        virsh(part, "snapshot-delete", part.name, name, "--metadata")
-
-
-def _boot_volume(part: Part) -> Disk:
-    if part.overlay:
-        return Disk(part.libvirt_pool, overlay_volume_name(part), "qcow2")
-    return Disk(part.libvirt_pool, volume_name(part), base_format(part))
-
-
-def _volume_exists(part: Part, name: str) -> bool:
-    try:
-        virsh(part, "vol-info", "--pool", part.libvirt_pool, name)
-    except VmError as error:
-        if "not found" in str(error).lower():
-            return False
-        raise
-    return True
 
 
 def _our_domain_uuid(part: Part) -> str | None:
@@ -196,11 +73,11 @@ def _xml(part: Part, domain_type: str, uuid: str | None) -> str:
     remote = remote_of(part) is not None
     return domain_xml(
         part, domain_type=domain_type,
-        disk=_boot_volume(part),
+        disk=libvirt_storage.boot_volume(part),
         listen_address=_listen_address(part),
         console_log=None if remote else RunFiles.of(part).console_log,
         uuid=uuid,
-        seed=Disk(part.libvirt_pool, seed_volume_name(part), "raw") if part.cloud_init else None,
+        seed=libvirt_storage.seed_volume(part),
     )
 
 
@@ -240,13 +117,15 @@ def start(part: Part, say: Say = print) -> None:
     uuid = _our_domain_uuid(part)
     if uuid is not None and managedsave.has_managed_save(part) and _resume(part, say):
         return
-    _ensure_pool(part)
-    _upload(part, part.image_path, volume_name(part), _volume_record(part), say)
+    libvirt_storage.ensure_pool(part)
+    libvirt_storage.upload(part, part.image_path, libvirt_storage.volume_name(part),
+                           libvirt_storage.volume_record(part), say)
     if part.cloud_init:
         # The seed travels like the image: uploaded again only when its bytes changed.
-        _upload(part, cloudinit.seed_path(part), seed_volume_name(part), _seed_record(part), say)
+        libvirt_storage.upload(part, cloudinit.seed_path(part), libvirt_storage.seed_volume_name(part),
+                               libvirt_storage.seed_record(part), say)
     if part.overlay:
-        _ensure_overlay_volume(part)
+        libvirt_storage.ensure_overlay_volume(part)
     domain_type = _domain_type(part)
     deadline = time.monotonic() + part.kvm_boot_timeout  # for cloud-init, after the login
     try:
