@@ -348,7 +348,8 @@ OPTIONS: tuple[Option, ...] = (
            "The libvirt host for `kvm_engine = libvirt`, e.g. "
            "`qemu+ssh://root@host/system?keyfile=/path/key`."),
     Option("libvirt_pool", parse_pool, "kvmtasks",
-           "The libvirt storage pool that receives the image (a directory pool, created if missing)."),
+           "The libvirt storage pool that receives the image and the cloud-init seed "
+           "(a directory pool, created if missing)."),
     Option("cloud_init", parse_bool, "false",
            "Give the guest a cloud-init NoCloud seed (a CD-ROM labelled `cidata`): the ssh key "
            "for `ssh_user` (generated in the run directory without `ssh_key_path`), the host key "
