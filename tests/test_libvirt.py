@@ -635,3 +635,40 @@ def test_kvm_accel_auto_on_libvirt_starts_a_guest_that_answers(
     uname = script(project, f"{domain_name}-runscript", "uname", "-r")
     assert (uname.returncode, uname.stdout.strip()) == (0, guest.image.kernel_release)
     assert script(project, f"{domain_name}-ctl", "stop").returncode == 0
+
+
+@needs_qemu
+@pytest.mark.vm
+@pytest.mark.usefixtures("no_vm_left")
+@pytest.mark.timeout(1800)
+def test_a_cloud_image_gets_its_seed_on_a_remote_libvirt_host(
+    project: Project, pool: str, domain_name: str, loopback_sshd: tuple[int, Path, Path],
+) -> None:
+    """The same seed through qemu+ssh: uploaded over the libvirt connection, the guest reached
+    through the host with the pinned host key; a second start uploads nothing."""
+    cloud = debian_guest_or_skip(CLOUD_INIT)
+    port, key, _ = loopback_sshd
+    uri = f"qemu+ssh://root@127.0.0.1:{port}/system?keyfile={key}&no_verify=1"
+    name = domain_name
+    extra_args = "".join(f"  {arg}\n" for arg in cloud.kvm_extra_args())
+    project.write(
+        f"[{name}]\nfile = {cloud.image}\nkvm_engine = libvirt\nlibvirt_uri = {uri}\n"
+        f"libvirt_pool = {pool}\nssh_port = {free_port()}\ncloud_init = true\n"
+        "kvm_memory = 1G\nkvm_accel = tcg\nkvm_boot_timeout = 400\nkvm_shutdown_timeout = 10\n"
+        f"kvm_net =\n  user,restrict=on\n  nic,model=virtio\nkvm_extra_args =\n{extra_args}"
+    )
+
+    started = project.run(f"start:{name}", timeout=900)
+
+    assert started.returncode == 0, started.describe()
+    assert "uploading seed.iso" in started.stdout and f"on {uri}" in started.stdout
+    assert "warning" not in started.output, started.describe()
+    whoami = script(project, f"{name}-runscript", "id -un && cloud-init status")
+    assert whoami.stdout == "root\nstatus: done\n", whoami.stdout + whoami.stderr
+    assert script(project, f"{name}-ctl", "stop").returncode == 0
+
+    again = script(project, f"{name}-ctl", "start", timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "uploading" not in again.stdout
+    assert script(project, f"{name}-runscript", "cloud-init status").stdout == "status: done\n"
+    assert script(project, f"{name}-ctl", "stop").returncode == 0
