@@ -299,6 +299,10 @@ def test_seed_options_without_cloud_init_are_refused(tmp_path: Path, option: str
     assert "needs cloud_init = true" in config_error(tmp_path, f"{option}\n")
 
 
-def test_the_seed_is_refused_with_the_libvirt_engine(tmp_path: Path) -> None:
-    message = config_error(tmp_path, "cloud_init = true\nkvm_engine = libvirt\n")
-    assert "cloud_init = true" in message and "kvm_engine = qemu only" in message
+def test_the_seed_works_with_the_libvirt_engine_and_its_checks_hold(tmp_path: Path) -> None:
+    """On libvirt the seed is uploaded to the pool (tests/test_libvirt.py); the config checks are
+    the same as with QEMU started directly."""
+    part = load(tmp_path, "cloud_init = true\nkvm_engine = libvirt\n")
+    assert part.cloud_init and cloudinit.seed_path(part) == tmp_path / "var" / "vm" / "seed.iso"
+    message = config_error(tmp_path, "cloud_init = true\nkvm_engine = libvirt\nssh_user = sudo\n")
+    assert "ssh_user = 'sudo'" in message and "cloud-init cannot create the user" in message

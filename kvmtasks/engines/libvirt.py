@@ -69,6 +69,11 @@ def _listen_address(part: Part) -> str:
     return "127.0.0.1" if remote_of(part) is not None else listen_address(part.ssh_hostname)
 
 
+def check_ports(part: Part) -> None:
+    """The forwards must be free on the libvirt host before the domain (re)starts."""
+    hostports.check_free(part, _listen_address(part))
+
+
 def _xml(part: Part, domain_type: str, uuid: str | None) -> str:
     remote = remote_of(part) is not None
     return domain_xml(
@@ -112,7 +117,7 @@ def start(part: Part, say: Say = print) -> None:
         ssh.common_options(part)  # a path ssh cannot take is refused before anything starts
     part.state_directory.mkdir(parents=True, exist_ok=True)
     ssh.write_jump_config(part)
-    hostports.check_free(part, _listen_address(part))
+    check_ports(part)
     hostkeys.prepare(part)
     uuid = _our_domain_uuid(part)
     if uuid is not None and managedsave.has_managed_save(part) and _resume(part, say):

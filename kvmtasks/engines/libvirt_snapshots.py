@@ -60,6 +60,8 @@ def restore(part: Part, name: str, say: libvirt.Say = print) -> None:
     check_name(name)
     _existing(part, name)
     running = current(part).running
+    if not running:
+        libvirt.check_ports(part)
     if not running and managedsave.suspended(part):
         managedsave.discard(part)
         say(f"{part.name}: the suspended state is discarded, snapshot {name} replaces it")
