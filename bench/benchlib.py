@@ -42,18 +42,32 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _SCRUBBED = re.compile(r"(?i).*_proxy|KVMTASKS_(CONFIG|ACCEL|HTTP_TIMEOUT)|XDG_CACHE_HOME")
 
 
-def image_bench_parser(doc: str, sizes: str) -> argparse.ArgumentParser:
-    """The options every benchmark of a synthetic image takes (bench/provision.py, bench/parts.py)."""
+def bench_parser(doc: str, repeat: int = 3) -> argparse.ArgumentParser:
+    """The options every benchmark takes: rounds, report file, patience for a quiet machine."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--size", default="1G", help=f"image size, e.g. {sizes} (default 1G)")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is reported (default 3)")
+    parser.add_argument("--repeat", type=int, default=repeat,
+                        help=f"rounds; the median is reported (default {repeat})")
     parser.add_argument("--output", type=Path, default=DOCS, help=f"report file (default {DOCS})")
-    parser.add_argument("--cache", type=Path, default=CACHE, help=f"where images are kept (default {CACHE})")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the fresh folders go (default: a temporary folder)")
     parser.add_argument("--patience", type=float, default=120.0,
                         help="seconds to wait for a quiet machine before each run (default 120)")
     return parser
+
+
+def image_bench_parser(doc: str, sizes: str) -> argparse.ArgumentParser:
+    """The options every benchmark of a synthetic image takes (bench/provision.py, bench/parts.py)."""
+    parser = bench_parser(doc)
+    parser.add_argument("--size", default="1G", help=f"image size, e.g. {sizes} (default 1G)")
+    parser.add_argument("--cache", type=Path, default=CACHE, help=f"where images are kept (default {CACHE})")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the fresh folders go (default: a temporary folder)")
+    return parser
+
+
+def require(parser: argparse.ArgumentParser, *programs: str) -> None:
+    """Stop with the parser's usage error when a program the benchmark runs is missing."""
+    for program in programs:
+        if shutil.which(program) is None:
+            parser.error(f"{program} not found")
 
 
 def parse_size(text: str) -> int:

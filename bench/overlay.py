@@ -13,22 +13,21 @@ last line ``reset_s=...``; writes the table into docs/benchmarks.md (or
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from benchlib import (
-    DOCS,
     Quiet,
+    bench_parser,
     doit_argv,
     environment,
     machine_lines,
     measure,
     median,
     parse_size,
+    require,
     size_label,
     table,
     write_section,
@@ -83,17 +82,11 @@ def summary_line(ctl: list[float], doit: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__, repeat=5)
     parser.add_argument("--size", default="20G", help="virtual size of the image (default 20G)")
     parser.add_argument("--written", default="256M", help="written into the overlay before each reset")
-    parser.add_argument("--repeat", type=int, default=5, help="rounds; the median is reported (default 5)")
-    parser.add_argument("--output", type=Path, default=DOCS, help=f"report file (default {DOCS})")
-    parser.add_argument("--patience", type=float, default=120.0,
-                        help="seconds to wait for a quiet machine before each run (default 120)")
     options = parser.parse_args(argv)
-    for program in ("qemu-img", "qemu-io"):
-        if shutil.which(program) is None:
-            parser.error(f"{program} not found")
+    require(parser, "qemu-img", "qemu-io")
     size, written = parse_size(options.size), parse_size(options.written)
     quiet = Quiet(patience=options.patience)
     ctl: list[float] = []

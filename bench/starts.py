@@ -17,7 +17,6 @@ happened. Writes a table into docs/benchmarks.md (or --output).
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import signal
 import subprocess
@@ -27,15 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib import (
-    DOCS,
     MB,
     Quiet,
+    bench_parser,
     doit_argv,
     environment,
     free_port,
     machine_lines,
     measure,
     median,
+    require,
     table,
     write_section,
 )
@@ -123,15 +123,9 @@ def summary_line(results: Results) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the VMs are killed on the way out
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is reported (default 3)")
-    parser.add_argument("--output", type=Path, default=DOCS, help=f"report file (default {DOCS})")
-    parser.add_argument("--patience", type=float, default=120.0,
-                        help="seconds to wait for a quiet machine before each run (default 120)")
+    parser = bench_parser(__doc__)
     options = parser.parse_args(argv)
-    for program in ("qemu-system-x86_64", "ssh", "ssh-keygen"):
-        if shutil.which(program) is None:
-            parser.error(f"{program} not found")
+    require(parser, "qemu-system-x86_64", "ssh", "ssh-keygen")
     quiet, results = Quiet(patience=options.patience), Results()
     with tempfile.TemporaryDirectory(prefix="kvmtasks-starts-") as work_name:
         work = Path(work_name)
