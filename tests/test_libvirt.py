@@ -322,6 +322,34 @@ def test_an_unreachable_libvirt_host_is_one_line(project: Project, guest: Guest)
     assert "Traceback" not in refused.output
 
 
+@pytest.mark.usefixtures("no_vm_left")
+def test_a_pool_kvmtasks_may_not_write_is_one_line(
+    project: Project, guest: Guest, pool: str, domain_name: str, tmp_path: Path
+) -> None:
+    """A pool the URI's user may not write to. Everything here runs as root, whom libvirt lets
+    do anything, so the pool's folder is a read-only mount: libvirt fails the same way."""
+    folder = tmp_path / "read-only-pool"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], check=True)
+    try:
+        assert _virsh("pool-define-as", pool, "dir", "--target", str(folder)).returncode == 0
+        assert _virsh("pool-start", pool).returncode == 0
+        project.write(libvirt_config(guest, domain_name, f"file = {guest.image.path}", pool,
+                                     free_port()))
+
+        refused = project.run(f"start:{domain_name}", timeout=120)
+
+        assert refused.returncode != 0
+        lines = refused.error_lines(f"start:{domain_name}:")
+        assert len(lines) == 1, refused.describe()
+        assert "Read-only file system" in lines[0] and "qemu:///system" in lines[0], lines[0]
+        assert "Traceback" not in refused.output
+        assert _virsh("domstate", domain_name).returncode != 0  # nothing was defined
+    finally:
+        _virsh("pool-destroy", pool)
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)
+
+
 @pytest.fixture
 def loopback_sshd(tmp_path: Path, libvirtd: None) -> Iterator[tuple[int, Path, Path]]:
     """A real sshd for root on a loopback port: (port, client key, its log)."""
