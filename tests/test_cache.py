@@ -97,6 +97,18 @@ def background() -> Iterator[list[Running]]:
         run.kill()
 
 
+def provisioned_and_another(
+    tmp_path: Path, http_server: FileServer, shared_cache: Path
+) -> tuple[str, Project, Project]:
+    """A project that provisioned a gzip part through the cache, and a second one on its URL."""
+    url = http_server.put("disk.img.gz", PACKED)
+    first, second = (make_project(tmp_path, name, shared_cache) for name in ("first", "second"))
+    first.write(gz_part("vm", url))
+    second.write(gz_part("vm", url))
+    assert_ok(first.run("provision:vm"))
+    return url, first, second
+
+
 def wait_until(condition: object, timeout: float = 60) -> None:
     assert callable(condition)
     deadline = time.monotonic() + timeout
@@ -240,11 +252,7 @@ def test_a_part_that_boots_its_image_gets_its_own_while_the_others_share_theirs(
 def test_a_changed_cached_image_is_discarded_with_one_line_and_made_again(
     tmp_path: Path, http_server: FileServer, shared_cache: Path
 ) -> None:
-    url = http_server.put("disk.img.gz", PACKED)
-    first, second = (make_project(tmp_path, name, shared_cache) for name in ("first", "second"))
-    first.write(gz_part("vm", url))
-    second.write(gz_part("vm", url))
-    assert_ok(first.run("provision:vm"))
+    url, _, second = provisioned_and_another(tmp_path, http_server, shared_cache)
     shared = entry(shared_cache, url).image
     os.chmod(shared, 0o644)
     with open(shared, "r+b") as handle:  # root, or anyone who made it writable, wrote to it
@@ -284,11 +292,7 @@ def test_parts_decompressing_from_the_cache_do_it_once(
 def test_a_damaged_entry_is_discarded_with_one_line_and_fetched_again(
     tmp_path: Path, http_server: FileServer, shared_cache: Path, damage: str
 ) -> None:
-    url = http_server.put("disk.img.gz", PACKED)
-    first, second = (make_project(tmp_path, name, shared_cache) for name in ("first", "second"))
-    first.write(gz_part("vm", url))
-    second.write(gz_part("vm", url))
-    assert_ok(first.run("provision:vm"))
+    url, first, second = provisioned_and_another(tmp_path, http_server, shared_cache)
     cached = entry(shared_cache, url).data
     os.chmod(cached, 0o644)
     if damage == "truncated":
