@@ -279,6 +279,17 @@ def test_every_http_failure_is_one_line_and_keeps_the_earlier_image(
 SIGNALS = [signal.SIGINT, signal.SIGTERM]
 
 
+def signalled_mid_image(background: Callable[..., Background], folder: Path, raw_size: int,
+                        signum: signal.Signals, step: str) -> DoitRun:
+    """A provision run sent signum once the image's .part is partly written, finished."""
+    doit = background("provision:vm")
+    wait_until(lambda: 0 < size_of(folder / "disk.img.part") < raw_size or doit.process.poll() is not None,
+               f"{step} to write the image")
+    assert doit.process.poll() is None, f"{step} ended before the signal"
+    doit.process.send_signal(signum)
+    return doit.finish()
+
+
 def assert_interrupted(run: DoitRun, step: str, signum: signal.Signals) -> None:
     """One line, exit 128 + the signal, and doit kept the record of the steps that completed."""
     assert run.returncode == 128 + signum, run.describe()
@@ -367,13 +378,7 @@ def test_a_signal_while_the_download_inflates_leaves_no_image_and_the_next_run_r
     # Three image checksums: hashing slows inflating, so the signal lands mid-way.
     project.write(part(image=url, compression=kind, sha256_download=sha256(packed), **image_digests))
     folder = project.parts / "vm"
-    doit = background("provision:vm")
-    wait_until(lambda: 0 < size_of(folder / "disk.img.part") < raw_size or doit.process.poll() is not None,
-               "the image to be written while downloading")
-    assert doit.process.poll() is None, "the download ended before the signal"
-
-    doit.process.send_signal(signum)
-    run = doit.finish()
+    run = signalled_mid_image(background, folder, raw_size, signum, "the download")
     reliability.fault("signal")
 
     assert_interrupted(run, "download", signum)
@@ -411,13 +416,7 @@ def test_a_signal_during_decompression_leaves_no_image_and_the_next_run_decompre
     assert_ok(project.provision())
     # The image is gone, the download is not: decompress makes it again from the file.
     (folder / "disk.img").unlink()
-    doit = background("provision:vm")
-    wait_until(lambda: 0 < size_of(folder / "disk.img.part") < raw_size or doit.process.poll() is not None,
-               "decompression to start")
-    assert doit.process.poll() is None, "decompression ended before the signal"
-
-    doit.process.send_signal(signum)
-    run = doit.finish()
+    run = signalled_mid_image(background, folder, raw_size, signum, "decompression")
     reliability.fault("signal")
 
     assert_interrupted(run, "decompress", signum)

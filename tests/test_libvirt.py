@@ -32,7 +32,7 @@ from kvmtasks.engines.domain import KVMTASKS_NS, QEMU_NS, Disk, domain_xml, made
 from kvmtasks.guest.ssh import jump_config
 from kvmtasks.provision import keys
 from tests.conftest import Project
-from tests.debian_guest import CLOUD_INIT
+from tests.debian_guest import CLOUD_INIT, DebianGuest
 from tests.httpserver import FileServer
 from tests.test_debian_guest import debian_guest_or_skip
 from tests.test_vm_e2e import script
@@ -453,6 +453,17 @@ def test_the_seed_is_a_read_only_ide_cdrom(tmp_path: Path) -> None:
     assert len(xml_of(part).findall("devices/disk")) == 1
 
 
+def cloud_part(cloud: DebianGuest, name: str, pool: str, extra: str) -> str:
+    """A libvirt part booting the cloud-init Debian guest with a seed, reached by 127.0.0.1 only."""
+    extra_args = "".join(f"  {arg}\n" for arg in cloud.kvm_extra_args())
+    return (
+        f"[{name}]\nfile = {cloud.image}\nkvm_engine = libvirt\nlibvirt_pool = {pool}\n"
+        f"ssh_port = {free_port()}\ncloud_init = true\n{extra}"
+        "kvm_memory = 1G\nkvm_accel = tcg\nkvm_boot_timeout = 400\nkvm_shutdown_timeout = 10\n"
+        f"kvm_net =\n  user,restrict=on\n  nic,model=virtio\nkvm_extra_args =\n{extra_args}"
+    )
+
+
 @needs_qemu
 @pytest.mark.vm
 @pytest.mark.usefixtures("no_vm_left")
@@ -463,13 +474,8 @@ def test_a_cloud_image_gets_its_seed_on_libvirt(project: Project, pool: str, dom
     cloud = debian_guest_or_skip(CLOUD_INIT)
     name = domain_name
     (project.root / "user-data").write_text("#cloud-config\nruncmd:\n  - [touch, /root/from-user-data]\n")
-    extra_args = "".join(f"  {arg}\n" for arg in cloud.kvm_extra_args())
     config_file = project.write(
-        f"[{name}]\nfile = {cloud.image}\nkvm_engine = libvirt\nlibvirt_pool = {pool}\n"
-        f"ssh_port = {free_port()}\ncloud_init = true\ncloud_init_user_data = user-data\n"
-        "kvm_memory = 1G\nkvm_accel = tcg\nkvm_boot_timeout = 400\nkvm_shutdown_timeout = 10\n"
-        f"kvm_net =\n  user,restrict=on\n  nic,model=virtio\nkvm_extra_args =\n{extra_args}"
-    )
+        cloud_part(cloud, name, pool, "cloud_init_user_data = user-data\n"))
 
     started = project.run(f"start:{name}", timeout=900)
 
@@ -678,13 +684,7 @@ def test_a_cloud_image_gets_its_seed_on_a_remote_libvirt_host(
     port, key, _ = loopback_sshd
     uri = f"qemu+ssh://root@127.0.0.1:{port}/system?keyfile={key}&no_verify=1"
     name = domain_name
-    extra_args = "".join(f"  {arg}\n" for arg in cloud.kvm_extra_args())
-    project.write(
-        f"[{name}]\nfile = {cloud.image}\nkvm_engine = libvirt\nlibvirt_uri = {uri}\n"
-        f"libvirt_pool = {pool}\nssh_port = {free_port()}\ncloud_init = true\n"
-        "kvm_memory = 1G\nkvm_accel = tcg\nkvm_boot_timeout = 400\nkvm_shutdown_timeout = 10\n"
-        f"kvm_net =\n  user,restrict=on\n  nic,model=virtio\nkvm_extra_args =\n{extra_args}"
-    )
+    project.write(cloud_part(cloud, name, pool, f"libvirt_uri = {uri}\n"))
 
     started = project.run(f"start:{name}", timeout=900)
 
