@@ -7,7 +7,7 @@ in .cache/guest) and times, alternating, repeated, each time in a fresh folder
 with a fresh copy of the image:
 
 - start: ``bin/PART-ctl start``, which returns once an ssh login works;
-- raw: the same qemu argv (kvmtasks.engines.qemu.qemu_argv) run by hand, then
+- raw: the same qemu argv (kvmtasks.engines.qemu.argv.qemu_argv) run by hand, then
   ``ssh ... true`` in a tight loop until it succeeds;
 - stop: ``bin/PART-ctl stop`` after each start (the guest acts on the ACPI power
   button), and after a start of the variant that ignores the button (stop asks
@@ -59,7 +59,7 @@ from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.demo.guestimage import build_guest_image
 from kvmtasks.engines.poweroff import STOPPED_HOW
-from kvmtasks.engines.qemu import qemu_argv
+from kvmtasks.engines.qemu.argv import qemu_argv
 from kvmtasks.guest.ssh import CONNECT_TIMEOUT, ssh_argv
 
 sys.path.insert(0, str(REPO_ROOT))  # the test suite's helpers, shared rather than copied

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmtasks.config import cloudinit
+from kvmtasks.config import seedrules
 from kvmtasks.config.loader import load_file
 from kvmtasks.provision import keys
 from tests.conftest import Project
@@ -95,19 +95,19 @@ def test_cloud_image_gets_its_login_host_key_and_user_data_from_the_seed(
     assert "DataSourceNoCloud" in guest_output(project, "cloud-init query subplatform 2>&1; cat "
                                                         "/run/cloud-init/status.json")
     # The guest's one host key is the one kvmtasks made and pinned.
-    ours = keys.read_public(cloudinit.host_key_path(vm)).split()[:2]
+    ours = keys.read_public(seedrules.host_key_path(vm)).split()[:2]
     assert guest_output(project, "cat /etc/ssh/ssh_host_ed25519_key.pub").split()[:2] == ours
     assert guest_output(project, "ls /etc/ssh/ | grep ssh_host_").split() == [
         "ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
     pinned, first_port = known_hosts.read_text(), ssh_port
     assert pinned == f"[localhost]:{ssh_port},[127.0.0.1]:{ssh_port} {ours[0]} {ours[1]}\n"
     status = script(project, "vm-ctl", "status")
-    assert f"ssh key {cloudinit.generated_key_path(vm)} (made by kvmtasks)" in status.stdout, status.stdout
+    assert f"ssh key {seedrules.generated_key_path(vm)} (made by kvmtasks)" in status.stdout, status.stdout
     # The same login by hand, with strict checking against the pinned file: no prompt, no TOFU.
     by_hand = subprocess.run(
         ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
          "-o", f"UserKnownHostsFile={known_hosts}", "-o", "IdentitiesOnly=yes",
-         "-i", str(cloudinit.generated_key_path(vm)), "-p", str(ssh_port), "root@localhost", "true"],
+         "-i", str(seedrules.generated_key_path(vm)), "-p", str(ssh_port), "root@localhost", "true"],
         capture_output=True, text=True, timeout=60, check=False)
     assert by_hand.returncode == 0, by_hand.stderr
     assert script(project, "vm-ctl", "stop").returncode == 0

@@ -10,14 +10,14 @@ from pathlib import Path
 import pycdlib
 import yaml
 
-from kvmtasks.config import cloudinit
+from kvmtasks.config import seedrules
 from kvmtasks.config.loader import load_file
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.graph.tasks import part_tasks
 from kvmtasks.guest import hostkeys, ssh
 from kvmtasks.provision import keys
-from kvmtasks.provision.cloudinit import write_seed
+from kvmtasks.provision.seedstep import write_seed
 from tests.conftest import Project
 from tests.test_provision_pipeline import assert_ok, part
 
@@ -48,8 +48,8 @@ def test_an_edited_user_data_re_runs_only_the_seed_and_changes_the_instance(proj
     first = project.provision()
     assert_ok(first)
     assert {"cloud-init:vm", "render:vm", "verify-image:vm"} <= first.executed
-    seed = cloudinit.seed_path(vm)
-    made = cloudinit.generated_key_path(vm).read_text(), cloudinit.host_key_path(vm).read_text()
+    seed = seedrules.seed_path(vm)
+    made = seedrules.generated_key_path(vm).read_text(), seedrules.host_key_path(vm).read_text()
     first_id = instance_id(seed)
 
     again = project.provision()
@@ -63,39 +63,39 @@ def test_an_edited_user_data_re_runs_only_the_seed_and_changes_the_instance(proj
     assert edited.executed == {"cloud-init:vm"}, edited.describe()
     assert instance_id(seed) != first_id
     # The keys are made once: a new seed carries the same ones.
-    assert (cloudinit.generated_key_path(vm).read_text(), cloudinit.host_key_path(vm).read_text()) == made
+    assert (seedrules.generated_key_path(vm).read_text(), seedrules.host_key_path(vm).read_text()) == made
 
 
 def test_a_deleted_key_is_made_again_with_a_new_seed(project: Project) -> None:
     vm = seeded_project(project)
     assert_ok(project.provision())
-    old_id = instance_id(cloudinit.seed_path(vm))
-    old_key = keys.read_public(cloudinit.generated_key_path(vm))
-    cloudinit.generated_key_path(vm).unlink()
+    old_id = instance_id(seedrules.seed_path(vm))
+    old_key = keys.read_public(seedrules.generated_key_path(vm))
+    seedrules.generated_key_path(vm).unlink()
     rerun = project.provision()
     assert_ok(rerun)
     assert rerun.executed == {"cloud-init:vm"}, rerun.describe()
-    assert keys.read_public(cloudinit.generated_key_path(vm)) != old_key
-    assert instance_id(cloudinit.seed_path(vm)) != old_id
+    assert keys.read_public(seedrules.generated_key_path(vm)) != old_key
+    assert instance_id(seedrules.seed_path(vm)) != old_id
 
 
 def test_a_changed_host_name_re_runs_the_seed_and_the_scripts(project: Project) -> None:
     vm = seeded_project(project)
     assert_ok(project.provision())
-    old_id = instance_id(cloudinit.seed_path(vm))
+    old_id = instance_id(seedrules.seed_path(vm))
     seeded_project(project, cloud_init_hostname="renamed")
     rerun = project.provision()
     assert_ok(rerun)
     assert rerun.executed == {"cloud-init:vm", "render:vm"}, rerun.describe()
-    assert instance_id(cloudinit.seed_path(vm)) != old_id
+    assert instance_id(seedrules.seed_path(vm)) != old_id
 
 
 def test_clean_removes_the_seed_and_keeps_the_keys(project: Project) -> None:
     vm = seeded_project(project)
     assert_ok(project.provision())
     assert_ok(project.run("clean", "cloud-init:vm"))
-    assert not cloudinit.seed_path(vm).exists()
-    assert cloudinit.generated_key_path(vm).exists() and cloudinit.host_key_path(vm).exists()
+    assert not seedrules.seed_path(vm).exists()
+    assert seedrules.generated_key_path(vm).exists() and seedrules.host_key_path(vm).exists()
 
 
 def test_the_seed_step_comes_before_provision_and_needs_no_vm(tmp_path: Path) -> None:
@@ -122,7 +122,7 @@ def test_with_a_seed_ssh_checks_strictly_with_the_made_key(project: Project) -> 
     vm = seeded_project(project)
     options = options_of(ssh.ssh_argv(vm, ["true"]))
     assert options["StrictHostKeyChecking"] == "yes"
-    assert options["IdentityFile"] == f'"{cloudinit.generated_key_path(vm)}"'
+    assert options["IdentityFile"] == f'"{seedrules.generated_key_path(vm)}"'
     assert options["IdentitiesOnly"] == "yes"
 
 
@@ -132,7 +132,7 @@ def test_known_hosts_pins_the_host_key_before_the_boot(project: Project) -> None
     known_hosts = RunFiles.of(vm).known_hosts
     known_hosts.write_text("[localhost]:2222 ssh-ed25519 AAAAstale\n")
     hostkeys.prepare(vm)
-    key_type, key = keys.read_public(cloudinit.host_key_path(vm)).split()[:2]
+    key_type, key = keys.read_public(seedrules.host_key_path(vm)).split()[:2]
     assert known_hosts.read_text() == f"[localhost]:2222,[127.0.0.1]:2222 {key_type} {key}\n"
     # ssh itself finds the key under the name and port it connects to.
     found = subprocess.run(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmtasks.config import snapshot
+from kvmtasks.config import partjson
 from kvmtasks.guest import connection
 from tests.conftest import Project
 from tests.debian_guest import PLAIN, DebianGuest, Variant, apt_mirror, ensure_debian_guest, missing_tools
@@ -127,7 +127,7 @@ def test_debian_guest_end_to_end(project: Project, debian_guest: DebianGuest, tm
                           " && systemctl restart ssh")
     # The VM's ssh master was served by an sshd of the old settings: the copies below must
     # come through connections of their own (the scripts connect directly when no master runs).
-    connection.close(snapshot.from_json((project.var / "vm" / "part.json").read_text()))
+    connection.close(partjson.from_json((project.var / "vm" / "part.json").read_text()))
     payload = tmp_path / "payload.bin"
     size = 5 * 1024 * 1024 + 123
     payload.write_bytes(os.urandom(size))

@@ -9,7 +9,7 @@ import pytest
 
 from kvmtasks.config.loader import load_file
 from kvmtasks.config.options import OPTIONS, with_reference
-from kvmtasks.engines.qemu import qemu_argv
+from kvmtasks.engines.qemu.argv import qemu_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "configs" / "examples").glob("*.cfg"))

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kvmtasks.config import snapshot
+from kvmtasks.config import partjson
 from kvmtasks.config.loader import PART_NAME, load_file
 from kvmtasks.config.options import OPTIONS, OPTIONS_BY_NAME, Option
-from kvmtasks.engines import qemu
+from kvmtasks.engines.qemu.argv import qemu_argv
 from kvmtasks.errors import ConfigError, KvmTasksError
 from kvmtasks.guest import ssh
 from kvmtasks.scripts import render
@@ -84,10 +84,10 @@ def test_several_hostile_options_parse_or_fail_in_one_line_and_stay_data(
         assert "recipe" in values  # another recipe: a section that is not a part
         return
     (part_,) = parts
-    assert snapshot.from_json(snapshot.to_json(part_)) == part_
+    assert partjson.from_json(partjson.to_json(part_)) == part_
     for kind in render.SCRIPTS:
         compile(render.script_text(part_.name, kind, render.snapshot_path(part_)), kind, "exec")
-    argv = qemu.qemu_argv(part_, accel="tcg", disk_format="raw", listen_address="127.0.0.1")
+    argv = qemu_argv(part_, accel="tcg", disk_format="raw", listen_address="127.0.0.1")
     assert all(isinstance(arg, str) and "\x00" not in arg for arg in argv)
     if part_.kvm_extra_args:
         assert argv[-len(part_.kvm_extra_args):] == list(part_.kvm_extra_args)

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from kvmtasks.config.loader import PART_NAME, load_file
 from kvmtasks.config.options import NET_TYPES, VGA_TYPES, ImageType, Redirect
-from kvmtasks.config.part import Part
+from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.runfiles import RunFiles
-from kvmtasks.engines.qemu import forwards, qemu_argv
+from kvmtasks.engines.qemu.argv import qemu_argv
 from kvmtasks.errors import VmError
 from kvmtasks.guest import ssh
 from tests.conftest import Project

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from kvmtasks.config import cloudinit
+from kvmtasks.config import seedrules
 from kvmtasks.config.loader import load_file
 from kvmtasks.config.part import Part
 from kvmtasks.config.remote import RemoteHost, remote_host
-from kvmtasks.engines import hostports
-from kvmtasks.engines.domain import KVMTASKS_NS, QEMU_NS, Disk, domain_xml, made_by_kvmtasks
+from kvmtasks.engines.libvirt import hostports
+from kvmtasks.engines.libvirt.domain import KVMTASKS_NS, QEMU_NS, Disk, domain_xml, made_by_kvmtasks
 from kvmtasks.guest.ssh import jump_config
 from kvmtasks.provision import keys
 from tests.conftest import Project
@@ -497,7 +497,7 @@ def test_a_cloud_image_gets_its_seed_on_libvirt(project: Project, pool: str, dom
     assert guest("blkid -L cidata") == "/dev/sr0"
     # The one host key is the one kvmtasks made, checked strictly from the first login on.
     (part,) = load_file(config_file, project.root)
-    ours = keys.read_public(cloudinit.host_key_path(part)).split()[:2]
+    ours = keys.read_public(seedrules.host_key_path(part)).split()[:2]
     assert guest("cat /etc/ssh/ssh_host_ed25519_key.pub").split()[:2] == ours
     assert "StrictHostKeyChecking=yes" in json.loads(
         script(project, f"{name}-ctl", "status", "--json").stdout)["ssh_command"]

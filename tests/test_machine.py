@@ -11,9 +11,9 @@ import pytest
 
 from kvmtasks.config.loader import load_file
 from kvmtasks.config.part import Part
-from kvmtasks.engines import machine
-from kvmtasks.engines.qemu import qemu_argv
-from kvmtasks.engines.savestate import started_from
+from kvmtasks.engines.qemu import machine
+from kvmtasks.engines.qemu.argv import qemu_argv
+from kvmtasks.engines.qemu.savestate import started_from
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                                 reason="qemu-system-x86_64 is not installed")

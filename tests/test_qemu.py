@@ -8,7 +8,7 @@ import pytest
 
 from kvmtasks.config.loader import load_file
 from kvmtasks.config.part import Part
-from kvmtasks.engines.qemu import escape, network_args, qemu_argv
+from kvmtasks.engines.qemu.argv import escape, network_args, qemu_argv
 
 README_COMMON = """
 kvm_vnc = 127.0.0.1:3

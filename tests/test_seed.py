@@ -15,13 +15,13 @@ import pycdlib
 import pytest
 import yaml
 
-from kvmtasks.config import cloudinit
+from kvmtasks.config import seedrules
 from kvmtasks.config.loader import load_file
 from kvmtasks.config.part import Part
 from kvmtasks.errors import ConfigError
 from kvmtasks.provision import keys
-from kvmtasks.provision.cloudinit import write_seed
 from kvmtasks.provision.seed import MERGE_TYPE, SeedInput, cloud_config, seed_files, user_data
+from kvmtasks.provision.seedstep import write_seed
 
 HOST_PRIVATE = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n"
                 "-----END OPENSSH PRIVATE KEY-----\n")
@@ -184,7 +184,7 @@ def test_the_seed_volume_reads_back_with_label_names_and_contents(tmp_path: Path
     part = load(tmp_path, "cloud_init = true\ncloud_init_user_data = user-data.yaml\n"
                           "cloud_init_network_config = net.yaml\nssh_user = alice\n")
     write_seed(part)
-    label, names, contents, joliet = read_back(cloudinit.seed_path(part))
+    label, names, contents, joliet = read_back(seedrules.seed_path(part))
     assert label == "cidata"
     assert names == {"METADATA.;1": "meta-data", "USERDATA.;1": "user-data", "NETWORKC.;1": "network-config"}
     assert joliet == ["meta-data", "network-config", "user-data"]
@@ -196,21 +196,21 @@ def test_the_seed_volume_reads_back_with_label_names_and_contents(tmp_path: Path
     # What went in is what the pure function makes of the same inputs: the same instance.
     written = contents["user-data"].decode()
     ours = config_of(email.message_from_string(written).get_payload()[0].get_payload())
-    assert ours["users"][0]["ssh_authorized_keys"] == [keys.read_public(cloudinit.generated_key_path(part))]
-    assert ours["ssh_keys"]["ed25519_private"] == cloudinit.host_key_path(part).read_text()
+    assert ours["users"][0]["ssh_authorized_keys"] == [keys.read_public(seedrules.generated_key_path(part))]
+    assert ours["ssh_keys"]["ed25519_private"] == seedrules.host_key_path(part).read_text()
     # Linux's own probe (what cloud-init's blkid call sees) finds the label and the type.
-    probe = subprocess.run(["blkid", "-o", "export", str(cloudinit.seed_path(part))],
+    probe = subprocess.run(["blkid", "-o", "export", str(seedrules.seed_path(part))],
                            capture_output=True, text=True, check=True).stdout
     assert "LABEL=cidata" in probe.splitlines() and "TYPE=iso9660" in probe.splitlines()
     assert not list(part.state_directory.glob("*.part"))
     # It holds the guest's private host key: for the owner's eyes only.
-    assert stat.S_IMODE(cloudinit.seed_path(part).stat().st_mode) == 0o600
+    assert stat.S_IMODE(seedrules.seed_path(part).stat().st_mode) == 0o600
 
 
 def test_keys_are_made_once_private_and_kept(tmp_path: Path) -> None:
     part = load(tmp_path, "cloud_init = true\n")
     write_seed(part)
-    paths = (cloudinit.generated_key_path(part), cloudinit.host_key_path(part))
+    paths = (seedrules.generated_key_path(part), seedrules.host_key_path(part))
     made = {path: path.read_bytes() for path in paths}
     for path in made:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -218,7 +218,7 @@ def test_keys_are_made_once_private_and_kept(tmp_path: Path) -> None:
         assert b"OPENSSH PRIVATE KEY" in path.read_bytes()
     write_seed(part)
     assert {path: path.read_bytes() for path in made} == made
-    assert cloudinit.identity_file(part) == cloudinit.generated_key_path(part)
+    assert seedrules.identity_file(part) == seedrules.generated_key_path(part)
 
 
 def test_a_given_key_goes_into_the_seed_and_no_key_is_made(tmp_path: Path) -> None:
@@ -226,16 +226,16 @@ def test_a_given_key_goes_into_the_seed_and_no_key_is_made(tmp_path: Path) -> No
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     part = load(tmp_path, f"cloud_init = true\nssh_key_path = {key}\n")
     write_seed(part)
-    assert not cloudinit.generated_key_path(part).exists()
-    assert cloudinit.identity_file(part) == key
-    _, _, contents, _ = read_back(cloudinit.seed_path(part))
+    assert not seedrules.generated_key_path(part).exists()
+    assert seedrules.identity_file(part) == key
+    _, _, contents, _ = read_back(seedrules.seed_path(part))
     assert keys.read_public(key) in contents["user-data"].decode()
 
 
 def test_without_cloud_init_there_is_no_identity_file_but_the_given_key(tmp_path: Path) -> None:
-    assert cloudinit.identity_file(load(tmp_path, "")) is None
-    assert cloudinit.identity_file(load(tmp_path, "ssh_key_path = /k\n")) == Path("/k")
-    assert not cloudinit.pins_host_key(load(tmp_path, ""))
+    assert seedrules.identity_file(load(tmp_path, "")) is None
+    assert seedrules.identity_file(load(tmp_path, "ssh_key_path = /k\n")) == Path("/k")
+    assert not seedrules.pins_host_key(load(tmp_path, ""))
 
 
 # -- config time ----------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_the_host_name_defaults_to_the_part_name(tmp_path: Path, name: str, host
     path.write_text(f"[{name}]\nfile = /d.img\ncloud_init = true\n")
     (part,) = load_file(path, tmp_path)
     assert part.cloud_init_hostname == hostname
-    assert cloudinit.default_hostname(name) == hostname
+    assert seedrules.default_hostname(name) == hostname
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -259,7 +259,7 @@ def test_the_host_name_defaults_to_the_part_name(tmp_path: Path, name: str, host
     ("\n#cloud-config\n", None),
 ])
 def test_user_data_kinds(text: str, expected: str | None) -> None:
-    assert cloudinit.user_data_kind(text) == expected
+    assert seedrules.user_data_kind(text) == expected
 
 
 def test_user_data_cloud_init_would_ignore_is_one_line(tmp_path: Path) -> None:
@@ -303,6 +303,6 @@ def test_the_seed_works_with_the_libvirt_engine_and_its_checks_hold(tmp_path: Pa
     """On libvirt the seed is uploaded to the pool (tests/test_libvirt.py); the config checks are
     the same as with QEMU started directly."""
     part = load(tmp_path, "cloud_init = true\nkvm_engine = libvirt\n")
-    assert part.cloud_init and cloudinit.seed_path(part) == tmp_path / "var" / "vm" / "seed.iso"
+    assert part.cloud_init and seedrules.seed_path(part) == tmp_path / "var" / "vm" / "seed.iso"
     message = config_error(tmp_path, "cloud_init = true\nkvm_engine = libvirt\nssh_user = sudo\n")
     assert "ssh_user = 'sudo'" in message and "cloud-init cannot create the user" in message

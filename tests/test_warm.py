@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmtasks.config.partjson import from_json
 from kvmtasks.config.runfiles import control_socket
-from kvmtasks.config.snapshot import from_json
 from tests.conftest import Project
 from tests.test_vm_e2e import _http_get, script, vm_config
 from tests.vmfixtures import Guest, free_port, loop_device, needs_qemu, qemu_pids_under

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmtasks.config import buildout as syntax
-from kvmtasks.config import cloudinit
+from kvmtasks.config import seedrules
 from kvmtasks.config.buildout import Config, Entry, Sections, merge
 from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Compression, Engine
 from kvmtasks.config.part import Buildout, Part, path_is_block_device
@@ -287,7 +287,7 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         libvirt_uri=values["libvirt_uri"],
         libvirt_pool=values["libvirt_pool"],
         cloud_init=values["cloud_init"],
-        cloud_init_hostname=values.get("cloud_init_hostname") or cloudinit.default_hostname(section),
+        cloud_init_hostname=values.get("cloud_init_hostname") or seedrules.default_hostname(section),
         cloud_init_user_data=user_data,
         cloud_init_network_config=network_config,
     )
@@ -312,12 +312,12 @@ def _check_cloud_init(values: Mapping[str, Any], where: str, key: Path | None,
                 raise ConfigError(f"{where} {name} = {values[name]!r}: needs cloud_init = true")
         return
     user = values["ssh_user"]
-    if user in cloudinit.RESERVED_GROUPS:
+    if user in seedrules.RESERVED_GROUPS:
         raise ConfigError(f"{where} ssh_user = {user!r}: a group of that name exists on common "
                           "images and cloud-init cannot create the user; choose another name")
     if user_data is not None:
         text = _read_user_file(where, "cloud_init_user_data", values, user_data)
-        if cloudinit.user_data_kind(text) is None:
+        if seedrules.user_data_kind(text) is None:
             first = text.split("\n", 1)[0][:40]
             raise ConfigError(f"{where} cloud_init_user_data = {values['cloud_init_user_data']!r}: "
                               f"cloud-init would ignore it: the first line ({first!r}) must be "

@@ -147,3 +147,9 @@ def listen_address(hostname: str) -> str:
         return socket.gethostbyname(hostname)
     except OSError:
         raise ConfigError(f"ssh_hostname = {hostname!r}: cannot resolve to an IPv4 address") from None
+
+
+def forwards(part: Part) -> tuple[Redirect, ...]:
+    """Every host-to-guest port forward: kvm_redir lines plus ssh_port."""
+    extra = (Redirect("tcp", part.ssh_port, "", 22),) if part.ssh_port is not None else ()
+    return part.kvm_redir + extra

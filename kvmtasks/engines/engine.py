@@ -8,13 +8,15 @@ and the scripts ask the same question whatever the engine.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Protocol
+from types import ModuleType
+from typing import Protocol, cast
 
 from kvmtasks.config.options import Engine as EngineName
 from kvmtasks.config.part import Part
-from kvmtasks.engines import status
-from kvmtasks.engines.status import Facts
+from kvmtasks.engines import statusreport
+from kvmtasks.engines.statusreport import Facts
 
 Say = Callable[[str], None]
 
@@ -40,14 +42,7 @@ class Snapshots(Protocol):
 
 
 def engine_for(part: Part) -> Engine:
-    # Imported here: a script of a direct-QEMU part never loads the libvirt engine.
-    if part.kvm_engine is EngineName.LIBVIRT:
-        from kvmtasks.engines import libvirt
-
-        return libvirt
-    from kvmtasks.engines import vm
-
-    return vm
+    return cast(Engine, _engine_module(part, "vm"))
 
 
 def start(part: Part, say: Say = print) -> None:
@@ -69,7 +64,7 @@ def facts(part: Part) -> Facts:
 
 
 def describe(part: Part) -> list[str]:
-    return status.describe(facts(part))
+    return statusreport.describe(facts(part))
 
 
 def suspend(part: Part, say: Say = print) -> None:
@@ -78,10 +73,10 @@ def suspend(part: Part, say: Say = print) -> None:
 
 def snapshots(part: Part) -> Snapshots:
     """The named snapshots of the part's engine: QEMU's in its qcow2 boot disk, or libvirt's."""
-    if part.kvm_engine is EngineName.LIBVIRT:
-        from kvmtasks.engines import libvirt_snapshots
+    return cast(Snapshots, _engine_module(part, "snapshots"))
 
-        return libvirt_snapshots
-    from kvmtasks.engines import snapshots as qemu_snapshots
 
-    return qemu_snapshots
+def _engine_module(part: Part, name: str) -> ModuleType:
+    # Imported on demand: a script of a direct-QEMU part never loads the libvirt engine.
+    folder = "libvirt" if part.kvm_engine is EngineName.LIBVIRT else "qemu"
+    return importlib.import_module(f"kvmtasks.engines.{folder}.{name}")

@@ -16,10 +16,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmtasks.config.part import Part
+from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.remote import remote_of
 from kvmtasks.config.runfiles import current
-from kvmtasks.engines.qemu import forwards
 from kvmtasks.errors import VmError
 from kvmtasks.provision.locking import held
 

@@ -14,14 +14,13 @@ from typing import Any
 from doit.dependency import FileChangedChecker
 from doit.tools import config_changed
 
-from kvmtasks.config import cloudinit
+from kvmtasks.config import seedrules
 from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
 from kvmtasks.engines import engine, ports
 from kvmtasks.graph.actions import clean_unless_running, guarded
 from kvmtasks.graph.report import Reporter
-from kvmtasks.provision import cache, checksums, overlay
-from kvmtasks.provision import cloudinit as seed
+from kvmtasks.provision import cache, checksums, overlay, seedstep
 from kvmtasks.provision import steps as provision
 from kvmtasks.scripts import render
 
@@ -237,9 +236,9 @@ def _cloud_init_task(part: Part) -> Task:
     return {
         "basename": "cloud-init",
         "name": part.name,
-        "actions": [guarded(seed.write_seed, part, "cloud-init")],
-        "targets": [str(cloudinit.seed_path(part))],
-        "uptodate": [config_changed(seed.user_inputs(part)), lambda: seed.keys_exist(part)],
+        "actions": [guarded(seedstep.write_seed, part, "cloud-init")],
+        "targets": [str(seedrules.seed_path(part))],
+        "uptodate": [config_changed(seedstep.user_inputs(part)), lambda: seedstep.keys_exist(part)],
         "clean": [clean_unless_running(part)],
         "doc": step_doc("cloud-init", part),
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from kvmtasks.config import cloudinit
+from kvmtasks.config import seedrules
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.errors import VmError
@@ -31,8 +31,8 @@ def prepare(part: Part) -> None:
     known_hosts = RunFiles.of(part).known_hosts
     if part.ssh_port is None:
         return
-    if cloudinit.pins_host_key(part):
-        public = cloudinit.host_key_path(part).with_suffix(".pub")
+    if seedrules.pins_host_key(part):
+        public = seedrules.host_key_path(part).with_suffix(".pub")
         try:
             public_key = public.read_text(encoding="utf-8")
         except OSError:

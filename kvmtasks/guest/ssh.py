@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from kvmtasks import command
-from kvmtasks.config.cloudinit import identity_file, pins_host_key
 from kvmtasks.config.part import Part
 from kvmtasks.config.remote import RemoteHost, remote_of
 from kvmtasks.config.runfiles import RunFiles, control_socket, is_private_folder
+from kvmtasks.config.seedrules import identity_file, pins_host_key
 from kvmtasks.errors import CommandError, VmError
 
 CONNECT_TIMEOUT = 10

@@ -18,7 +18,7 @@ from email.parser import Parser
 from email.policy import compat32
 from pathlib import Path
 
-from kvmtasks.config.cloudinit import CLOUD_CONFIG, MIME, user_data_kind
+from kvmtasks.config.seedrules import CLOUD_CONFIG, MIME, user_data_kind
 
 VOLUME_LABEL = "cidata"  # what cloud-init's NoCloud looks for
 # ISO 9660 level-1 names (8.3, upper case) for readers that know nothing else; Linux reads the

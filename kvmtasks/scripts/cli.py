@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvmtasks.config import snapshot
+from kvmtasks.config import partjson
 from kvmtasks.config.part import Part
-from kvmtasks.engines import engine, status
+from kvmtasks.engines import engine, statusreport
 from kvmtasks.errors import KvmTasksError, VmError
 from kvmtasks.guest import ssh
 from kvmtasks.provision import overlay
@@ -89,7 +89,7 @@ def _snapshot(part: Part, operation: str, name: str | None) -> int:
 def _ctl(part: Part, options: argparse.Namespace) -> int:
     if options.action == "status":
         facts = engine.facts(part)
-        print(status.as_json(facts) if options.json else "\n".join(status.describe(facts)))
+        print(statusreport.as_json(facts) if options.json else "\n".join(statusreport.describe(facts)))
         return 0 if facts.running else EXIT_STOPPED
     if options.action == "console":
         return console.show(part, follow=options.follow)
@@ -135,7 +135,7 @@ def run(part: Part, kind: str, args: Sequence[str]) -> int:
 
 def main(kind: str, snapshot_file: str, args: Sequence[str] | None = None) -> int:
     try:
-        part = snapshot.from_json(Path(snapshot_file).read_text(encoding="utf-8"))
+        part = partjson.from_json(Path(snapshot_file).read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError, KeyError) as error:
         print(f"kvmtasks: cannot read {snapshot_file} ({error}); run doit render again",
               file=sys.stderr)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import kvmtasks
-from kvmtasks.config import snapshot
+from kvmtasks.config import partjson
 from kvmtasks.config.part import Part
 
 SCRIPTS = ("ctl", "ssh", "sendfile", "getfile", "runscript")
@@ -49,7 +49,7 @@ def _write(path: Path, text: str, mode: int) -> None:
 def runtime_snapshot(part: Part) -> str:
     """The part as the scripts need it: image checksums play no part at run time,
     so changing one re-runs only its verification, not this step."""
-    return snapshot.to_json(dataclasses.replace(part, download_digests={}, image_digests={}))
+    return partjson.to_json(dataclasses.replace(part, download_digests={}, image_digests={}))
 
 
 def render(part: Part) -> None:

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmtasks.config.options import ImageType
-from kvmtasks.config.part import Part
-from kvmtasks.engines.qemu import forwards
+from kvmtasks.config.part import Part, forwards
 from kvmtasks.errors import VmError
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvmtasks.config import cloudinit
+from kvmtasks.config import seedrules
 from kvmtasks.config.part import Part
 from kvmtasks.errors import KvmTasksError
 from kvmtasks.provision import keys
@@ -34,7 +34,7 @@ def user_inputs(part: Part) -> dict[str, Any]:
     return {
         "hostname": part.cloud_init_hostname,
         "user": part.ssh_user,
-        "key": str(cloudinit.identity_file(part)),
+        "key": str(seedrules.identity_file(part)),
         "public_key": content(keys.public_path(given_key)) if given_key else None,
         "user_data": content(part.cloud_init_user_data),
         "network_config": content(part.cloud_init_network_config),
@@ -43,19 +43,19 @@ def user_inputs(part: Part) -> dict[str, Any]:
 
 def keys_exist(part: Part) -> bool:
     """False when a key the step makes is missing: the step runs again and makes it."""
-    made = [cloudinit.host_key_path(part)]
+    made = [seedrules.host_key_path(part)]
     if part.ssh_key_path is None:
-        made.append(cloudinit.generated_key_path(part))
+        made.append(seedrules.generated_key_path(part))
     return all(path.is_file() and keys.public_path(path).is_file() for path in made)
 
 
 def seed_input(part: Part) -> SeedInput:
     """The part's seed inputs, making the keys that do not exist yet."""
-    identity = cloudinit.identity_file(part)
+    identity = seedrules.identity_file(part)
     assert identity is not None, "a part with cloud_init always has an identity file"
     if part.ssh_key_path is None:
         keys.ensure_pair(identity, f"kvmtasks {part.name}")
-    host_key = cloudinit.host_key_path(part)
+    host_key = seedrules.host_key_path(part)
     keys.ensure_pair(host_key, f"kvmtasks host key {part.name}")
     user_data, network_config = part.cloud_init_user_data, part.cloud_init_network_config
     return SeedInput(
@@ -74,6 +74,6 @@ def write_seed(part: Part) -> None:
     files = seed_files(seed_input(part))
     part.state_directory.mkdir(parents=True, exist_ok=True)
     try:
-        write_iso(cloudinit.seed_path(part), files)
+        write_iso(seedrules.seed_path(part), files)
     except OSError as error:
-        raise KvmTasksError(f"writing {cloudinit.seed_path(part)}: {error.strerror or error}") from None
+        raise KvmTasksError(f"writing {seedrules.seed_path(part)}: {error.strerror or error}") from None

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvmtasks.config.cloudinit import seed_path
-from kvmtasks.config.options import ImageType, Redirect
-from kvmtasks.config.part import Part
+from kvmtasks.config.options import ImageType
+from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.runfiles import RunFiles
+from kvmtasks.config.seedrules import seed_path
 
 
 def escape(value: str | Path) -> str:
     """QEMU's own quoting inside option values: a comma is written twice."""
     return str(value).replace(",", ",,")
-
-
-def forwards(part: Part) -> tuple[Redirect, ...]:
-    """Every host-to-guest port forward: kvm_redir lines plus ssh_port."""
-    extra = (Redirect("tcp", part.ssh_port, "", 22),) if part.ssh_port is not None else ()
-    return part.kvm_redir + extra
 
 
 def network_args(part: Part, listen_address: str) -> list[str]:
@@ -67,7 +61,7 @@ def qemu_argv(
 ) -> list[str]:
     """The full command line that starts the part's VM as a daemon.
 
-    machine is the versioned machine type (engines/machine.py), pinned so that a saved
+    machine is the versioned machine type (engines/qemu/machine.py), pinned so that a saved
     state restores on the same machine; None leaves QEMU's default.
     """
     files = RunFiles.of(part)

@@ -16,8 +16,8 @@ from kvmtasks import command
 from kvmtasks.config.diskformat import boot_disk, boot_disk_format
 from kvmtasks.config.part import Part, path_is_block_device
 from kvmtasks.config.runfiles import RunFiles, current
-from kvmtasks.engines import qmp, savestate, vm
-from kvmtasks.engines.qemu import escape
+from kvmtasks.engines.qemu import qmp, savestate, vm
+from kvmtasks.engines.qemu.argv import escape
 from kvmtasks.errors import VmError
 from kvmtasks.guest import connection
 

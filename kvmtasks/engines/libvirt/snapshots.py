@@ -15,8 +15,8 @@ import time
 from kvmtasks.config.diskformat import boot_disk
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles, current, virsh
-from kvmtasks.engines import libvirt, managedsave
-from kvmtasks.engines.snapshots import HMP_TIMEOUT, Snapshot, check_name, check_supported, listing_lines
+from kvmtasks.engines.libvirt import managedsave, vm
+from kvmtasks.engines.qemu.snapshots import HMP_TIMEOUT, Snapshot, check_name, check_supported, listing_lines
 from kvmtasks.errors import VmError
 
 
@@ -41,7 +41,7 @@ def _existing(part: Part, name: str) -> None:
                       f"(see: {part.name}-ctl snapshot list)")
 
 
-def save(part: Part, name: str, say: libvirt.Say = print) -> None:
+def save(part: Part, name: str, say: vm.Say = print) -> None:
     check_supported(part)
     check_name(name)
     if not current(part).running:
@@ -54,31 +54,31 @@ def save(part: Part, name: str, say: libvirt.Say = print) -> None:
         f"(libvirt domain {part.name} on {part.libvirt_uri})")
 
 
-def restore(part: Part, name: str, say: libvirt.Say = print) -> None:
+def restore(part: Part, name: str, say: vm.Say = print) -> None:
     """A running domain jumps back to the snapshot; a stopped (or suspended) one starts from it."""
     check_supported(part)
     check_name(name)
     _existing(part, name)
     running = current(part).running
     if not running:
-        libvirt.check_ports(part)
+        vm.check_ports(part)
     if not running and managedsave.suspended(part):
         managedsave.discard(part)
         say(f"{part.name}: the suspended state is discarded, snapshot {name} replaces it")
     virsh(part, "snapshot-revert", part.name, name, "--running", timeout=HMP_TIMEOUT)
     files = RunFiles.of(part)
     if not running:
-        libvirt.mark_started(part, "kvm" if "type='kvm'" in virsh(part, "dumpxml", part.name) else "qemu")
+        vm.mark_started(part, "kvm" if "type='kvm'" in virsh(part, "dumpxml", part.name) else "qemu")
     if part.ssh_port is not None:
-        libvirt.wait_for_login(part)
-    libvirt.set_clock(part, say)
+        vm.wait_for_login(part)
+    vm.set_clock(part, say)
     if running:
         say(f"{part.name}: restored snapshot {name}")
     else:
         say(f"{part.name}: started from snapshot {name} (accel {files.accel.read_text()})")
 
 
-def delete(part: Part, name: str, say: libvirt.Say = print) -> None:
+def delete(part: Part, name: str, say: vm.Say = print) -> None:
     check_supported(part)
     check_name(name)
     _existing(part, name)

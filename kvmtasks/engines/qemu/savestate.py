@@ -21,7 +21,7 @@ from typing import Any
 from kvmtasks.config.diskformat import boot_disk
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles, command_line
-from kvmtasks.engines import qmp
+from kvmtasks.engines.qemu import qmp
 from kvmtasks.errors import VmError
 
 FD_NAME = "kvmtasks-state"

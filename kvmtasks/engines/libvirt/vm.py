@@ -1,10 +1,10 @@
 """Run a part's VM as a libvirt domain named after the part, on a local or remote host.
 
 Everything goes through ``virsh`` (one argv per call, through command.run):
-the forwarded ports are checked free on the host (engines/hostports.py), the
-volumes are made ready (engines/libvirt_storage.py), the domain is defined
-from engines/domain.py and started (or resumed from its managed save,
-engines/managedsave.py), and the guest is reached over ssh as with the
+the forwarded ports are checked free on the host (hostports.py), the
+volumes are made ready (storage.py), the domain is defined
+from domain.py and started (or resumed from its managed save,
+managedsave.py), and the guest is reached over ssh as with the
 direct QEMU engine.
 """
 
@@ -16,17 +16,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from kvmtasks.config import cloudinit
+from kvmtasks.config import seedrules
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.remote import remote_of
 from kvmtasks.config.runfiles import RunFiles, current, virsh
-from kvmtasks.engines import hostports, libvirt_storage, managedsave, poweroff, qmp, status
-from kvmtasks.engines.domain import domain_xml, made_by_kvmtasks
-from kvmtasks.engines.savestate import KVM_SNAPSHOT_SUSPEND
+from kvmtasks.engines import poweroff, statusreport
+from kvmtasks.engines.libvirt import hostports, managedsave, storage
+from kvmtasks.engines.libvirt.domain import domain_xml, made_by_kvmtasks
+from kvmtasks.engines.qemu import qmp
+from kvmtasks.engines.qemu.savestate import KVM_SNAPSHOT_SUSPEND
 from kvmtasks.errors import VmError
-from kvmtasks.guest import clock, hostkeys, ssh
-from kvmtasks.guest import cloudinit as guest_cloudinit
+from kvmtasks.guest import clock, hostkeys, readiness, ssh
 
 Say = Callable[[str], None]
 POLL = 0.5
@@ -78,11 +79,11 @@ def _xml(part: Part, domain_type: str, uuid: str | None) -> str:
     remote = remote_of(part) is not None
     return domain_xml(
         part, domain_type=domain_type,
-        disk=libvirt_storage.boot_volume(part),
+        disk=storage.boot_volume(part),
         listen_address=_listen_address(part),
         console_log=None if remote else RunFiles.of(part).console_log,
         uuid=uuid,
-        seed=libvirt_storage.seed_volume(part),
+        seed=storage.seed_volume(part),
     )
 
 
@@ -109,7 +110,7 @@ def start(part: Part, say: Say = print) -> None:
     if status.running:
         say(f"{part.name} is already running (libvirt domain {part.name} on {part.libvirt_uri})")
         return
-    disks = [part.image_path, part.boot_disk, *([cloudinit.seed_path(part)] if part.cloud_init else [])]
+    disks = [part.image_path, part.boot_disk, *([seedrules.seed_path(part)] if part.cloud_init else [])]
     for disk in disks:
         if not disk.exists():
             raise VmError(f"{disk} not found; run: doit provision:{part.name}")
@@ -122,15 +123,15 @@ def start(part: Part, say: Say = print) -> None:
     uuid = _our_domain_uuid(part)
     if uuid is not None and managedsave.has_managed_save(part) and _resume(part, say):
         return
-    libvirt_storage.ensure_pool(part)
-    libvirt_storage.upload(part, part.image_path, libvirt_storage.volume_name(part),
-                           libvirt_storage.volume_record(part), say)
+    storage.ensure_pool(part)
+    storage.upload(part, part.image_path, storage.volume_name(part),
+                           storage.volume_record(part), say)
     if part.cloud_init:
         # The seed travels like the image: uploaded again only when its bytes changed.
-        libvirt_storage.upload(part, cloudinit.seed_path(part), libvirt_storage.seed_volume_name(part),
-                               libvirt_storage.seed_record(part), say)
+        storage.upload(part, seedrules.seed_path(part), storage.seed_volume_name(part),
+                               storage.seed_record(part), say)
     if part.overlay:
-        libvirt_storage.ensure_overlay_volume(part)
+        storage.ensure_overlay_volume(part)
     domain_type = _domain_type(part)
     deadline = time.monotonic() + part.kvm_boot_timeout  # for cloud-init, after the login
     try:
@@ -141,7 +142,7 @@ def start(part: Part, say: Say = print) -> None:
         say(f"{part.name}: {error}; starting again under TCG (software emulation, slower)")
         _boot(part, "qemu", virsh(part, "domuuid", part.name).strip())
     if part.ssh_port is not None:
-        guest_cloudinit.wait(part, deadline, say)
+        readiness.wait(part, deadline, say)
     accel = RunFiles.of(part).accel.read_text()
     say(f"{part.name} is running (libvirt domain {part.name} on {part.libvirt_uri}, accel {accel})")
 
@@ -275,10 +276,10 @@ def stop(part: Part, say: Say = print) -> None:
         f"{part.kvm_shutdown_timeout:g} s, so the domain was destroyed)")
 
 
-def facts(part: Part) -> status.Facts:
+def facts(part: Part) -> statusreport.Facts:
     # A remote host keeps the console log: QEMU writes it there.
     local = remote_of(part) is None
-    return status.gather(part, address=_listen_address(part),
+    return statusreport.gather(part, address=_listen_address(part),
                          console_log=RunFiles.of(part).console_log if local else None,
                          libvirt_uri=part.libvirt_uri,
                          suspended=not current(part).running and managedsave.suspended(part))

@@ -12,10 +12,9 @@ import re
 from dataclasses import dataclass
 
 from kvmtasks import command
-from kvmtasks.config.part import Part
+from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.remote import remote_of
 from kvmtasks.engines import portprobe
-from kvmtasks.engines.qemu import forwards
 from kvmtasks.errors import VmError
 from kvmtasks.guest import ssh
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from kvmtasks.config import cloudinit
+from kvmtasks.config import seedrules
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import virsh
 from kvmtasks.errors import VmError
@@ -29,7 +29,7 @@ def record_file(part: Part) -> Path:
 
 def fit(part: Part, xml: str) -> str:
     """What a saved state belongs to: the domain's XML and the files its volumes follow."""
-    files = [part.image_path, part.boot_disk, *([cloudinit.seed_path(part)] if part.cloud_init else [])]
+    files = [part.image_path, part.boot_disk, *([seedrules.seed_path(part)] if part.cloud_init else [])]
     identity = [xml, *([str(path), path.stat().st_size, path.stat().st_mtime_ns] for path in files)]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 

@@ -8,16 +8,16 @@ import time
 from collections.abc import Callable
 
 from kvmtasks import command
-from kvmtasks.config import cloudinit
+from kvmtasks.config import seedrules
 from kvmtasks.config.diskformat import boot_disk_format
 from kvmtasks.config.options import Accel
-from kvmtasks.config.part import Part, listen_address
+from kvmtasks.config.part import Part, forwards, listen_address
 from kvmtasks.config.runfiles import RunFiles, clean_run_files, current, is_our_qemu, read_pid
-from kvmtasks.engines import machine, portprobe, poweroff, qmp, savestate, status
-from kvmtasks.engines.qemu import forwards, qemu_argv
+from kvmtasks.engines import portprobe, poweroff, statusreport
+from kvmtasks.engines.qemu import machine, qmp, savestate
+from kvmtasks.engines.qemu.argv import qemu_argv
 from kvmtasks.errors import VmError
-from kvmtasks.guest import clock, connection, hostkeys, ssh
-from kvmtasks.guest import cloudinit as guest_cloudinit
+from kvmtasks.guest import clock, connection, hostkeys, readiness, ssh
 
 Say = Callable[[str], None]
 CONSOLE_TAIL_LINES = 20
@@ -63,8 +63,8 @@ def _preflight(part: Part) -> str:
     for what, disk in (("image", part.image_path), ("overlay", part.boot_disk)):
         if not disk.exists():  # an overlay without its image would not boot either
             raise VmError(f"{what} {disk} not found; run: doit provision:{part.name}")
-    if part.cloud_init and not cloudinit.seed_path(part).exists():
-        raise VmError(f"cloud-init seed {cloudinit.seed_path(part)} not found; "
+    if part.cloud_init and not seedrules.seed_path(part).exists():
+        raise VmError(f"cloud-init seed {seedrules.seed_path(part)} not found; "
                       f"run: doit provision:{part.name}")
     if len(str(files.qmp_socket)) > SOCKET_PATH_MAX:
         raise VmError(
@@ -108,7 +108,7 @@ def start(part: Part, say: Say = print, *, loadvm: str | None = None) -> None:
     if loadvm is not None:
         set_clock(part, say)
     if part.ssh_port is not None:
-        guest_cloudinit.wait(part, deadline, say)
+        readiness.wait(part, deadline, say)
     say(f"{part.name} is running (pid {current(part).pid}, accel {RunFiles.of(part).accel.read_text()})")
 
 
@@ -275,8 +275,8 @@ def stop(part: Part, say: Say = print) -> None:
             f"{part.kvm_shutdown_timeout:g} s, so QEMU was told to quit)")
 
 
-def facts(part: Part) -> status.Facts:
-    return status.gather(part, address=listen_address(part.ssh_hostname),
+def facts(part: Part) -> statusreport.Facts:
+    return statusreport.gather(part, address=listen_address(part.ssh_hostname),
                          console_log=RunFiles.of(part).console_log,
                          suspended=savestate.saved(part) is not None)
 

@@ -9,10 +9,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from kvmtasks.config import cloudinit
-from kvmtasks.config.part import Part
+from kvmtasks.config import seedrules
+from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.runfiles import RunFiles, current
-from kvmtasks.engines.qemu import forwards
 from kvmtasks.guest import ssh
 
 
@@ -76,9 +75,9 @@ def gather(part: Part, *, address: str, console_log: Path | None,
         ssh_command=tuple(ssh.login_argv(part, [], tty=False)) if part.ssh_port is not None else None,
         console_log=console_log,
         disks={"image": part.image_path, **({"overlay": part.overlay_path} if part.overlay else {})},
-        ssh_key=cloudinit.identity_file(part),
+        ssh_key=seedrules.identity_file(part),
         ssh_key_made=part.ssh_key_path is None and part.cloud_init,
-        pinned_known_hosts=RunFiles.of(part).known_hosts if cloudinit.pins_host_key(part) else None,
+        pinned_known_hosts=RunFiles.of(part).known_hosts if seedrules.pins_host_key(part) else None,
     )
 
 

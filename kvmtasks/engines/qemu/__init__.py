@@ -1,0 +1,1 @@
+"""The direct QEMU engine: QEMU started by kvmtasks itself."""
