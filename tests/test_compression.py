@@ -81,7 +81,8 @@ def test_each_format_is_decompressed_sparse_and_checked(
     assert image.read_bytes() == raw
     record = json.loads((project.parts / "vm" / ".kvmtasks" / "image.json").read_text())
     download = (project.parts / "vm" / f"debian-12.raw{suffix}").stat()
-    assert record["source"] == {"size": download.st_size, "mtime_ns": download.st_mtime_ns}
+    assert record["source"] == {"size": download.st_size, "mtime_ns": download.st_mtime_ns,
+                                "sha256": hashlib.sha256(packed).hexdigest()}
     assert image.stat().st_blocks * 512 < len(raw) * 3 // 4, "the zero run was written, not a hole"
     assert (project.parts / "vm" / f"debian-12.raw{suffix}").read_bytes() == packed
     assert leftovers(project.parts) == []

@@ -96,8 +96,10 @@ def test_gzip_download_with_every_checksum_then_a_no_op_run(
     # The image's record names the download it was made from.
     record = json.loads((folder / ".kvmtasks" / "image.json").read_text())
     download = (folder / "disk.img.gz").stat()
-    assert record["source"] == {"size": download.st_size, "mtime_ns": download.st_mtime_ns}
-    assert record["digests"] == {"md5": md5(raw)}
+    assert record["source"] == {"size": download.st_size, "mtime_ns": download.st_mtime_ns,
+                                "sha256": hashlib.sha256(packed).hexdigest()}
+    # And the content digest the overlay step keys on, whatever the checksums asked.
+    assert record["digests"] == {"md5": md5(raw), "sha256": hashlib.sha256(raw).hexdigest()}
     requests_before = len(http_server.requests)
 
     second = project.provision()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from kvmtasks.config.bounded import read_text
 from kvmtasks.errors import VerifyError
 
 CHUNK = 1 << 20
@@ -168,6 +169,27 @@ def hash_file(path: Path, algorithms: Iterable[str]) -> dict[str, str]:
     return hasher.hexdigests()
 
 
+# The digest that tells one content from another: every download and image record holds it,
+# so that a file with a new mtime (touched, linked again, fetched again) is known for the same.
+CONTENT = "sha256"
+
+
+@dataclass(frozen=True)
+class Source:
+    """The download an image was made from: its size and mtime then, and its content."""
+
+    size: int
+    mtime_ns: int
+    content: str | None = None
+
+    def is_now(self, path: Path) -> bool:
+        """path is still that file, by size and mtime (no reading)."""
+        try:
+            return identity(path) == (self.size, self.mtime_ns)
+        except OSError:
+            return False
+
+
 @dataclass(frozen=True)
 class Record:
     """What was known about a file when it was produced or last hashed."""
@@ -175,8 +197,8 @@ class Record:
     size: int
     mtime_ns: int
     digests: Mapping[str, str]
-    # For an image: the (size, mtime_ns) of the download it was made from.
-    source: tuple[int, int] | None = None
+    # For an image: the download it was made from.
+    source: Source | None = None
 
     def matches(self, path: Path) -> bool:
         try:
@@ -192,32 +214,56 @@ def identity(path: Path) -> tuple[int, int]:
     return info.st_size, info.st_mtime_ns
 
 
+def source_of(path: Path, content: str | None) -> Source:
+    """path as the source of an image: its identity now, and its content digest."""
+    return Source(*identity(path), content)
+
+
 def write_record(record_path: Path, file_path: Path, digests: Mapping[str, str],
-                 made_from: tuple[int, int] | None = None) -> Record:
-    """Record file_path's size, mtime and digests (and the identity of the file it was made from)."""
+                 made_from: Source | None = None) -> Record:
+    """Record file_path's size, mtime and digests (and the download it was made from)."""
     info = file_path.stat()
-    record = Record(info.st_size, info.st_mtime_ns, dict(digests), made_from)
+    return save_record(record_path, Record(info.st_size, info.st_mtime_ns, dict(digests), made_from))
+
+
+def save_record(record_path: Path, record: Record) -> Record:
+    """Write record as it is (through a temporary name: never half written)."""
     record_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = record_path.with_name(record_path.name + ".tmp")
-    data: dict[str, object] = {"size": record.size, "mtime_ns": record.mtime_ns, "digests": record.digests}
-    if made_from is not None:
-        data["source"] = {"size": made_from[0], "mtime_ns": made_from[1]}
-    temporary.write_text(json.dumps(data))
-    os.replace(temporary, record_path)
+    data: dict[str, object] = {"size": record.size, "mtime_ns": record.mtime_ns,
+                               "digests": dict(record.digests)}
+    if record.source is not None:
+        data["source"] = {"size": record.source.size, "mtime_ns": record.source.mtime_ns,
+                          **({CONTENT: record.source.content} if record.source.content else {})}
+    try:
+        temporary.write_text(json.dumps(data))
+        os.replace(temporary, record_path)
+    finally:
+        temporary.unlink(missing_ok=True)
     return record
 
 
 def read_record(record_path: Path) -> Record | None:
     try:
-        data = json.loads(record_path.read_text())
+        data = json.loads(read_text(record_path))
         record = Record(int(data["size"]), int(data["mtime_ns"]), dict(data["digests"]))
         if "source" in data:
             source = data["source"]
+            content = source.get(CONTENT)
             return Record(record.size, record.mtime_ns, record.digests,
-                          (int(source["size"]), int(source["mtime_ns"])))
+                          Source(int(source["size"]), int(source["mtime_ns"]),
+                                 content if isinstance(content, str) else None))
         return record
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def content_of(path: Path, record_path: Path) -> str:
+    """path's CONTENT digest: its record's while the file is the one recorded, else hashed now."""
+    record = read_record(record_path)
+    if record is not None and record.matches(path) and CONTENT in record.digests:
+        return record.digests[CONTENT]
+    return hash_file(path, {CONTENT})[CONTENT]
 
 
 def compare(what: str, expected: Mapping[str, str], actual: Mapping[str, str],

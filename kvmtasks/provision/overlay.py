@@ -7,6 +7,7 @@ new, empty overlay, made in a moment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -14,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from kvmtasks import command
+from kvmtasks.config import bounded
 from kvmtasks.config.diskformat import disk_format
 from kvmtasks.config.options import size_bytes
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles, current
 from kvmtasks.errors import KvmTasksError, VerifyError, VmError
-from kvmtasks.provision.steps import exclusive, record_directory
+from kvmtasks.provision import digest
+from kvmtasks.provision.steps import exclusive, image_record, record_directory
 
 QEMU_IMG_TIMEOUT = 60.0
 
@@ -51,24 +54,67 @@ def record_path(part: Part) -> Path:
 
 
 def up_to_date(part: Part) -> bool:
-    """True while the overlay exists over the image it was made on, at the disk_size asked.
+    """True while the overlay exists over an image of the content it was made on, at the
+    disk_size asked.
 
-    Kept beside the overlay rather than in doit's state, which doit forgets when the step
-    fails: a change refused while the VM runs, then undone, must not wipe the guest's disk.
+    The image's content decides, not its size and mtime: an image made again from the same
+    bytes (a touched download, a cache entry fetched again) keeps the guest's disk and its
+    snapshots. Kept beside the overlay rather than in doit's state, which doit forgets when
+    the step fails: a change refused while the VM runs, then undone, must not wipe the
+    guest's disk.
     """
     if not part.overlay_path.exists():
         return False
     try:
-        return bool(json.loads(record_path(part).read_text()) == _made_on(part))
+        recorded = json.loads(bounded.read_text(record_path(part)))
+        now = _identity(part)
     except (OSError, ValueError):
         return False
+    if not isinstance(recorded, dict) or \
+            {key: recorded.get(key) for key in ("base", "disk_size")} != \
+            {key: now[key] for key in ("base", "disk_size")}:
+        return False
+    if (recorded.get("size"), recorded.get("mtime_ns")) == (now["size"], now["mtime_ns"]):
+        return True
+    content = recorded.get(digest.CONTENT)
+    if not isinstance(content, str):
+        return False  # an overlay from before the record held the content: by mtime, as then
+    try:
+        if image_content(part) != content:
+            return False
+    except OSError:
+        return False
+    with contextlib.suppress(OSError):  # not remembered: compared again next time
+        _write_record(part, content)
+    return True
 
 
-def _made_on(part: Part) -> dict[str, Any]:
-    """What the overlay depends on: the image (path, size, mtime) and disk_size."""
+def image_content(part: Part, hash_now: bool = True) -> str | None:
+    """The image's content digest: its record's while the image is the one recorded, else
+    hashed now (None when that is not wanted)."""
+    record = digest.read_record(image_record(part))
+    if record is not None and record.matches(part.image_path) and digest.CONTENT in record.digests:
+        return record.digests[digest.CONTENT]
+    if not hash_now or part.is_block_device:
+        return None
+    return digest.hash_file(part.image_path, {digest.CONTENT})[digest.CONTENT]
+
+
+def _identity(part: Part) -> dict[str, Any]:
+    """What the overlay depends on, but its content: the image (path, size, mtime) and disk_size."""
     info = part.image_path.stat()
     return {"base": str(part.image_path.absolute()), "size": info.st_size,
             "mtime_ns": info.st_mtime_ns, "disk_size": part.disk_size}
+
+
+def _write_record(part: Part, content: str | None) -> None:
+    record = record_path(part)
+    temporary = record.with_name(record.name + ".tmp")
+    try:
+        temporary.write_text(json.dumps({**_identity(part), digest.CONTENT: content}))
+        os.replace(temporary, record)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def base_format(part: Part) -> str:
@@ -103,8 +149,8 @@ def _make(part: Part) -> None:
         partial.unlink(missing_ok=True)
         raise KvmTasksError(f"qemu-img create {partial} failed: {_last_line(result.stderr)}")
     os.replace(partial, overlay)
-    record = record_path(part)
-    record.write_text(json.dumps(_made_on(part)))
+    # A local file with no checksum is not read whole for this: it is told by its mtime.
+    _write_record(part, image_content(part, hash_now=False))
     # A fresh disk is a fresh machine: its host key is new too.
     RunFiles.of(part).known_hosts.unlink(missing_ok=True)
 

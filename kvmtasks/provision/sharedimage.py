@@ -12,6 +12,8 @@ decompressing does, without its holes.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -40,7 +42,8 @@ def take(entry: Entry, part: Part, label: str) -> dict[str, str] | None:
         if not link(entry.image, part.image_path):
             return None
         digests = dict(record.digests)
-        missing = set(part.image_digests) - set(digests)
+        wanted = set(part.image_digests) | {digest.CONTENT}
+        missing = wanted - set(digests)
         if missing:
             # A checksum the shared image was not hashed with: hash once, and remember.
             digests |= digest.hash_file(entry.image, missing)
@@ -50,7 +53,7 @@ def take(entry: Entry, part: Part, label: str) -> dict[str, str] | None:
                             f"{error.strerror or error}") from None
     print(f"{label}: the image of {entry.url} is in the download cache ({entry.folder}); "
           "not decompressing it", file=sys.stderr, flush=True)
-    return {algorithm: digests[algorithm] for algorithm in part.image_digests}
+    return {algorithm: digests[algorithm] for algorithm in wanted}
 
 
 def share(entry: Entry, part: Part, digests: dict[str, str]) -> None:
@@ -73,12 +76,8 @@ def _trusted_record(entry: Entry, label: str | None) -> digest.Record | None:
     if not entry.image.exists() and not entry.image_record.exists():
         return None
     record = digest.read_record(entry.image_record)
-    try:
-        source = digest.identity(entry.data)
-    except OSError:
-        source = None
-    if record is not None and record.matches(entry.image) and record.source == source \
-            and is_read_only(entry.image):
+    if record is not None and record.matches(entry.image) and is_read_only(entry.image) \
+            and record.source is not None and _made_from_data(entry, record.source):
         return record
     if label is not None:
         print(f"{label}: discarding the cached image of {entry.url}: it is not the one made from "
@@ -88,8 +87,29 @@ def _trusted_record(entry: Entry, label: str | None) -> digest.Record | None:
     return None
 
 
+def _made_from_data(entry: Entry, source: digest.Source) -> bool:
+    """The entry's download is the one the image was made from: the same file, or (touched,
+    fetched again) the same content, and the record learns its new size and mtime."""
+    if source.is_now(entry.data):
+        return True
+    try:
+        content = digest.content_of(entry.data, entry.record)
+    except OSError:
+        return False
+    if source.content is None or content != source.content:
+        return False
+    record = digest.read_record(entry.image_record)
+    if record is not None:
+        with contextlib.suppress(OSError):  # not remembered: hashed again next time
+            digest.save_record(entry.image_record, dataclasses.replace(
+                record, source=digest.source_of(entry.data, content)))
+    return True
+
+
 def _record(entry: Entry, digests: dict[str, str]) -> None:
-    digest.write_record(entry.image_record, entry.image, digests, digest.identity(entry.data))
+    content = digest.content_of(entry.data, entry.record)
+    digest.write_record(entry.image_record, entry.image, digests,
+                        digest.source_of(entry.data, content))
 
 
 def _same_file(first: Path, second: Path) -> bool:

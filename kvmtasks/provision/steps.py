@@ -7,7 +7,9 @@ re-runs only a comparison and no image is ever read twice.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -61,7 +63,7 @@ def _open_lock(part: Part, path: Path) -> TextIO:
 
 
 def _write_record(record_path: Path, file_path: Path, digests: Mapping[str, str],
-                  made_from: tuple[int, int] | None = None) -> None:
+                  made_from: digest.Source | None = None) -> None:
     try:
         digest.write_record(record_path, file_path, digests, made_from)
     except OSError as error:
@@ -69,12 +71,47 @@ def _write_record(record_path: Path, file_path: Path, digests: Mapping[str, str]
 
 
 def _refuse_if_running(part: Part) -> None:
-    """Never replace the disk under a running VM; a new image also has new host keys, and
-    an overlay over the old one would show the new one corrupt: it goes too."""
+    """Never replace the disk under a running VM. The overlay is never removed here: the
+    overlay step replaces it only when an image of another content is in place (a step
+    that fails half-way, or an image made again with the same bytes, keeps the guest's
+    disk and its snapshots)."""
     if current(part).running:
         raise VmError(f"{part.name} is running; stop it first: doit stop:{part.name}")
-    RunFiles.of(part).known_hosts.unlink(missing_ok=True)
-    part.overlay_path.unlink(missing_ok=True)
+
+
+def _replacing_disk(part: Part) -> None:
+    """A part booting its image itself gets a new disk: its host keys are new too (under an
+    overlay the overlay step forgets them, when it makes a new overlay)."""
+    if not part.overlay:
+        RunFiles.of(part).known_hosts.unlink(missing_ok=True)
+
+
+def _image_kept(part: Part, label: str) -> bool:
+    """The image in place was made from a download of the same content as the download now
+    (touched, linked or fetched again): it is kept, the VM's disk or the base of its overlay
+    and snapshots, and its record learns the download's new size and mtime."""
+    if part.image_path == part.download_path or not part.image_path.exists():
+        return False
+    if not part.overlay and cache.is_read_only(part.image_path):
+        return False  # the cache's shared image, and the VM would now boot it: make a copy
+    record = digest.read_record(image_record(part))
+    if record is None or record.source is None or record.source.content is None:
+        return False
+    try:
+        content = digest.content_of(part.download_path, download_record(part))
+    except OSError:
+        return False
+    if content != record.source.content:
+        return False
+    if not record.source.is_now(part.download_path):
+        try:
+            digest.save_record(image_record(part), dataclasses.replace(
+                record, source=digest.source_of(part.download_path, content)))
+        except OSError as error:
+            raise KvmTasksError(f"writing {image_record(part)}: {error.strerror or error}") from None
+        print(f"{label}: {part.image_path} was made from a download of the same content "
+              f"({digest.CONTENT} {content}); kept", file=sys.stderr, flush=True)
+    return True
 
 
 def download(part: Part) -> None:
@@ -85,11 +122,11 @@ def download(part: Part) -> None:
     label = f"download:{part.name}"
     with exclusive(part, "download"):
         _refuse_if_running(part)
-        algorithms = set(part.download_digests)
+        algorithms = set(part.download_digests) | {digest.CONTENT}
         if part.compression in (Compression.NONE, Compression.AUTO):
             algorithms |= set(part.image_digests)  # it may well be the image
-        image = StreamedImage(part.image_path, part.compression, part.image_digests, part.image) \
-            if streams(part) else None
+        image = StreamedImage(part.image_path, part.compression, _image_algorithms(part),
+                              part.image) if streams(part) else None
         try:
             with cache.held_entry(part, label) as entry:
                 if entry is None:
@@ -102,7 +139,10 @@ def download(part: Part) -> None:
                 # An image from a download that verify-download will refuse is not kept.
                 if not all(digests[name] == value for name, value in part.download_digests.items()):
                     return
-                if image is not None and image.complete:
+                if _image_kept(part, label):
+                    pass  # the same bytes as before: the image, the overlay and snapshots stay
+                elif image is not None and image.complete:
+                    _replacing_disk(part)
                     _keep_streamed(part, image, entry)
                 elif entry is not None and sharedimage.shares(part):
                     _take_shared(part, entry, label)
@@ -120,7 +160,7 @@ def streams(part: Part) -> bool:
 
 def _keep_streamed(part: Part, image: StreamedImage, entry: cache.Entry | None) -> None:
     """Put the image inflated while downloading in place, recorded as made from this download."""
-    made_from = digest.identity(part.download_path)
+    made_from = _source(part)
     try:
         digests = image.commit()
     except OSError as error:
@@ -135,8 +175,19 @@ def _take_shared(part: Part, entry: cache.Entry, label: str) -> bool:
     digests = sharedimage.take(entry, part, label)
     if digests is None:
         return False
-    _write_record(image_record(part), part.image_path, digests, digest.identity(part.download_path))
+    _write_record(image_record(part), part.image_path, digests, _source(part))
     return True
+
+
+def _image_algorithms(part: Part) -> set[str]:
+    """What an image is hashed with: its checksums, and the content digest the overlay keys on."""
+    return set(part.image_digests) | {digest.CONTENT}
+
+
+def _source(part: Part) -> digest.Source:
+    """The download as the source of the image made from it now."""
+    return digest.source_of(part.download_path,
+                            digest.content_of(part.download_path, download_record(part)))
 
 
 def decompress(part: Part) -> None:
@@ -146,7 +197,10 @@ def decompress(part: Part) -> None:
     own there; the entry's lock makes the parts of one URL decompress it once."""
     label = f"decompress:{part.name}"
     with exclusive(part, "decompress"):
+        if _image_kept(part, label):
+            return
         _refuse_if_running(part)
+        _replacing_disk(part)
         shared = sharedimage.shares(part)
         with cache.held_entry(part, label, "decompressing") if shared else nullcontext() as entry:
             if entry is not None and _take_shared(part, entry, label):
@@ -160,11 +214,11 @@ def _decompress(part: Part) -> tuple[dict[str, str], Compression | None]:
     """The image made from the download, recorded; its digests, and the compression found."""
     download, image = part.download_path, part.image_path
     # What the image is made from, for decompress's up-to-date check (see streams).
-    made_from = digest.identity(download) if image != download else None
+    made_from = _source(part) if image != download else None
     kind = detect(download) if part.compression is Compression.AUTO else part.compression
     # Without a suffix to strip, the image takes the download's name: one copy.
     digests = _as_image(part) if kind is None else \
-        decompress_file(download, image, kind, part.image_digests)
+        decompress_file(download, image, kind, _image_algorithms(part))
     _write_record(image_record(part), image, digests, made_from)
     return digests, kind
 
@@ -182,10 +236,10 @@ def _as_image(part: Part) -> dict[str, str]:
         os.replace(partial, image)
     record = digest.read_record(download_record(part))
     known = dict(record.digests) if record is not None and record.matches(download) else {}
-    missing = set(part.image_digests) - set(known)
+    missing = _image_algorithms(part) - set(known)
     if missing:
         known |= digest.hash_file(image, missing)
-    return {algorithm: known[algorithm] for algorithm in part.image_digests}
+    return {algorithm: known[algorithm] for algorithm in _image_algorithms(part)}
 
 
 def image_made_from_download(part: Part) -> bool:
@@ -206,7 +260,7 @@ def image_made_from_download(part: Part) -> bool:
     if record.source is None:
         # A record from before records named their download: the image was made after it.
         return record.mtime_ns >= download[1]
-    return record.source == download
+    return (record.source.size, record.source.mtime_ns) == download
 
 
 def verify_download(part: Part) -> None:
