@@ -31,7 +31,7 @@ COMMAND = ".venv/bin/python -m tests.reliability"
 # The new tests; the generator runs them with the EARLIER ones.
 FILES = ("tests/test_faults_download.py", "tests/test_faults_input.py",
          "tests/test_injection.py", "tests/test_faults_vm.py", "tests/test_overlay.py",
-         "tests/test_compression.py", "tests/test_checksum_lists.py")
+         "tests/test_compression.py", "tests/test_checksum_lists.py", "tests/test_faults_data.py")
 
 # Categories, in the order the report lists them.
 FAULTS = {
@@ -49,6 +49,9 @@ FAULTS = {
     "reset-running": "reset while the VM runs (doit reset and PART-ctl reset)",
     "list-unreachable": "checksum list unreachable (refused connection, HTTP 404)",
     "list-changed": "checksum list changed on the server",
+    "reprovision": "download touched, fetched again or damaged under an overlay with snapshots",
+    "cache-image": "decompressed image in the download cache damaged, its record stale",
+    "cut-transfer": "a PART-getfile transfer cut mid-file",
 }
 BAD_INPUTS = {
     "config": "config values (hypothesis, every option)",
@@ -62,6 +65,9 @@ BAD_INPUTS = {
     "backing": "an image with a backing file of its own under an overlay",
     "compressed": "corrupt and truncated gzip, xz, zstd and bz2 streams",
     "checksum-list": "checksum lists without the file's entry, or with a wrong digest",
+    "endless": "input files without an end or a bound: a device, a FIFO, a file of 200 MB",
+    "misleading": "inputs that got a misleading message: garbage part.json, file:// redirect, "
+                  "relative KVMTASKS_CONFIG, a host port twice",
 }
 
 # Earlier tests (module::function, every parametrization) and the fault each injects.

@@ -1,0 +1,198 @@
+"""Faults where what the user had is at stake: the guest's disk and snapshots, a cached image,
+a local file fetched from the guest, input files without an end.
+
+Real doit runs over the suite's HTTP server, real qemu-img and qemu-io, real guests under TCG.
+Each test names the files that must come through intact (``reliability.keep``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from kvmtasks.provision.cache import Entry
+from tests.conftest import Project
+from tests.test_provision_pipeline import assert_ok, assert_one_line_error
+from tests.test_vm_e2e import script, vm_config
+from tests.vmfixtures import Guest, free_port, needs_qemu, qemu_pids_under
+
+if TYPE_CHECKING:
+    from tests.httpserver import FileServer
+    from tests.reliability import Recorder
+
+MIB = 1 << 20
+RAW = os.urandom(MIB) + bytes(3 * MIB)
+PACKED = gzip.compress(RAW, compresslevel=1)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def cached_project(root: Path, cache: Path, url: str) -> Project:
+    root.mkdir()
+    project = Project(root)
+    project.buildout["download-cache"] = str(cache)
+    project.write(f"[vm]\nimage = {url}\ngzip = true\noverlay = true\n"
+                  f"sha256_image = {sha256(RAW)}\n")
+    return project
+
+
+def overlay(project: Project) -> Path:
+    return project.parts / "vm" / "vm.overlay.qcow2"
+
+
+def guest_write_and_snapshot(disk: Path) -> None:
+    """What a guest's write and `PART-ctl snapshot save keep1` leave in the overlay."""
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 65536", str(disk)],
+                   capture_output=True, check=True)
+    subprocess.run(["qemu-img", "snapshot", "-c", "keep1", str(disk)], capture_output=True, check=True)
+
+
+def snapshots(disk: Path) -> str:
+    return subprocess.run(["qemu-img", "snapshot", "-l", "-U", str(disk)], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def touch(path: Path) -> None:
+    """A new mtime, the same bytes (what `touch` does)."""
+    info = path.stat()
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 5_000_000_000))
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """One byte changed in place (the cache's files are read-only; root writes them anyway)."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def two_projects_on_one_cache(tmp_path: Path, http_server: FileServer) -> tuple[Project, Project, Entry]:
+    url = http_server.put("disk.img.gz", PACKED)
+    cache = tmp_path / "cache"
+    first, second = (cached_project(tmp_path / name, cache, url) for name in ("first", "second"))
+    for project in (first, second):
+        assert_ok(project.provision())
+        guest_write_and_snapshot(overlay(project))
+    return first, second, Entry(cache, url)
+
+
+# -- 1. the overlay and its snapshots outlive a decompress run again --------------------------
+
+def test_a_touched_download_keeps_the_overlay_and_its_snapshots_in_every_project(
+    tmp_path: Path, http_server: FileServer, reliability: Recorder
+) -> None:
+    first, second, entry = two_projects_on_one_cache(tmp_path, http_server)
+    reliability.fault("reprovision")
+    reliability.keep(overlay(first), overlay(second))
+    # The download is a hard link of the cache's file and of the other project's download.
+    touch(first.parts / "vm" / "disk.img.gz")
+    assert (second.parts / "vm" / "disk.img.gz").samefile(entry.data)
+
+    for project in (first, second):
+        again = project.provision()
+        assert_ok(again)
+        assert "overlay:vm" not in again.executed, again.describe()
+        assert "discarding" not in again.output, again.describe()
+        assert "keep1" in snapshots(overlay(project))
+        # And the next run has nothing to do.
+        assert project.provision().ran() & {"decompress", "overlay"} == set()
+    assert reliability.lost() == 0
+
+
+def test_a_cache_entry_fetched_again_with_the_same_bytes_keeps_the_overlay(
+    tmp_path: Path, http_server: FileServer, reliability: Recorder
+) -> None:
+    first, second, entry = two_projects_on_one_cache(tmp_path, http_server)
+    reliability.fault("reprovision")
+    reliability.keep(overlay(first), overlay(second))
+    # The cache emptied (a user clearing it) and the part's download gone: fetched again, a
+    # new file of the same bytes, and the image made again from it.
+    for path in entry.folder.iterdir():
+        path.unlink()
+    (first.parts / "vm" / "disk.img.gz").unlink()
+    again = first.provision()
+    assert_ok(again)
+    assert "download:vm" in again.executed
+    assert "overlay:vm" not in again.executed, again.describe()
+    assert "keep1" in snapshots(overlay(first))
+    assert_ok(second.provision())
+    assert "keep1" in snapshots(overlay(second))
+    assert reliability.lost() == 0
+
+
+def test_a_damaged_cached_download_fails_decompress_and_every_overlay_is_kept(
+    tmp_path: Path, http_server: FileServer, reliability: Recorder
+) -> None:
+    first, second, entry = two_projects_on_one_cache(tmp_path, http_server)
+    reliability.fault("reprovision")
+    reliability.keep(overlay(first), overlay(second), first.parts / "vm" / "disk.img")
+    flip_byte(entry.data, len(PACKED) // 2)
+    for project in (first, second):
+        failed = project.provision()
+        assert_one_line_error(failed, "decompress:vm", "disk.img.gz is not a valid gzip file")
+        assert overlay(project).exists()
+        assert "keep1" in snapshots(overlay(project))
+    assert reliability.lost() == 0
+
+
+def test_a_new_image_of_another_content_still_gets_a_new_overlay(
+    tmp_path: Path, http_server: FileServer
+) -> None:
+    first, _, entry = two_projects_on_one_cache(tmp_path, http_server)
+    other = bytes(MIB) + os.urandom(MIB)
+    http_server.put("disk.img.gz", gzip.compress(other))
+    config = first.configs[0].read_text()
+    first.configs[0].write_text(config.replace(sha256(RAW), sha256(other)))
+    for path in entry.folder.iterdir():
+        path.unlink()
+    (first.parts / "vm" / "disk.img.gz").unlink()
+    again = first.provision()
+    assert_ok(again)
+    assert "overlay:vm" in again.executed
+    assert "keep1" not in snapshots(overlay(first))
+
+
+@pytest.mark.usefixtures("no_vm_left")
+@pytest.mark.vm
+@needs_qemu
+def test_a_guest_write_and_snapshot_outlive_a_touched_download(
+    tmp_path: Path, guest: Guest, http_server: FileServer, reliability: Recorder
+) -> None:
+    url = http_server.put("guest.img.gz", guest.gzipped())
+    root = tmp_path / "t1"
+    root.mkdir()
+    project = Project(root)
+    project.buildout["download-cache"] = str(tmp_path / "cache")
+    project.write(vm_config(guest, f"image = {url}\ngzip = true\noverlay = true\n", free_port()))
+    started = project.run("start:vm", timeout=300)
+    assert started.returncode == 0, started.describe()
+    wrote = script(project, "vm-runscript",
+                   "grep -q ' /mnt ' /proc/mounts && echo kept > /mnt/marker && sync")
+    assert wrote.returncode == 0, wrote.stderr
+    saved = script(project, "vm-ctl", "snapshot", "save", "keep1")
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    assert script(project, "vm-ctl", "stop").returncode == 0
+    reliability.fault("reprovision")
+    reliability.keep(overlay(project))
+
+    touch(project.parts / "vm" / "guest.img.gz")
+    again = project.provision()
+    assert_ok(again)
+    assert "overlay:vm" not in again.executed, again.describe()
+    assert reliability.lost() == 0
+    listed = script(project, "vm-ctl", "snapshot", "list")
+    assert "keep1" in listed.stdout, listed.stdout + listed.stderr
+    assert script(project, "vm-ctl", "start").returncode == 0
+    kept = script(project, "vm-runscript", "cat /mnt/marker")
+    assert (kept.returncode, kept.stdout) == (0, "kept\n"), kept.stderr
+    assert script(project, "vm-ctl", "stop").returncode == 0
+    assert qemu_pids_under(project.root) == []
