@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
+import signal
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -196,3 +200,134 @@ def test_a_guest_write_and_snapshot_outlive_a_touched_download(
     assert (kept.returncode, kept.stdout) == (0, "kept\n"), kept.stderr
     assert script(project, "vm-ctl", "stop").returncode == 0
     assert qemu_pids_under(project.root) == []
+
+
+# -- 9. a cut PART-getfile leaves the local file as it was -----------------------------------
+
+@pytest.mark.usefixtures("no_vm_left")
+@pytest.mark.vm
+@needs_qemu
+def test_a_getfile_cut_mid_file_leaves_the_local_file_and_says_the_transfer_was_cut(
+    project: Project, guest: Guest, tmp_path: Path, reliability: Recorder
+) -> None:
+    project.write(vm_config(guest, f"file = {guest.image.path}\noverlay = true\n", free_port()))
+    started = project.run("start:vm", timeout=300)
+    assert started.returncode == 0, started.describe()
+    made = script(project, "vm-runscript", "dd if=/dev/zero of=/tmp/big bs=1M count=60 2>/dev/null")
+    assert made.returncode == 0, made.stderr
+    local = tmp_path / "local.txt"
+    local.write_text("what the user had\n")
+    local.chmod(0o640)
+    reliability.fault("cut-transfer")
+    reliability.keep(local)
+
+    getting = subprocess.Popen([str(project.root / "bin" / "vm-getfile"), "/tmp/big", str(local)],
+                               env={**os.environ, "HOME": str(project.root / "home"), **project.env},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(p.stat().st_size > MIB for p in tmp_path.glob(".local.txt.getfile-*")),
+                 "bytes arriving")
+        for pid in qemu_pids_under(project.root):
+            os.kill(pid, signal.SIGKILL)
+        _, stderr = getting.communicate(timeout=120)
+    finally:
+        if getting.poll() is None:
+            getting.kill()
+    assert getting.returncode == 1
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert "the transfer was cut after" in stderr and "local.txt is unchanged" in stderr, stderr
+    assert "Connection refused" not in stderr
+    assert reliability.lost() == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".local")) == []
+    assert local.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.usefixtures("no_vm_left")
+@pytest.mark.vm
+@needs_qemu
+def test_getfile_over_an_existing_file_replaces_it_whole_and_keeps_its_mode(
+    project: Project, guest: Guest, tmp_path: Path
+) -> None:
+    project.write(vm_config(guest, f"file = {guest.image.path}\noverlay = true\n", free_port()))
+    started = project.run("start:vm", timeout=300)
+    assert started.returncode == 0, started.describe()
+    assert script(project, "vm-runscript", "echo new > /tmp/small").returncode == 0
+    local = tmp_path / "local.txt"
+    local.write_text("old, and longer than the new one\n")
+    local.chmod(0o640)
+    folder = tmp_path / "into"
+    folder.mkdir()
+    assert script(project, "vm-getfile", "/tmp/small", str(local)).returncode == 0
+    assert script(project, "vm-getfile", "/tmp/small", str(folder)).returncode == 0
+    assert local.read_text() == "new\n" and local.stat().st_mode & 0o777 == 0o640
+    assert (folder / "small").read_text() == "new\n"
+    assert [p.name for p in tmp_path.iterdir() if "getfile" in p.name] == []
+    assert script(project, "vm-ctl", "stop").returncode == 0
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+# -- 8. a damaged cached image is made again from the cached download --------------------------
+
+def flip_byte_keeping_mtime(path: Path, offset: int) -> None:
+    info = path.stat()
+    flip_byte(path, offset)
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+
+def with_sha512_image(project: Project) -> None:
+    """A checksum added to the config: verify-image runs again, and hashes the image for it."""
+    config = project.configs[0].read_text()
+    project.configs[0].write_text(config + f"sha512_image = {hashlib.sha512(RAW).hexdigest()}\n")
+
+
+def test_a_damaged_cached_image_is_made_again_from_the_cached_download(
+    tmp_path: Path, http_server: FileServer, reliability: Recorder
+) -> None:
+    first, second, entry = two_projects_on_one_cache(tmp_path, http_server)
+    reliability.fault("cache-image")
+    flip_byte_keeping_mtime(entry.image, 100)  # the parts' images too: the same file
+    with_sha512_image(first)
+    repaired = first.provision()
+    assert_ok(repaired)
+    assert "making it again from the verified download" in repaired.output, repaired.describe()
+    image = first.parts / "vm" / "disk.img"
+    assert image.read_bytes() == RAW
+    assert entry.image.read_bytes() == RAW and entry.image.samefile(image)
+    requests = len(http_server.requests)
+    # The other project finds the damage as soon as it checks, and takes the image made again.
+    with_sha512_image(second)
+    assert_ok(second.provision())
+    assert (second.parts / "vm" / "disk.img").read_bytes() == RAW
+    assert len(http_server.requests) == requests, "the cached download was fetched again"
+    assert first.provision().ran() == set()
+
+
+def test_a_stale_recorded_digest_is_never_quoted_when_the_image_is_intact(
+    tmp_path: Path, http_server: FileServer, reliability: Recorder
+) -> None:
+    first, _, entry = two_projects_on_one_cache(tmp_path, http_server)
+    reliability.fault("cache-image")
+    # A digest recorded from a damaged image whose byte was restored since (the mtime kept).
+    stale = "0" * 128
+    for record in (entry.image_record, first.parts / "vm" / ".kvmtasks" / "image.json"):
+        data = json.loads(record.read_text())
+        data["digests"]["sha512"] = stale
+        record.write_text(json.dumps(data))
+    with_sha512_image(first)
+    again = first.provision()
+    assert_ok(again)
+    assert stale not in again.output
+    recorded = json.loads((first.parts / "vm" / ".kvmtasks" / "image.json").read_text())
+    assert recorded["digests"]["sha512"] == hashlib.sha512(RAW).hexdigest()
+    # A wrong checksum is still refused, quoting what the image holds.
+    config = first.configs[0].read_text()
+    first.configs[0].write_text(config.replace(hashlib.sha512(RAW).hexdigest(), "1" * 128))
+    refused = first.provision()
+    line = assert_one_line_error(refused, "verify-image:vm", "sha512_image mismatch")
+    assert line.endswith(f"got {hashlib.sha512(RAW).hexdigest()}")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import socket
+import stat
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import NoReturn
 
 from kvmtasks import command
@@ -200,14 +203,36 @@ def copy_argv(part: Part, remote_file: str, local_file: Path, *, upload: bool, l
     return scp_argv(part, source, target, legacy=legacy)
 
 
-def copy(part: Part, remote_file: str, local_file: Path, *, upload: bool) -> None:
-    """scp, falling back to the legacy protocol for guests without an SFTP server."""
+def copy(part: Part, remote_file: str, local_file: Path, *, upload: bool,
+         arriving: Path | None = None, shown: Path | None = None) -> None:
+    """scp, falling back to the legacy protocol for guests without an SFTP server. arriving is
+    where a download's bytes land: once some did, a closed connection is a cut transfer, not a
+    guest without SFTP. shown is the local file's name in messages."""
     result = command.run(copy_argv(part, remote_file, local_file, upload=upload, legacy=False))
-    if result.exit_code != 0 and any(m in result.stderr for m in NO_SFTP_MARKERS):
+    first = result
+    if result.exit_code != 0 and any(m in result.stderr for m in NO_SFTP_MARKERS) \
+            and _size(arriving) == 0:
         result = command.run(copy_argv(part, remote_file, local_file, upload=upload, legacy=True))
     if result.exit_code != 0:
-        source, target = (local_file, remote_file) if upload else (remote_file, local_file)
-        raise VmError(f"scp {source} {target} failed: {' '.join(result.stderr.split()) or result.exit_code}")
+        near = shown or local_file
+        source, target = (near, remote_file) if upload else (remote_file, near)
+        said = " ".join(result.stderr.split()) or f"exit status {result.exit_code}"
+        got = _size(arriving)
+        if got:
+            raise VmError(f"scp {source}: the transfer was cut after {got} bytes ({said})")
+        if result is not first and any(m in result.stderr for m in LOGIN_FAILURES) \
+                and "Connection closed" in first.stderr:
+            raise VmError(f"scp {source}: the connection to the guest was cut during the transfer "
+                          f"({' '.join(first.stderr.split())}), and the guest is no longer "
+                          f"answering ({said}); is the VM still running?")
+        raise VmError(f"scp {source} {target} failed: {said}")
+
+
+def _size(path: Path | None) -> int:
+    try:
+        return 0 if path is None else path.stat().st_size
+    except OSError:
+        return 0
 
 
 def sendfile(part: Part, remote_file: str, local_file: Path) -> None:
@@ -217,7 +242,28 @@ def sendfile(part: Part, remote_file: str, local_file: Path) -> None:
 
 
 def getfile(part: Part, remote_file: str, local_file: Path) -> None:
-    copy(part, remote_file, local_file, upload=False)
+    """The guest's file at local_file, through a temporary name beside it: a transfer cut
+    half-way (the VM stopped, Ctrl-C) leaves the local file as it was."""
+    target = local_file
+    if target.is_dir():
+        target = target / PurePosixPath(remote_file).name  # as scp does into a folder
+    if target.is_symlink():
+        target = target.resolve()  # scp writes through a link; the link stays
+    partial = target.with_name(f".{target.name}.getfile-{os.getpid()}")
+    partial.unlink(missing_ok=True)
+    try:
+        copy(part, remote_file, partial, upload=False, arriving=partial, shown=local_file)
+        with contextlib.suppress(FileNotFoundError):
+            # Overwritten in place, a file keeps its mode; so does it here.
+            os.chmod(partial, stat.S_IMODE(target.stat().st_mode))
+        os.replace(partial, target)
+    except VmError as error:
+        raise VmError(f"{error}; {local_file} is unchanged") from None
+    except OSError as error:
+        raise VmError(f"cannot write {target}: {error.strerror or error}; {local_file} is "
+                      "unchanged") from None
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def banner(host: str, port: int, timeout: float = 3.0) -> bool:

@@ -22,7 +22,7 @@ from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
 from kvmtasks.errors import KvmTasksError
 from kvmtasks.provision import digest
-from kvmtasks.provision.cache import READ_ONLY, Entry, caches, is_read_only, link
+from kvmtasks.provision.cache import READ_ONLY, Entry, caches, held_entry, is_read_only, link
 
 
 def shares(part: Part) -> bool:
@@ -68,6 +68,24 @@ def share(entry: Entry, part: Part, digests: dict[str, str]) -> None:
     except OSError as error:
         print(f"download cache: cannot share {part.image_path}: {error.strerror or error}",
               file=sys.stderr, flush=True)
+
+
+def forget(part: Part, image: Path) -> None:
+    """image failed its checksum: when it is the cache's shared image, that goes too (under the
+    entry's lock), so that no part takes it again; the next one makes it from the download."""
+    if not shares(part) or not _same_file(image, Entry(*_entry_of(part)).image):
+        return
+    with held_entry(part, f"verify-image:{part.name}", "checking") as entry:
+        if entry is not None and _same_file(image, entry.image):
+            print(f"verify-image:{part.name}: discarding the cached image of {entry.url}: it is "
+                  "damaged", file=sys.stderr, flush=True)
+            entry.image.unlink(missing_ok=True)
+            entry.image_record.unlink(missing_ok=True)
+
+
+def _entry_of(part: Part) -> tuple[Path, str]:
+    assert part.buildout.download_cache is not None and part.image is not None
+    return part.buildout.download_cache, part.image
 
 
 def _trusted_record(entry: Entry, label: str | None) -> digest.Record | None:

@@ -292,7 +292,7 @@ def _hash_local_file(part: Part) -> None:
     _write_record(image_record(part), part.image_path, digests)
 
 
-def _verify(part: Part, what: str, path: Path, record_path: Path) -> None:
+def _verify(part: Part, what: str, path: Path, record_path: Path, repaired: bool = False) -> None:
     expected, sources = checksums.expected(part, what)
     if not expected:
         return
@@ -313,15 +313,32 @@ def _verify(part: Part, what: str, path: Path, record_path: Path) -> None:
         )
     try:
         digest.compare(what, expected, record.digests, sources)
+        return
     except VerifyError as error:
-        if part.file is not None:
-            raise
         if not record.matches(path):
             # A VM has written to it since: the user's work outranks a checksum (a typo?).
             raise VerifyError(
                 f"{error}; {path} was used by a VM since it was provisioned, so it is kept: "
                 "fix the checksum, or delete the file to provision again"
             ) from None
+    # The record may be stale (a byte changed, the mtime kept): the file as it is now decides,
+    # and its message quotes what the file holds now.
+    record, damaged = _hash_again(path, record_path, record, set(expected))
+    if damaged and not repaired and _repairable(part, what) and not current(part).running:
+        print(f"verify-image:{part.name}: {path} changed since it was made from the download "
+              f"({digest.CONTENT} {record.digests[digest.CONTENT]}); making it again from the "
+              "verified download", file=sys.stderr, flush=True)
+        sharedimage.forget(part, path)
+        path.unlink(missing_ok=True)
+        record_path.unlink(missing_ok=True)
+        decompress(part)
+        _verify(part, what, path, record_path, repaired=True)
+        return
+    try:
+        digest.compare(what, expected, record.digests, sources)
+    except VerifyError as error:
+        if part.file is not None:
+            raise
         if current(part).running:
             # Deleted, the disk would take every later write of the guest with it.
             raise VerifyError(
@@ -329,6 +346,32 @@ def _verify(part: Part, what: str, path: Path, record_path: Path) -> None:
                 "then fix the checksum or provision again"
             ) from None
         # Never keep an unverified download or image at its final path.
+        if what == "image":
+            sharedimage.forget(part, path)
         path.unlink(missing_ok=True)
         record_path.unlink(missing_ok=True)
         raise
+
+
+def _hash_again(path: Path, record_path: Path, record: digest.Record,
+                algorithms: set[str]) -> tuple[digest.Record, bool]:
+    """The file hashed now, recorded; and whether it changed since it was made (its content
+    digest is not the one recorded then: every other recorded digest goes too)."""
+    try:
+        fresh = digest.hash_file(path, algorithms | {digest.CONTENT})
+    except OSError as error:
+        raise VerifyError(f"cannot read {path}: {error.strerror or error}") from None
+    made = record.digests.get(digest.CONTENT)
+    damaged = made is not None and made != fresh[digest.CONTENT]
+    digests = fresh if damaged else {**record.digests, **fresh}
+    try:
+        return digest.save_record(record_path, dataclasses.replace(record, digests=digests)), damaged
+    except OSError as error:
+        raise KvmTasksError(f"writing {record_path}: {error.strerror or error}") from None
+
+
+def _repairable(part: Part, what: str) -> bool:
+    """An image made from a download (that verify-download passed) can be made again from it."""
+    return (what == "image" and part.file is None and part.image is not None
+            and part.compression is not Compression.NONE and part.image_path != part.download_path
+            and part.download_path.is_file())
