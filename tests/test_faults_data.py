@@ -7,6 +7,7 @@ Each test names the files that must come through intact (``reliability.keep``).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -331,3 +332,120 @@ def test_a_stale_recorded_digest_is_never_quoted_when_the_image_is_intact(
     refused = first.provision()
     line = assert_one_line_error(refused, "verify-image:vm", "sha512_image mismatch")
     assert line.endswith(f"got {hashlib.sha512(RAW).hexdigest()}")
+
+
+# -- 6. no input file is read without a bound -------------------------------------------------
+
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def big_file(path: Path, first_line: str = "#cloud-config\n") -> Path:
+    """200 MB, most of it a hole: the size a reader would have to go through."""
+    path.write_text(first_line)
+    os.truncate(path, 200 * 1000 * 1000)
+    return path
+
+
+@pytest.mark.parametrize("option", ["cloud_init_user_data", "cloud_init_network_config",
+                                    "ssh_key_path"])
+@pytest.mark.parametrize("kind", ["device", "fifo", "200 MB"])
+def test_an_input_file_without_an_end_is_one_line_naming_file_option_and_limit(
+    project: Project, tmp_path: Path, reliability: Recorder, option: str, kind: str
+) -> None:
+    reliability.bad_input("endless")
+    if kind == "device":
+        path = Path("/dev/urandom")
+    elif kind == "fifo":
+        path = fifo(tmp_path / "input")
+    else:
+        path = big_file(tmp_path / "input")
+    value = path
+    if option == "ssh_key_path":
+        value, public = tmp_path / "key", tmp_path / "key.pub"
+        if kind == "device":
+            public.symlink_to(path)  # KEY.pub, a link to the device
+        else:
+            path.rename(public)
+        path = public
+    project.write(f"[vm]\nimage = http://127.0.0.1:9/disk.img\ncloud_init = true\n{option} = {value}\n")
+
+    run = project.run("list", timeout=60)
+
+    line = assert_one_line_error(run, option, str(path))
+    if kind == "200 MB":
+        assert "is larger than the limit of" in line and line.endswith("iB"), line
+    else:
+        assert "is not a regular file" in line, line
+
+
+def test_a_config_file_or_checksum_list_without_an_end_is_one_line(
+    project: Project, tmp_path: Path, reliability: Recorder
+) -> None:
+    reliability.bad_input("endless", 3)
+    project.write("[vm]\nimage = http://127.0.0.1:9/disk.img\n")
+    project.configs.append(fifo(tmp_path / "more.cfg"))
+    assert_one_line_error(project.run("list", timeout=60), "more.cfg", "is not a regular file")
+    project.configs.pop()
+
+    for listed in (fifo(tmp_path / "SHA256SUMS"), big_file(tmp_path / "SHA512SUMS", "")):
+        algorithm = listed.name[:6].lower()
+        project.write(f"[vm]\nimage = http://127.0.0.1:9/disk.img\n"
+                      f"{algorithm}_download = file://{listed}\n")
+        failed = project.run("checksums:vm", timeout=60)
+        assert_one_line_error(failed, "checksums:vm", str(listed), "not a checksum list")
+
+
+def test_a_damaged_or_endless_part_json_names_the_step_that_writes_it_again(
+    project: Project, tmp_path: Path, reliability: Recorder
+) -> None:
+    reliability.bad_input("misleading")
+    reliability.bad_input("endless")
+    project.write("[vm]\nfile = /dev/null\n")
+    assert_ok(project.run("render:vm"))
+    snapshot = project.root / "var" / "vm" / "part.json"
+    assert snapshot.is_file()
+    for damage in ("garbage", "fifo"):
+        snapshot.unlink()
+        if damage == "fifo":
+            fifo(snapshot)
+        else:
+            snapshot.write_text("{garbage")
+        said = subprocess.run([str(project.root / "bin" / "vm-ctl"), "status"], capture_output=True,
+                              text=True, timeout=60, env={**os.environ, **project.env})
+        assert said.returncode == 1
+        assert len(said.stderr.strip().splitlines()) == 1, said.stderr
+        assert said.stderr.startswith(f"vm-ctl: cannot read {snapshot}"), said.stderr
+        assert said.stderr.strip().endswith("write it again: doit render:vm"), said.stderr
+        # And that command does write it again.
+        snapshot.unlink()
+        snapshot.write_text("{garbage")
+        assert "render:vm" in project.run("render:vm").executed
+        status = subprocess.run([str(project.root / "bin" / "vm-ctl"), "status"], capture_output=True,
+                                text=True, timeout=60, env={**os.environ, **project.env})
+        assert (status.returncode, status.stdout, status.stderr) == (3, "vm is stopped\n", "")
+
+
+# -- 5. a full disk in the run folder while rendering -------------------------------------------
+
+def test_a_full_disk_while_rendering_is_one_line_and_leaves_no_temporary_file(
+    project: Project, small_disk: Path, reliability: Recorder
+) -> None:
+    project.write(f"[vm]\nfile = /dev/null\nkvm_run_directory = {small_disk}\n"
+                  f"kvm_bin_directory = {small_disk / 'bin'}\n")
+    filler = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(filler, bytes(64 << 10))
+    finally:
+        os.close(filler)
+    reliability.fault("disk-full")
+
+    failed = project.run("render:vm")
+
+    assert_one_line_error(failed, "render:vm", "No space left on device")
+    assert [p.name for p in small_disk.rglob("*.tmp")] == []
+    (small_disk / "filler").unlink()
+    assert_ok(project.run("render:vm"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import lzma
-import os
 import shutil
 import signal
 import socket
@@ -435,23 +434,6 @@ def test_a_signal_during_decompression_leaves_no_image_and_the_next_run_decompre
 
 
 # -- a full disk ----------------------------------------------------------------------------------------
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs mounted for the test: a disk that fills up."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    folder = tmp_path / "small disk"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)],
-                             capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "--lazy", str(folder)], check=False)
-
 
 def grow(folder: Path) -> None:
     subprocess.run(["mount", "-o", "remount,size=32m", str(folder)], check=True)

@@ -16,6 +16,11 @@ KIB = 1 << 10
 MIB = 1 << 20
 # kvmtasks' own small files (records, part.json, keys): far below this.
 RECORD_LIMIT = 1 * MIB
+# A config file, and what the seed carries (cloud-init reads them whole, in the guest's memory).
+CONFIG_LIMIT = 4 * MIB
+USER_DATA_LIMIT = 16 * MIB
+NETWORK_CONFIG_LIMIT = 1 * MIB
+KEY_LIMIT = 64 * KIB
 
 
 class NotReadable(ValueError):

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmtasks.config import bounded
 from kvmtasks.errors import ConfigError
 
 DEFAULT = "DEFAULT"
@@ -78,10 +79,11 @@ def parse_file(path: Path) -> Sections:
     )
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     try:
-        with open(path, encoding="utf-8") as handle:
-            parser.read_file(handle, source=str(path))
+        parser.read_string(bounded.read_text(path, bounded.CONFIG_LIMIT), source=str(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except bounded.NotReadable as error:
+        raise ConfigError(f"{path}: config file {error}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read config file: {error}") from None
     except configparser.Error as error:

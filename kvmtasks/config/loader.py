@@ -9,8 +9,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from kvmtasks.config import bounded, seedrules
 from kvmtasks.config import buildout as syntax
-from kvmtasks.config import seedrules
 from kvmtasks.config.buildout import Config, Entry, Sections, merge
 from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Compression, Engine
 from kvmtasks.config.part import Buildout, Part, path_is_block_device
@@ -316,24 +316,29 @@ def _check_cloud_init(values: Mapping[str, Any], where: str, key: Path | None,
         raise ConfigError(f"{where} ssh_user = {user!r}: a group of that name exists on common "
                           "images and cloud-init cannot create the user; choose another name")
     if user_data is not None:
-        text = _read_user_file(where, "cloud_init_user_data", values, user_data)
+        text = _read_user_file(where, "cloud_init_user_data", values, user_data,
+                               limit=bounded.USER_DATA_LIMIT)
         if seedrules.user_data_kind(text) is None:
             first = text.split("\n", 1)[0][:40]
             raise ConfigError(f"{where} cloud_init_user_data = {values['cloud_init_user_data']!r}: "
                               f"cloud-init would ignore it: the first line ({first!r}) must be "
                               "#cloud-config, a #! script or a MIME header")
     if network_config is not None:
-        _read_user_file(where, "cloud_init_network_config", values, network_config)
+        _read_user_file(where, "cloud_init_network_config", values, network_config,
+                        limit=bounded.NETWORK_CONFIG_LIMIT)
     if key is not None:
         _read_user_file(where, "ssh_key_path", values, key.with_name(key.name + ".pub"),
-                        "its public key ")
+                        "its public key ", limit=bounded.KEY_LIMIT)
 
 
 def _read_user_file(where: str, option: str, values: Mapping[str, Any], path: Path,
-                    what: str = "") -> str:
-    """A text file the seed carries; it must be readable UTF-8 now, not fail later in the guest."""
+                    what: str = "", *, limit: int) -> str:
+    """A text file the seed carries; it must be readable UTF-8 now, not fail later in the guest,
+    and a regular file of a bounded size (a device or a FIFO would never end)."""
     try:
-        return path.read_text(encoding="utf-8")
+        return bounded.read_text(path, limit)
+    except bounded.NotReadable as error:
+        problem = str(error)
     except FileNotFoundError:
         problem = "not found"
     except IsADirectoryError:

@@ -225,7 +225,8 @@ def _render_task(part: Part) -> Task:
         "name": part.name,
         "actions": [guarded(render.render, part, "render")],
         "targets": [str(render.snapshot_path(part)), *map(str, scripts)],
-        "uptodate": [config_changed({"part": render.runtime_snapshot(part), "scripts": texts})],
+        "uptodate": [config_changed({"part": render.runtime_snapshot(part), "scripts": texts}),
+                     lambda: render.written(part)],
         "clean": [clean_unless_running(part)],
         "doc": step_doc("render", part),
     }

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from kvmtasks.config import bounded
 from kvmtasks.config.options import Compression
 from kvmtasks.config.part import SAFE_FILE_NAME, Part
 from kvmtasks.errors import FetchError, KvmTasksError
@@ -154,7 +155,7 @@ def _open_lock(entry: Entry) -> TextIO:
 def _read_record(entry: Entry) -> tuple[digest.Record, dict[str, str | None]] | None:
     record = digest.read_record(entry.record)
     try:
-        data = json.loads(entry.record.read_text())
+        data = json.loads(bounded.read_text(entry.record))
         validators = {"etag": data.get("etag"), "last_modified": data.get("last_modified")}
     except (OSError, ValueError, AttributeError):
         return None

@@ -17,6 +17,7 @@ import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
+from kvmtasks.config import bounded
 from kvmtasks.config.options import URL_SCHEMES
 from kvmtasks.config.part import Part
 from kvmtasks.errors import FetchError, VerifyError
@@ -152,8 +153,9 @@ def fetch_list(url: str) -> str:
 
         path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
         try:
-            with open(path, "rb") as handle:
-                return _text(handle.read(MAX_LIST_BYTES + 1))
+            return _text(bounded.read_bytes(path, MAX_LIST_BYTES))
+        except bounded.NotReadable as error:
+            raise FetchError(f"{path} {error}: not a checksum list") from None
         except OSError as error:
             raise FetchError(error.strerror or str(error)) from None
     return _download(url)
@@ -184,7 +186,7 @@ def _text(data: bytes) -> str:
 
 def _load(path: Path) -> dict[str, dict[str, str]]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(bounded.read_text(path))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

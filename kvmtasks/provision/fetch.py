@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
+from kvmtasks.config import bounded
 from kvmtasks.errors import FetchError
 from kvmtasks.provision.digest import CHUNK, Buffers, MultiHasher
 
@@ -145,7 +146,7 @@ def _timeouts() -> tuple[float, float]:
 
 def _load_validator(meta: Path) -> Validator | None:
     try:
-        data = json.loads(meta.read_text())
+        data = json.loads(bounded.read_text(meta))
         return Validator(data["url"], data.get("etag"), data.get("last_modified"))
     except (OSError, ValueError, KeyError, TypeError):
         return None

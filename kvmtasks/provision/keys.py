@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from kvmtasks import command
+from kvmtasks.config import bounded
 from kvmtasks.errors import KvmTasksError
 
 
@@ -37,8 +38,8 @@ def read_public(private: Path) -> str:
     """The public key line of a pair, from its .pub file."""
     public = public_path(private)
     try:
-        text = public.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as error:
+        text = bounded.read_text(public, bounded.KEY_LIMIT).strip()
+    except (OSError, ValueError) as error:
         raise KvmTasksError(f"cannot read the public key {public}: {error}") from None
     if not text or "\n" in text:
         raise KvmTasksError(f"{public} does not hold one public key line")

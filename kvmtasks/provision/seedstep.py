@@ -5,16 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvmtasks.config import seedrules
+from kvmtasks.config import bounded, seedrules
 from kvmtasks.config.part import Part
 from kvmtasks.errors import KvmTasksError
 from kvmtasks.provision import keys
 from kvmtasks.provision.seed import SeedInput, seed_files, write_iso
 
 
-def _read(path: Path, what: str) -> str:
+def _read(path: Path, what: str, limit: int) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return bounded.read_text(path, limit)
+    except bounded.NotReadable as error:
+        raise KvmTasksError(f"{what} {path} {error}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise KvmTasksError(f"{what} {path}: cannot read it ({error})") from None
 
@@ -24,10 +26,10 @@ def user_inputs(part: Part) -> dict[str, Any]:
 
     The keys kvmtasks makes are not in it: the step makes them, and makes them only once.
     """
-    def content(path: Path | None) -> str | None:
+    def content(path: Path | None, limit: int) -> str | None:
         try:
-            return None if path is None else path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
+            return None if path is None else bounded.read_text(path, limit)
+        except (OSError, ValueError):
             return "(unreadable)"  # the step itself says why, in one line
 
     given_key = part.ssh_key_path
@@ -35,9 +37,9 @@ def user_inputs(part: Part) -> dict[str, Any]:
         "hostname": part.cloud_init_hostname,
         "user": part.ssh_user,
         "key": str(seedrules.identity_file(part)),
-        "public_key": content(keys.public_path(given_key)) if given_key else None,
-        "user_data": content(part.cloud_init_user_data),
-        "network_config": content(part.cloud_init_network_config),
+        "public_key": content(keys.public_path(given_key), bounded.KEY_LIMIT) if given_key else None,
+        "user_data": content(part.cloud_init_user_data, bounded.USER_DATA_LIMIT),
+        "network_config": content(part.cloud_init_network_config, bounded.NETWORK_CONFIG_LIMIT),
     }
 
 
@@ -62,11 +64,13 @@ def seed_input(part: Part) -> SeedInput:
         hostname=part.cloud_init_hostname,
         user=part.ssh_user,
         authorized_key=keys.read_public(identity),
-        host_private_key=_read(host_key, "host key"),
+        host_private_key=_read(host_key, "host key", bounded.KEY_LIMIT),
         host_public_key=keys.read_public(host_key),
-        user_data=None if user_data is None else _read(user_data, "cloud_init_user_data"),
+        user_data=(None if user_data is None
+                   else _read(user_data, "cloud_init_user_data", bounded.USER_DATA_LIMIT)),
         network_config=(None if network_config is None
-                        else _read(network_config, "cloud_init_network_config")),
+                        else _read(network_config, "cloud_init_network_config",
+                                   bounded.NETWORK_CONFIG_LIMIT)),
     )
 
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvmtasks.config import partjson
+from kvmtasks.config import bounded, partjson
 from kvmtasks.config.part import Part
 from kvmtasks.engines import engine, statusreport
 from kvmtasks.errors import KvmTasksError, VmError
@@ -135,10 +135,14 @@ def run(part: Part, kind: str, args: Sequence[str]) -> int:
 
 def main(kind: str, snapshot_file: str, args: Sequence[str] | None = None) -> int:
     try:
-        part = partjson.from_json(Path(snapshot_file).read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        print(f"kvmtasks: cannot read {snapshot_file} ({error}); run doit render again",
-              file=sys.stderr)
+        part = partjson.from_json(bounded.read_text(Path(snapshot_file)))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        # render writes it again (its check reads the file), under the part's name.
+        script = Path(sys.argv[0]).name
+        name = script.removesuffix(f"-{kind}") if script.endswith(f"-{kind}") else "PART"
+        why = error.strerror if isinstance(error, OSError) and error.strerror else error
+        print(f"{script}: cannot read {snapshot_file} ({' '.join(str(why).split())}); write it "
+              f"again: doit render:{name}", file=sys.stderr)
         return 1
     try:
         return run(part, kind, sys.argv[1:] if args is None else args)

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import kvmtasks
-from kvmtasks.config import partjson
+from kvmtasks.config import bounded, partjson
 from kvmtasks.config.part import Part
+from kvmtasks.errors import KvmTasksError
 
 SCRIPTS = ("ctl", "ssh", "sendfile", "getfile", "runscript")
 PACKAGE_ROOT = Path(kvmtasks.__file__).resolve().parent.parent
@@ -39,11 +40,35 @@ def script_text(part_name: str, kind: str, snapshot_file: Path) -> str:
 
 
 def _write(path: Path, text: str, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """path holds text, or (a full disk, Ctrl-C) what it held before: never half of it."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.chmod(mode)
-    os.replace(temporary, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(text, encoding="utf-8")
+        temporary.chmod(mode)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise KvmTasksError(f"writing {path}: {error.strerror or error}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def written(part: Part) -> bool:
+    """The snapshot and the scripts hold what render writes (its up-to-date check): one damaged
+    or edited since is written again by the next render."""
+    for path, text in _files(part).items():
+        try:
+            if bounded.read_text(path) != text:
+                return False
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def _files(part: Part) -> dict[Path, str]:
+    return {snapshot_path(part): runtime_snapshot(part),
+            **{script_path(part, kind): script_text(part.name, kind, snapshot_path(part))
+               for kind in SCRIPTS}}
 
 
 def runtime_snapshot(part: Part) -> str:
