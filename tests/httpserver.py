@@ -63,6 +63,7 @@ class FileServer:
     ignore_range: bool = False
     status: dict[str, int] = field(default_factory=dict)
     redirect_loop: set[str] = field(default_factory=set)
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> Location
     hang: bool = False
     # When set: every body pauses after its first chunk until hold is set (or 60 s pass),
     # so that concurrent clients are sure to overlap.
@@ -118,6 +119,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path in state.redirect_loop:
             request.status = 302
             self._empty(302, {"Location": self.path})
+            return
+        if self.path in state.redirects:
+            request.status = 302
+            self._empty(302, {"Location": state.redirects[self.path]})
             return
         if self.path in state.status:
             request.status = state.status[self.path]

@@ -449,3 +449,58 @@ def test_a_full_disk_while_rendering_is_one_line_and_leaves_no_temporary_file(
     assert [p.name for p in small_disk.rglob("*.tmp")] == []
     (small_disk / "filler").unlink()
     assert_ok(project.run("render:vm"))
+
+
+# -- messages that misled -------------------------------------------------------------------------
+
+def test_a_redirect_to_a_file_url_is_refused_and_not_called_a_network_failure(
+    project: Project, http_server: FileServer, reliability: Recorder
+) -> None:
+    reliability.bad_input("misleading", 2)
+    http_server.redirects["/disk.img"] = "file:///etc/passwd"
+    http_server.redirects["/SHA256SUMS"] = "file:///etc/passwd"
+    project.write(f"[vm]\nimage = {http_server.url('disk.img')}\n")
+    failed = project.provision()
+    line = assert_one_line_error(failed, "download:vm", "file:///etc/passwd")
+    assert "does not follow" in line and "run again" not in line and "interrupted" not in line
+    assert not (project.parts / "vm" / "disk.img").exists()
+
+    project.write(f"[vm]\nimage = {http_server.url('other.img')}\n"
+                  f"sha256_download = {http_server.url('SHA256SUMS')}\n")
+    listed = project.run("checksums:vm")
+    line = assert_one_line_error(listed, "checksums:vm", "file:///etc/passwd")
+    assert "does not follow" in line and "connection failed" not in line
+
+
+def test_a_relative_kvmtasks_config_is_found_from_the_folder_doit_runs_in(
+    project: Project, tmp_path: Path, reliability: Recorder
+) -> None:
+    reliability.bad_input("misleading")
+    elsewhere = tmp_path / "elsewhere" / "configs"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "relative.cfg").write_text(f"[buildout]\ndirectory = {project.root}\n\n"
+                                            "[rel]\nfile = /dev/null\n")
+    env = {**project.environment(), "KVMTASKS_CONFIG": "configs/relative.cfg"}
+    listed = subprocess.run(project.argv("list", "--all"), env=env, cwd=elsewhere.parent,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert listed.returncode == 0, listed.stderr
+    assert "render:rel" in listed.stdout
+
+
+@pytest.mark.parametrize(("redirects", "needle"), [
+    ("tcp:8080::80\n  tcp:8080::81", "host port tcp:8080 is forwarded twice"),
+    ("8080::80\n  tcp:8080::8080", "host port tcp:8080 is forwarded twice"),
+    ("udp:53::53\n  udp:53::5353", "host port udp:53 is forwarded twice"),
+])
+def test_a_host_port_forwarded_twice_fails_the_config_check_in_one_line(
+    project: Project, reliability: Recorder, redirects: str, needle: str
+) -> None:
+    reliability.bad_input("misleading")
+    config = project.write(f"[vm]\nfile = /dev/null\nkvm_redir =\n  {redirects}\n")
+    line = assert_one_line_error(project.run("list"), str(config), "[vm] kvm_redir", needle)
+    assert line.startswith("ERROR: ")
+
+
+def test_the_same_port_for_tcp_and_udp_is_two_forwards(project: Project) -> None:
+    project.write("[vm]\nfile = /dev/null\nkvm_redir =\n  tcp:5353::53\n  udp:5353::53\n")
+    assert_ok(project.run("list"))

@@ -72,6 +72,7 @@ def test_refused_while_running_then_killed_from_outside_then_restarted_over_a_st
     cleaned = project.run("clean", "-a")
     reliability.fault("running")
     assert "vm is running; stop it first" in cleaned.output and image.exists()
+    assert cleaned.returncode == 1 and "Traceback" not in cleaned.output, cleaned.describe()
     assert reliability.lost() == 0
     assert script(project, "vm-runscript", "true").returncode == 0
     assert script(project, "vm-ctl", "status").returncode == 0

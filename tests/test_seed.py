@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import email
 import io
+import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +74,7 @@ def test_root_logs_in_by_key_with_the_pinned_host_key() -> None:
     assert config["users"] == [{"name": "root", "ssh_authorized_keys": [SEED.authorized_key]}]
     # Exactly kvmtasks' host key: the guest's own deleted, none generated.
     assert config["ssh_deletekeys"] is True
-    assert config["ssh_genkeytypes"] == []
+    assert config["ssh_genkeytypes"] == ["ed25519"]  # given below: none is generated
     assert config["ssh_keys"] == {"ed25519_private": HOST_PRIVATE, "ed25519_public": SEED.host_public_key}
 
 
@@ -306,3 +308,60 @@ def test_the_seed_works_with_the_libvirt_engine_and_its_checks_hold(tmp_path: Pa
     assert part.cloud_init and seedrules.seed_path(part) == tmp_path / "var" / "vm" / "seed.iso"
     message = config_error(tmp_path, "cloud_init = true\nkvm_engine = libvirt\nssh_user = sudo\n")
     assert "ssh_user = 'sudo'" in message and "cloud-init cannot create the user" in message
+
+
+# -- what cloud-init's own schema check says of it -----------------------------------------------
+
+# The packages cloud-init's schema check imports, as the Debian test guest has them.
+CLOUD_INIT_DEBS = ("cloud-init", "python3-jsonschema", "python3-attr", "python3-pyrsistent",
+                   "python3-configobj", "python3-jinja2", "python3-markupsafe", "python3-jsonpatch",
+                   "python3-json-pointer", "python3-requests", "python3-urllib3", "python3-idna",
+                   "python3-certifi", "python3-chardet", "python3-charset-normalizer",
+                   "python3-six", "python3-netifaces", "python3-oauthlib")
+VALIDATE = """
+import sys, yaml
+from cloudinit.config.schema import SchemaValidationError, get_schema, validate_cloudconfig_schema
+for path in sys.argv[1:]:
+    try:
+        validate_cloudconfig_schema(yaml.safe_load(open(path)), get_schema(), strict=True)
+    except SchemaValidationError as error:
+        print(path, error)
+"""
+
+
+@pytest.fixture(scope="module")
+def cloud_init_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cloud-init 22.4 and what its schema check imports, unpacked from the packages the Debian
+    test guest is built from (downloaded by its first build)."""
+    from tests.debian_guest import CACHE, CLOUD_INIT, ensure_debian_guest
+
+    if not list((CACHE / "debs").glob("cloud-init_*.deb")):
+        ensure_debian_guest(variant=CLOUD_INIT)
+    root = tmp_path_factory.mktemp("cloud-init")
+    for name in CLOUD_INIT_DEBS:
+        deb = sorted((CACHE / "debs").glob(f"{name}_*.deb"))[-1]
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    return root / "usr" / "lib" / "python3" / "dist-packages"
+
+
+def cloud_init_schema_errors(packages: Path, *configs: Path) -> str:
+    checked = subprocess.run([sys.executable, "-W", "ignore", "-c", VALIDATE, *map(str, configs)],
+                             capture_output=True, text=True, check=False,
+                             env={**os.environ, "PYTHONPATH": str(packages)})
+    assert checked.returncode == 0, checked.stderr
+    return checked.stdout
+
+
+def test_the_cloud_config_passes_cloud_init_s_own_schema_check(
+    cloud_init_root: Path, tmp_path: Path
+) -> None:
+    paths = []
+    for number, seed in enumerate([SEED, dataclasses.replace(SEED, user="alice")]):
+        path = tmp_path / f"user-data-{number}"
+        path.write_text(cloud_config(seed))
+        paths.append(path)
+    assert cloud_init_schema_errors(cloud_init_root, *paths) == ""
+    # The check finds what the generated cloud-config once held.
+    broken = tmp_path / "broken"
+    broken.write_text(cloud_config(SEED).replace("ssh_genkeytypes: [ed25519]", "ssh_genkeytypes: []"))
+    assert "ssh_genkeytypes: [] is too short" in cloud_init_schema_errors(cloud_init_root, broken)

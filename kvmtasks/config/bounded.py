@@ -37,6 +37,8 @@ def read_bytes(path: Path, limit: int) -> bytes:
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise NotReadable("is a folder")
         if not stat.S_ISREG(mode):
             raise NotReadable(f"is not a regular file ({_kind(mode)})")
         chunks: list[bytes] = []
@@ -62,8 +64,6 @@ def _kind(mode: int) -> str:
         return "a character device"
     if stat.S_ISBLK(mode):
         return "a block device"
-    if stat.S_ISDIR(mode):
-        return "a folder"
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "not a file"

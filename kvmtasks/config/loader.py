@@ -22,11 +22,14 @@ RECIPES = frozenset({"erp5.recipe.kvm", "kvmtasks"})
 PART_NAME = re.compile(r"[^\W_][\w.+-]*")
 
 
-def config_paths(dodo_directory: Path) -> list[Path]:
-    """Config files to read: KVMTASKS_CONFIG, else configs/*.cfg next to dodo.py."""
+def config_paths(dodo_directory: Path, invoked_from: Path | None = None) -> list[Path]:
+    """Config files to read: KVMTASKS_CONFIG, else configs/*.cfg next to dodo.py. A relative
+    path in KVMTASKS_CONFIG is the user's: from the folder doit was run in (doit itself moves
+    to dodo.py's folder before loading it)."""
     listed = os.environ.get(CONFIG_ENV)
     if listed:
-        return [Path(p) for p in listed.split(os.pathsep) if p]
+        start = invoked_from or Path.cwd()
+        return [start / p for p in listed.split(os.pathsep) if p]
     return sorted((dodo_directory / "configs").glob("*.cfg"))
 
 

@@ -182,7 +182,7 @@ def parse_net(value: str) -> tuple[str, ...]:
 
 
 def parse_redirects(value: str) -> tuple[Redirect, ...]:
-    redirects = []
+    redirects: list[Redirect] = []
     for line in parse_lines(value):
         fields = line.split(":")
         if len(fields) == 3:
@@ -196,9 +196,14 @@ def parse_redirects(value: str) -> tuple[Redirect, ...]:
             except ValueError:
                 raise ValueError(f"line {line!r}: guest address must be an IPv4 address") from None
         try:
-            redirects.append(Redirect(protocol, parse_port(host), address, parse_port(guest)))
+            redirect = Redirect(protocol, parse_port(host), address, parse_port(guest))
         except ValueError:
             raise ValueError(f"line {line!r}: ports must be 1-65535") from None
+        # QEMU would refuse the second forward of a host port at start, after provisioning.
+        if any((r.protocol, r.host_port) == (protocol, redirect.host_port) for r in redirects):
+            raise ValueError(f"line {line!r}: host port {protocol}:{redirect.host_port} is "
+                             "forwarded twice")
+        redirects.append(redirect)
     return tuple(redirects)
 
 

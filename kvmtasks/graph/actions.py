@@ -69,13 +69,16 @@ def guarded(step: Callable[[Part], None], part: Part, name: str) -> Callable[[],
     return action
 
 
-def clean_unless_running(part: Part) -> Callable[..., TaskFailed | None]:
+def clean_unless_running(part: Part) -> Callable[..., None]:
     """A clean action for ``doit clean``: remove the task's targets, never a running VM's disk."""
 
-    def clean(task: Any, dryrun: bool = False) -> TaskFailed | None:
+    def clean(task: Any, dryrun: bool = False) -> None:
         if current(part).running:
-            return TaskFailed(f"clean:{part.name}: {part.name} is running; stop it first: "
-                              f"doit stop:{part.name}")
+            # doit prints what a clean action returns and exits 0 all the same: a refusal
+            # must fail the command, so it ends it here (what was cleaned before stays so).
+            print(f"clean:{part.name}: {part.name} is running; stop it first: "
+                  f"doit stop:{part.name}; nothing more was cleaned", file=sys.stderr, flush=True)
+            raise SystemExit(1)
         for target in map(Path, task.targets):
             if target.is_file():
                 print(f"{task.name} - removing file '{target}'")

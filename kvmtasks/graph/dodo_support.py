@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from doit import get_initial_workdir
 from doit.exceptions import InvalidDodoFile
 
 from kvmtasks.config import loader as config
@@ -16,7 +17,9 @@ from kvmtasks.graph.tasks import doit_config
 def load(dodo_directory: Path) -> tuple[list[Part], dict[str, Any]]:
     """Parse every config before any task runs; a bad one stops doit with one line."""
     try:
-        parts = config.load_parts(config.config_paths(dodo_directory))
+        invoked_from = get_initial_workdir()
+        parts = config.load_parts(config.config_paths(
+            dodo_directory, Path(invoked_from) if invoked_from else None))
     except KvmTasksError as error:
         # doit prints InvalidDodoFile as "ERROR: message" with no traceback, exit 3.
         raise InvalidDodoFile(str(error)) from None

@@ -165,7 +165,7 @@ def _download(url: str) -> str:
     import requests
     import urllib3
 
-    from kvmtasks.provision.fetch import _reason, _timeouts  # the download's own rules and words
+    from kvmtasks.provision.fetch import _reason, _timeouts, not_followed  # the download's words
 
     try:
         with requests.get(url, stream=True, timeout=_timeouts()) as response:
@@ -174,6 +174,9 @@ def _download(url: str) -> str:
             return _text(response.raw.read(MAX_LIST_BYTES + 1, decode_content=True))
     except requests.exceptions.SSLError as error:
         raise FetchError(f"TLS certificate verification failed ({_reason(error)})") from None
+    except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
+            requests.exceptions.MissingSchema) as error:
+        raise FetchError(not_followed(error)) from None
     except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as error:
         raise FetchError(f"connection failed ({_reason(error)})") from None
 

@@ -212,6 +212,9 @@ def _download(
         raise FetchError(f"{url}: TLS certificate verification failed ({_reason(error)})") from None
     except requests.exceptions.TooManyRedirects:
         raise FetchError(f"{url}: too many redirects") from None
+    except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
+            requests.exceptions.MissingSchema) as error:
+        raise FetchError(f"{url}: {not_followed(error)}") from None
     except requests.exceptions.ConnectTimeout:
         raise FetchError(f"{url}: connection timed out") from None
     except (requests.exceptions.Timeout, urllib3.exceptions.ReadTimeoutError):
@@ -228,6 +231,13 @@ def _download(
     validator = _load_validator(meta)
     meta.unlink(missing_ok=True)
     return digests, validator
+
+
+def not_followed(error: BaseException) -> str:
+    """A redirect elsewhere than http(s) (file:///etc/passwd): refused, and no network failure."""
+    return (f"the server redirected to a URL kvmtasks does not follow ({_reason(error)}): only "
+            "http and https are; running again will not help: ask the server's owner, or use "
+            "another URL")
 
 
 def _reason(error: BaseException) -> str:

@@ -72,9 +72,11 @@ def cloud_config(seed: SeedInput) -> str:
         "    ssh_authorized_keys:",
         f"      - {_q(seed.authorized_key.strip())}",
         # Exactly the host key kvmtasks pinned in known_hosts: the guest's own are deleted
-        # and none generated, on this and every first boot.
+        # and none generated, on this and every first boot (given ssh_keys, cloud-init
+        # generates none; were it to, the one type listed is the one given). An empty list
+        # fails cloud-init's schema check: it wants one type at least.
         "ssh_deletekeys: true",
-        "ssh_genkeytypes: []",
+        "ssh_genkeytypes: [ed25519]",
         "ssh_keys:",
         f"  ed25519_private: {_q(seed.host_private_key)}",
         f"  ed25519_public: {_q(seed.host_public_key.strip())}",
