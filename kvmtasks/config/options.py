@@ -333,7 +333,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("kvm_net", parse_net, None,
            "One `-net` definition per line, e.g. `user,hostname=vm` and `nic,model=ne2k_pci`."),
     Option("kvm_redir", parse_redirects, None,
-           "Port forwards, one per line: `[tcp|udp]:HOSTPORT:[GUESTADDR]:GUESTPORT`."),
+           "Port forwards, one per line: `[tcp|udp]:HOSTPORT:[GUESTADDR]:GUESTPORT`; "
+           "a host port (per protocol) once."),
     Option("kvm_snapshot", parse_bool, "false", "Run with `-snapshot`: guest writes never reach the image."),
     Option("kvm_extra_args", parse_lines, None, "Extra QEMU arguments, one argument per line."),
     Option("kvm_bin_directory", parse_path, None,

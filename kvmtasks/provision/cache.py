@@ -250,9 +250,9 @@ def _fetch(entry: Entry, algorithms: set[str], label: str, sink: fetch.Sink | No
 
 
 def _write_record(entry: Entry, digests: Mapping[str, str], validators: Mapping[str, str | None]) -> None:
+    temporary = entry.record.with_name(entry.record.name + ".tmp")
     try:
         info = entry.data.stat()
-        temporary = entry.record.with_name(entry.record.name + ".tmp")
         temporary.write_text(json.dumps({
             "url": entry.url, **validators,
             "size": info.st_size, "mtime_ns": info.st_mtime_ns, "digests": dict(digests),
@@ -261,6 +261,8 @@ def _write_record(entry: Entry, digests: Mapping[str, str], validators: Mapping[
     except OSError as error:
         raise FetchError(f"download cache: writing {entry.record}: {error.strerror or error}") \
             from None
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _place(source: Path, dest: Path, private: bool) -> None:

@@ -198,5 +198,10 @@ def _load(path: Path) -> dict[str, dict[str, str]]:
 def _save(path: Path, resolved: Mapping[str, Mapping[str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(resolved, indent=1, sort_keys=True))
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(json.dumps(resolved, indent=1, sort_keys=True))
+        os.replace(temporary, path)
+    except OSError as error:
+        raise FetchError(f"writing {path}: {error.strerror or error}") from None
+    finally:
+        temporary.unlink(missing_ok=True)  # a full disk leaves no half-written list behind
