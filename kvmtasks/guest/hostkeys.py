@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from kvmtasks.config import seedrules
+from kvmtasks.config import bounded, seedrules
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.errors import VmError
@@ -34,9 +34,10 @@ def prepare(part: Part) -> None:
     if seedrules.pins_host_key(part):
         public = seedrules.host_key_path(part).with_suffix(".pub")
         try:
-            public_key = public.read_text(encoding="utf-8")
-        except OSError:
-            raise VmError(f"the host key {public} is missing; run: doit provision:{part.name}") from None
+            public_key = bounded.read_text(public, bounded.KEY_LIMIT)
+        except (OSError, ValueError):
+            raise VmError(f"the host key {public} is missing or damaged; delete it and run: "
+                          f"doit provision:{part.name}") from None
         temporary = known_hosts.with_name(known_hosts.name + ".new")
         temporary.write_text(known_hosts_line(part, public_key))
         os.replace(temporary, known_hosts)
