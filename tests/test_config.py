@@ -203,7 +203,9 @@ def test_kvmtasks_config_lists_files_separated_by_pathsep(
     write(tmp_path / "configs" / "ignored.cfg", "")
     monkeypatch.setenv(config.CONFIG_ENV, os.pathsep.join(["/a/one.cfg", "", "two.cfg"]))
 
-    assert config_paths(tmp_path) == [Path("/a/one.cfg"), Path("two.cfg")]
+    # A relative path is from the folder doit was run in (doit then moves to dodo.py's).
+    assert config_paths(tmp_path, Path("/started/here")) == [Path("/a/one.cfg"),
+                                                             Path("/started/here/two.cfg")]
 
 
 def test_without_kvmtasks_config_every_cfg_in_configs_is_read(tmp_path: Path) -> None:
