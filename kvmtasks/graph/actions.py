@@ -76,9 +76,9 @@ def clean_unless_running(part: Part) -> Callable[..., None]:
         if current(part).running:
             # doit prints what a clean action returns and exits 0 all the same: a refusal
             # must fail the command, so it ends it here (what was cleaned before stays so).
-            print(f"clean:{part.name}: {part.name} is running; stop it first: "
-                  f"doit stop:{part.name}; nothing more was cleaned", file=sys.stderr, flush=True)
-            raise SystemExit(1)
+            # Python prints the message, once doit has given stderr back, and exits 1.
+            raise SystemExit(f"clean:{part.name}: {part.name} is running; stop it first: "
+                             f"doit stop:{part.name}; nothing more was cleaned")
         for target in map(Path, task.targets):
             if target.is_file():
                 print(f"{task.name} - removing file '{target}'")
