@@ -2,7 +2,7 @@
 
 An engine is a module with start, stop, suspend and facts (what status reports), and a
 module of named snapshots; both engines share
-config.runfiles.current for "is it running", so provisioning, ``doit clean``
+engines.running.current for "is it running", so provisioning, ``doit clean``
 and the scripts ask the same question whatever the engine.
 """
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.remote import remote_of
-from kvmtasks.config.runfiles import current
+from kvmtasks.engines.running import current
 from kvmtasks.errors import VmError
 from kvmtasks.provision.locking import held
 

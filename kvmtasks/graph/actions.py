@@ -18,7 +18,7 @@ from typing import Any
 from doit.exceptions import TaskFailed
 
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import current
+from kvmtasks.engines.running import current
 from kvmtasks.errors import KvmTasksError
 
 

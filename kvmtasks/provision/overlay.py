@@ -17,29 +17,29 @@ from kvmtasks import command
 from kvmtasks.config.diskformat import disk_format
 from kvmtasks.config.options import size_bytes
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import RunFiles, current
+from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.errors import KvmTasksError, VerifyError, VmError
-from kvmtasks.provision.steps import exclusive, record_directory
+from kvmtasks.provision.steps import VmStatus, exclusive, record_directory
 
 QEMU_IMG_TIMEOUT = 60.0
 
 
-def create(part: Part) -> None:
+def create(part: Part, vm_status: VmStatus) -> None:
     """The overlay step: a fresh overlay over the verified image (the base changed, or disk_size)."""
     with exclusive(part, "overlay"):
-        if current(part).running:
+        if vm_status(part).running:
             raise VmError(f"{part.name} is running; its disk is not replaced under it: "
                           f"stop it first: doit stop:{part.name}")
         _make(part)
 
 
-def reset(part: Part, say: Callable[[str], None] = print) -> None:
+def reset(part: Part, say: Callable[[str], None] = print, *, vm_status: VmStatus) -> None:
     """Bring the disk back to the verified image: a new overlay, and a new host key to accept."""
     if not part.overlay:
         raise KvmTasksError(f"reset needs overlay = true; {part.name} boots {part.image_path} itself, "
                             "so there is nothing to throw away")
     with exclusive(part, "reset"):
-        status = current(part)
+        status = vm_status(part)
         if status.running:
             raise VmError(f"{part.name} is running (pid {status.pid}); stop it first, then reset")
         _make(part)

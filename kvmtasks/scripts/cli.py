@@ -6,12 +6,14 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from kvmtasks.config import partjson
 from kvmtasks.config.part import Part
 from kvmtasks.engines import engine, statusreport
+from kvmtasks.engines.running import current
 from kvmtasks.errors import KvmTasksError, VmError
 from kvmtasks.guest import ssh
 from kvmtasks.provision import overlay
@@ -95,8 +97,9 @@ def _ctl(part: Part, options: argparse.Namespace) -> int:
         return console.show(part, follow=options.follow)
     if options.action == "snapshot":
         return _snapshot(part, options.operation, options.name)
-    steps = {"start": engine.start, "stop": engine.stop, "restart": engine.restart,
-             "reset": overlay.reset, "suspend": engine.suspend}
+    steps: dict[str, Callable[[Part, engine.Say], None]] = {
+        "start": engine.start, "stop": engine.stop, "restart": engine.restart,
+        "reset": partial(overlay.reset, vm_status=current), "suspend": engine.suspend}
     steps[options.action](part, print)
     return 0
 

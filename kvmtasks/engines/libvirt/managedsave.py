@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kvmtasks.config import seedrules
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import virsh
+from kvmtasks.engines.libvirt.virsh import virsh
 from kvmtasks.errors import VmError
 
 # managedsave under TCG writes the whole guest memory: give a large guest its time.

@@ -14,9 +14,11 @@ import time
 
 from kvmtasks.config.diskformat import boot_disk
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import RunFiles, current, virsh
+from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.engines.libvirt import managedsave, vm
+from kvmtasks.engines.libvirt.virsh import virsh
 from kvmtasks.engines.qemu.snapshots import HMP_TIMEOUT, Snapshot, check_name, check_supported, listing_lines
+from kvmtasks.engines.running import current
 from kvmtasks.errors import VmError
 
 

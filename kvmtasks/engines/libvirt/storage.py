@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import virsh
 from kvmtasks.engines.libvirt.domain import Disk
+from kvmtasks.engines.libvirt.virsh import virsh
 from kvmtasks.errors import VmError
 from kvmtasks.provision.digest import hash_file
 from kvmtasks.provision.overlay import base_format, image_info

@@ -20,18 +20,19 @@ from kvmtasks.config import seedrules
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.remote import remote_of
-from kvmtasks.config.runfiles import RunFiles, current, virsh
+from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.engines import poweroff, statusreport
 from kvmtasks.engines.libvirt import hostports, managedsave, storage
 from kvmtasks.engines.libvirt.domain import domain_xml, made_by_kvmtasks
+from kvmtasks.engines.libvirt.virsh import STOPPED_DOMAIN_STATES, virsh
 from kvmtasks.engines.qemu import qmp
 from kvmtasks.engines.qemu.savestate import KVM_SNAPSHOT_SUSPEND
+from kvmtasks.engines.running import current
 from kvmtasks.errors import VmError
 from kvmtasks.guest import clock, hostkeys, readiness, ssh
 
 Say = Callable[[str], None]
 POLL = 0.5
-STOPPED_STATES = frozenset({"shut off", "crashed"})
 
 
 class KvmUnusable(VmError):
@@ -208,7 +209,7 @@ def wait_for_login(part: Part) -> None:
 def _wait_until_ready(part: Part, domain_type: str, deadline: float) -> None:
     while True:
         state = virsh(part, "domstate", part.name).strip()
-        if state in STOPPED_STATES:
+        if state in STOPPED_DOMAIN_STATES:
             RunFiles.of(part).domain.unlink(missing_ok=True)
             if domain_type == "kvm":
                 raise KvmUnusable(f"the guest stopped under KVM (libvirt domain {state})")

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from kvmtasks import command
 from kvmtasks.config.diskformat import boot_disk, boot_disk_format
 from kvmtasks.config.part import Part, path_is_block_device
-from kvmtasks.config.runfiles import RunFiles, current
+from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.engines.qemu import qmp, savestate, vm
 from kvmtasks.engines.qemu.argv import escape
+from kvmtasks.engines.running import current
 from kvmtasks.errors import VmError
 from kvmtasks.guest import connection
 

@@ -12,10 +12,11 @@ from kvmtasks.config import seedrules
 from kvmtasks.config.diskformat import boot_disk_format
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, forwards, listen_address
-from kvmtasks.config.runfiles import RunFiles, clean_run_files, current, is_our_qemu, read_pid
+from kvmtasks.config.runfiles import RunFiles, clean_run_files, is_our_qemu, read_pid
 from kvmtasks.engines import portprobe, poweroff, statusreport
 from kvmtasks.engines.qemu import machine, qmp, savestate
 from kvmtasks.engines.qemu.argv import qemu_argv
+from kvmtasks.engines.running import current
 from kvmtasks.errors import VmError
 from kvmtasks.guest import clock, connection, hostkeys, readiness, ssh
 
