@@ -15,6 +15,7 @@ import time
 from kvmtasks.config.diskformat import boot_disk
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
+from kvmtasks.engines import lifecycle
 from kvmtasks.engines.libvirt import managedsave, vm
 from kvmtasks.engines.libvirt.virsh import virsh
 from kvmtasks.engines.running import current
@@ -52,7 +53,7 @@ def _existing(part: Part, name: str) -> None:
         raise not_found(part, name, f"of libvirt domain {part.name}")
 
 
-def save(part: Part, name: str, say: vm.Say = print) -> None:
+def save(part: Part, name: str, say: lifecycle.Say = print) -> None:
     check_request(part, name)
     if not current(part).running:
         raise not_running(part)
@@ -63,7 +64,7 @@ def save(part: Part, name: str, say: vm.Say = print) -> None:
     say(saved_line(part, name, replaced, f"libvirt domain {part.name} on {part.libvirt_uri}"))
 
 
-def restore(part: Part, name: str, say: vm.Say = print) -> None:
+def restore(part: Part, name: str, say: lifecycle.Say = print) -> None:
     """A running domain jumps back to the snapshot; a stopped (or suspended) one starts from it."""
     check_request(part, name)
     _existing(part, name)
@@ -79,14 +80,14 @@ def restore(part: Part, name: str, say: vm.Say = print) -> None:
         vm.mark_started(part, "kvm" if "type='kvm'" in virsh(part, "dumpxml", part.name) else "qemu")
     if part.ssh_port is not None:
         vm.wait_for_login(part)
-    vm.set_clock(part, say)
+    lifecycle.set_clock(part, say)
     if running:
         say(f"{part.name}: restored snapshot {name}")
     else:
         say(f"{part.name}: started from snapshot {name} (accel {files.accel.read_text()})")
 
 
-def delete(part: Part, name: str, say: vm.Say = print) -> None:
+def delete(part: Part, name: str, say: lifecycle.Say = print) -> None:
     check_request(part, name)
     _existing(part, name)
     virsh(part, "snapshot-delete", part.name, name, timeout=SNAPSHOT_TIMEOUT)

@@ -13,6 +13,7 @@ from kvmtasks import command
 from kvmtasks.config.diskformat import boot_disk
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
+from kvmtasks.engines import lifecycle
 from kvmtasks.engines.qemu import qmp, savestate, vm
 from kvmtasks.engines.qemu.argv import escape
 from kvmtasks.engines.running import current
@@ -60,7 +61,7 @@ def _existing(part: Part, name: str) -> Snapshot:
     raise not_found(part, name, f"in {boot_disk(part)}")
 
 
-def save(part: Part, name: str, say: vm.Say = print) -> None:
+def save(part: Part, name: str, say: lifecycle.Say = print) -> None:
     check_request(part, name)
     if not current(part).running:
         raise not_running(part)
@@ -74,7 +75,7 @@ def save(part: Part, name: str, say: vm.Say = print) -> None:
     say(saved_line(part, name, replaced, f"{(saved.state_size or 0) / 1e6:.0f} MB of memory state"))
 
 
-def restore(part: Part, name: str, say: vm.Say = print) -> None:
+def restore(part: Part, name: str, say: lifecycle.Say = print) -> None:
     """A running VM jumps back to the snapshot; a stopped (or suspended) one starts from it."""
     check_request(part, name)
     _existing(part, name)
@@ -82,7 +83,7 @@ def restore(part: Part, name: str, say: vm.Say = print) -> None:
         if savestate.saved(part) is not None:
             savestate.discard(part)
             say(f"{part.name}: the suspended state is discarded, snapshot {name} replaces it")
-        vm.start(part, say, loadvm=name)
+        lifecycle.start(vm.QemuMachine(part), say, loadvm=name)
         say(f"{part.name}: started from snapshot {name}")
         return
     connection.close(part)
@@ -90,11 +91,11 @@ def restore(part: Part, name: str, say: vm.Say = print) -> None:
         _hmp(part, f"loadvm {name}")
     finally:
         connection.open_master(part)
-    vm.set_clock(part, say)
+    lifecycle.set_clock(part, say)
     say(f"{part.name}: restored snapshot {name}")
 
 
-def delete(part: Part, name: str, say: vm.Say = print) -> None:
+def delete(part: Part, name: str, say: lifecycle.Say = print) -> None:
     check_request(part, name)
     _existing(part, name)
     if current(part).running:
