@@ -11,8 +11,7 @@ from __future__ import annotations
 from kvmtasks.config.options import Engine
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles, Status, clean_run_files, is_our_qemu, read_pid
-from kvmtasks.engines.libvirt.virsh import LIVE_DOMAIN_STATES, virsh
-from kvmtasks.errors import VmError
+from kvmtasks.engines.libvirt.virsh import LIVE_DOMAIN_STATES, VirshError, virsh
 
 
 def current(part: Part) -> Status:
@@ -39,8 +38,8 @@ def _domain_state(part: Part) -> Status:
         return Status(False)
     try:
         state = virsh(part, "domstate", part.name, timeout=60).strip()
-    except VmError as error:
-        if "not found" not in str(error).lower():
+    except VirshError as error:
+        if not error.not_found:
             raise
         state = "undefined"
     if state in LIVE_DOMAIN_STATES:

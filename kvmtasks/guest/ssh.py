@@ -13,7 +13,7 @@ from kvmtasks.config.part import Part
 from kvmtasks.config.remote import RemoteHost, remote_of
 from kvmtasks.config.runfiles import RunFiles, control_socket, is_private_folder
 from kvmtasks.config.seedrules import identity_file, pins_host_key
-from kvmtasks.errors import CommandError, VmError
+from kvmtasks.errors import CommandFailed, CommandTimedOut, VmError
 
 CONNECT_TIMEOUT = 10
 # What scp says when the guest has no SFTP server: retry with the legacy protocol.
@@ -186,7 +186,7 @@ def request_poweroff(part: Part) -> bool:
         return False
     try:
         result = command.run(ssh_argv(part, [POWEROFF]), timeout=CONNECT_TIMEOUT + 10)
-    except CommandError:
+    except CommandTimedOut:
         return True  # still connected as the guest goes down
     if result.exit_code == 255:  # ssh's own failure, or the guest closed the connection going down
         return not any(failure in result.stderr for failure in LOGIN_FAILURES)
@@ -202,12 +202,14 @@ def copy_argv(part: Part, remote_file: str, local_file: Path, *, upload: bool, l
 
 def copy(part: Part, remote_file: str, local_file: Path, *, upload: bool) -> None:
     """scp, falling back to the legacy protocol for guests without an SFTP server."""
-    result = command.run(copy_argv(part, remote_file, local_file, upload=upload, legacy=False))
-    if result.exit_code != 0 and any(m in result.stderr for m in NO_SFTP_MARKERS):
-        result = command.run(copy_argv(part, remote_file, local_file, upload=upload, legacy=True))
-    if result.exit_code != 0:
-        source, target = (local_file, remote_file) if upload else (remote_file, local_file)
-        raise VmError(f"scp {source} {target} failed: {' '.join(result.stderr.split()) or result.exit_code}")
+    source, target = (local_file, remote_file) if upload else (remote_file, local_file)
+    doing = f"scp {source} {target}"
+    try:
+        command.checked(copy_argv(part, remote_file, local_file, upload=upload, legacy=False), doing=doing)
+    except CommandFailed as error:
+        if not any(marker in error.stderr for marker in NO_SFTP_MARKERS):
+            raise
+        command.checked(copy_argv(part, remote_file, local_file, upload=upload, legacy=True), doing=doing)
 
 
 def sendfile(part: Part, remote_file: str, local_file: Path) -> None:

@@ -18,7 +18,7 @@ from kvmtasks.config.diskformat import disk_format
 from kvmtasks.config.options import size_bytes
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
-from kvmtasks.errors import KvmTasksError, VerifyError, VmError
+from kvmtasks.errors import CommandError, CommandFailed, KvmTasksError, VerifyError, VmError
 from kvmtasks.provision.steps import VmStatus, exclusive, record_directory
 
 QEMU_IMG_TIMEOUT = 60.0
@@ -98,10 +98,11 @@ def _make(part: Part) -> None:
     partial = overlay.with_name(overlay.name + ".part")
     # -F always: QEMU never probes the base's format (a raw image could pass for anything).
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base), str(partial), *size]
-    result = command.run(argv, timeout=QEMU_IMG_TIMEOUT)
-    if result.exit_code != 0:
+    try:
+        command.checked(argv, timeout=QEMU_IMG_TIMEOUT, doing=f"creating the overlay {partial}")
+    except CommandError:
         partial.unlink(missing_ok=True)
-        raise KvmTasksError(f"qemu-img create {partial} failed: {_last_line(result.stderr)}")
+        raise
     os.replace(partial, overlay)
     record = record_path(part)
     record.write_text(json.dumps(_made_on(part)))
@@ -111,14 +112,11 @@ def _make(part: Part) -> None:
 
 def image_info(path: Path, fmt: str) -> dict[str, Any]:
     """qemu-img's view of an image (virtual size, backing file); shared lock, format given."""
-    result = command.run(["qemu-img", "info", "-U", "--output=json", "-f", fmt, str(path)],
-                         timeout=QEMU_IMG_TIMEOUT)
-    if result.exit_code != 0:
-        raise VerifyError(f"qemu-img cannot read {path} as {fmt}: {_last_line(result.stderr)}")
+    argv = ["qemu-img", "info", "-U", "--output=json", "-f", fmt, str(path)]
+    try:
+        result = command.checked(argv, timeout=QEMU_IMG_TIMEOUT)
+    except CommandFailed as error:
+        # An image qemu-img cannot read is a provisioning result to refuse, not a broken tool.
+        raise VerifyError(f"qemu-img cannot read {path} as {fmt}: {error.reason or 'no message'}") from None
     info: dict[str, Any] = json.loads(result.stdout)
     return info
-
-
-def _last_line(stderr: str) -> str:
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else "no message"

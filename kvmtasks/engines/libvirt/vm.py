@@ -24,7 +24,7 @@ from kvmtasks.config.runfiles import RunFiles, Status
 from kvmtasks.engines import lifecycle, statusreport
 from kvmtasks.engines.libvirt import hostports, managedsave, storage
 from kvmtasks.engines.libvirt.domain import domain_xml, made_by_kvmtasks
-from kvmtasks.engines.libvirt.virsh import STOPPED_DOMAIN_STATES, virsh
+from kvmtasks.engines.libvirt.virsh import STOPPED_DOMAIN_STATES, VirshError, virsh
 from kvmtasks.engines.lifecycle import Say, Seen
 from kvmtasks.engines.running import current
 from kvmtasks.errors import VmError
@@ -232,7 +232,7 @@ def _qemu_run_state(part: Part) -> str | None:
 def _destroy(part: Part) -> None:
     try:
         virsh(part, "destroy", part.name)
-    except VmError as error:
-        if "not running" not in str(error) and "not found" not in str(error).lower():
+    except VirshError as error:
+        if not (error.not_running or error.not_found):
             raise
     RunFiles.of(part).domain.unlink(missing_ok=True)

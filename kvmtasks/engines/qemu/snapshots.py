@@ -37,10 +37,8 @@ def listing(part: Part) -> list[Snapshot]:
     """The boot disk's snapshots, oldest first (read while QEMU runs too: --force-share)."""
     check_supported(part)
     disk = boot_disk(part)
-    result = command.run(["qemu-img", "info", "--force-share", "--output=json", "-f", "qcow2",
-                          "--", str(disk)], timeout=60)
-    if result.exit_code != 0:
-        raise VmError(f"qemu-img cannot read {disk}: {' '.join(result.stderr.split())}")
+    result = command.checked(["qemu-img", "info", "--force-share", "--output=json", "-f", "qcow2",
+                              "--", str(disk)], timeout=60, doing=f"reading the snapshots of {disk}")
     found = json.loads(result.stdout).get("snapshots", [])
     return [Snapshot(item["name"], item["date-sec"] + item["date-nsec"] / 1e9, item["vm-state-size"])
             for item in found]
@@ -104,11 +102,8 @@ def delete(part: Part, name: str, say: lifecycle.Say = print) -> None:
         disk = boot_disk(part)
         # qemu-img snapshot has no -f: the format goes in image options, so it never probes.
         image = f"driver=qcow2,file.driver=file,file.filename={escape(disk)}"
-        result = command.run(["qemu-img", "snapshot", "--image-opts", "-d", name, "--", image],
-                             timeout=120)
-        if result.exit_code != 0:
-            raise VmError(f"qemu-img cannot delete snapshot {name} from {disk}: "
-                          f"{' '.join(result.stderr.split())}")
+        command.checked(["qemu-img", "snapshot", "--image-opts", "-d", name, "--", image],
+                        timeout=120, doing=f"deleting snapshot {name} from {disk}")
     say(f"{part.name}: snapshot {name} deleted")
 
 

@@ -18,7 +18,7 @@ from kvmtasks.engines.lifecycle import KvmUnusable, Say, Seen
 from kvmtasks.engines.qemu import machine, qmp, savestate
 from kvmtasks.engines.qemu.argv import qemu_argv
 from kvmtasks.engines.running import current
-from kvmtasks.errors import VmError
+from kvmtasks.errors import CommandFailed, VmError
 
 QUIT_WAIT = 5.0
 SOCKET_PATH_MAX = 107
@@ -95,14 +95,15 @@ class QemuMachine:
                          listen_address=self.address, machine=self.machine_type)
 
     def _run(self, accel: Accel, extra: tuple[str, ...]) -> None:
-        result = command.run([*self._argv(accel), *extra], timeout=120)
-        if result.exit_code != 0:
+        try:
+            command.checked([*self._argv(accel), *extra], timeout=120)
+        except CommandFailed as error:
             clean_run_files(self.files)
-            message = _last_error_line(result.stderr) or f"exit status {result.exit_code}"
-            if accel is Accel.KVM and "kvm" in result.stderr.lower():
-                raise KvmUnusable(f"qemu could not start under KVM ({message})")
+            message = error.reason or f"exit status {error.exit_code}"
+            if accel is Accel.KVM and "kvm" in error.stderr.lower():
+                raise KvmUnusable(f"qemu could not start under KVM ({message})") from None
             raise VmError(f"qemu failed to start: {message}",
-                          lifecycle.details(self.files.console_log, result.stderr))
+                          lifecycle.details(self.files.console_log, error.stderr)) from None
         self.files.accel.write_text(accel.value)
 
     def seen(self) -> Seen:
@@ -157,11 +158,6 @@ class QemuMachine:
     def facts(self) -> statusreport.Facts:
         return statusreport.gather(self.part, address=self.address, console_log=self.files.console_log,
                                    suspended=savestate.saved(self.part) is not None)
-
-
-def _last_error_line(stderr: str) -> str:
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 def machine_of(part: Part) -> QemuMachine:
