@@ -17,6 +17,10 @@ class KvmTasksError(Exception):
         super().__init__(message)
         self.details = details
 
+    def report(self, who: str) -> str:
+        """What a boundary prints: ``who: message``, then the details on the lines below."""
+        return f"{who}: {self}" + (f"\n{self.details}" if self.details else "")
+
 
 class ConfigError(KvmTasksError):
     """A config file, section, option or value is wrong."""

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from kvmtasks import command
-from kvmtasks.errors import KvmTasksError
+from kvmtasks.errors import ProvisionError
 
 
 def public_path(private: Path) -> Path:
@@ -36,7 +36,7 @@ def read_public(private: Path) -> str:
     try:
         text = public.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as error:
-        raise KvmTasksError(f"cannot read the public key {public}: {error}") from None
+        raise ProvisionError(f"cannot read the public key {public}: {error}") from None
     if not text or "\n" in text:
-        raise KvmTasksError(f"{public} does not hold one public key line")
+        raise ProvisionError(f"{public} does not hold one public key line")
     return text

@@ -18,7 +18,7 @@ from kvmtasks.config.diskformat import disk_format
 from kvmtasks.config.options import size_bytes
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
-from kvmtasks.errors import CommandError, CommandFailed, KvmTasksError, VerifyError, VmError
+from kvmtasks.errors import CommandError, CommandFailed, ProvisionError, VerifyError, VmError
 from kvmtasks.provision.steps import VmStatus, exclusive, record_directory
 
 QEMU_IMG_TIMEOUT = 60.0
@@ -36,7 +36,7 @@ def create(part: Part, vm_status: VmStatus) -> None:
 def reset(part: Part, say: Callable[[str], None] = print, *, vm_status: VmStatus) -> None:
     """Bring the disk back to the verified image: a new overlay, and a new host key to accept."""
     if not part.overlay:
-        raise KvmTasksError(f"reset needs overlay = true; {part.name} boots {part.image_path} itself, "
+        raise ProvisionError(f"reset needs overlay = true; {part.name} boots {part.image_path} itself, "
                             "so there is nothing to throw away")
     with exclusive(part, "reset"):
         status = vm_status(part)
@@ -79,7 +79,7 @@ def base_format(part: Part) -> str:
 def _make(part: Part) -> None:
     base = part.image_path.absolute()
     if not base.exists():
-        raise KvmTasksError(f"image {base} not found; run: doit provision:{part.name}")
+        raise ProvisionError(f"image {base} not found; run: doit provision:{part.name}")
     fmt = base_format(part)
     # A raw image has no backing file; only disk_size needs its size: reset stays one qemu-img run.
     info = image_info(base, fmt) if fmt != "raw" or part.disk_size is not None else {}
@@ -91,7 +91,7 @@ def _make(part: Part) -> None:
     if part.disk_size is not None:
         wanted, virtual = size_bytes(part.disk_size), int(info["virtual-size"])
         if wanted < virtual:
-            raise KvmTasksError(f"disk_size = {part.disk_size} ({wanted} bytes) is smaller than the "
+            raise ProvisionError(f"disk_size = {part.disk_size} ({wanted} bytes) is smaller than the "
                                 f"image {base} ({virtual} bytes); a disk is never shrunk")
         size = [str(wanted)]
     overlay = part.overlay_path.absolute()

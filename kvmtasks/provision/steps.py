@@ -16,7 +16,7 @@ from typing import TextIO
 from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles, Status
-from kvmtasks.errors import KvmTasksError, VerifyError, VmError
+from kvmtasks.errors import ProvisionError, VerifyError, VmError
 from kvmtasks.provision import cache, checksums, digest, fetch, sharedimage
 from kvmtasks.provision.decompress import StreamedImage, detect
 from kvmtasks.provision.decompress import decompress as decompress_file
@@ -57,20 +57,20 @@ def exclusive(part: Part, step: str) -> Iterator[None]:
 
 def _open_lock(part: Part, path: Path) -> TextIO:
     if part.location.exists() and not part.location.is_dir():
-        raise KvmTasksError(f"location = {str(part.location)!r} is not a folder")
+        raise ProvisionError(f"location = {str(part.location)!r} is not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return open(path, "a+")
     except OSError as error:
-        raise KvmTasksError(f"cannot create {path}: {error.strerror or error}") from None
+        raise ProvisionError(f"cannot create {path}: {error.strerror or error}") from None
 
 
 def _write_record(record_path: Path, file_path: Path, digests: Mapping[str, str],
-                  made_from: tuple[int, int] | None = None) -> None:
+                  made_from: tuple[int, int] | None = None) -> digest.Record:
     try:
-        digest.write_record(record_path, file_path, digests, made_from)
+        return digest.write_record(record_path, file_path, digests, made_from)
     except OSError as error:
-        raise KvmTasksError(f"writing {record_path}: {error.strerror or error}") from None
+        raise ProvisionError(f"writing {record_path}: {error.strerror or error}") from None
 
 
 def _refuse_if_running(part: Part, vm_status: VmStatus) -> None:
@@ -129,7 +129,7 @@ def _keep_streamed(part: Part, image: StreamedImage, entry: cache.Entry | None) 
     try:
         digests = image.commit()
     except OSError as error:
-        raise KvmTasksError(f"renaming {image.partial}: {error.strerror or error}") from None
+        raise ProvisionError(f"renaming {image.partial}: {error.strerror or error}") from None
     _write_record(image_record(part), part.image_path, digests, made_from)
     if entry is not None and sharedimage.shares(part):
         sharedimage.share(entry, part, digests)
@@ -183,7 +183,7 @@ def _as_image(part: Part) -> dict[str, str]:
         try:
             os.link(download, partial)
         except OSError as error:
-            raise KvmTasksError(f"linking {download} as {image}: {error.strerror or error}") from None
+            raise ProvisionError(f"linking {download} as {image}: {error.strerror or error}") from None
         os.replace(partial, image)
     record = digest.read_record(download_record(part))
     known = dict(record.digests) if record is not None and record.matches(download) else {}
@@ -259,9 +259,11 @@ def _verify(part: Part, what: str, path: Path, record_path: Path, vm_status: VmS
                 f"checked against {', '.join(f'{a}_{what}' for a in sorted(missing))}; "
                 "delete it to provision again"
             )
-        record = digest.write_record(
-            record_path, path, {**record.digests, **digest.hash_file(path, missing)}, record.source
-        )
+        try:
+            added = digest.hash_file(path, missing)
+        except OSError as error:
+            raise VerifyError(f"cannot read {path}: {error.strerror or error}") from None
+        record = _write_record(record_path, path, {**record.digests, **added}, record.source)
     try:
         digest.compare(what, expected, record.digests, sources)
     except VerifyError as error:

@@ -146,9 +146,7 @@ def main(kind: str, snapshot_file: str, args: Sequence[str] | None = None) -> in
     try:
         return run(part, kind, sys.argv[1:] if args is None else args)
     except KvmTasksError as error:
-        print(f"{part.name}-{kind}: {error}", file=sys.stderr)
-        if isinstance(error, VmError) and error.details:
-            print(error.details, file=sys.stderr)
+        print(error.report(f"{part.name}-{kind}"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
