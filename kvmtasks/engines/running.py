@@ -11,7 +11,6 @@ from __future__ import annotations
 from kvmtasks.config.options import Engine
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles, Status, clean_run_files, is_our_qemu, read_pid
-from kvmtasks.engines.libvirt.virsh import LIVE_DOMAIN_STATES, VirshError, virsh
 
 
 def current(part: Part) -> Status:
@@ -33,6 +32,9 @@ def _domain_state(part: Part) -> Status:
 
     Only a part kvmtasks started is asked about, so a no-op doit run never calls virsh.
     """
+    # Here, not at the top: a direct-QEMU part's scripts never load the libvirt engine.
+    from kvmtasks.engines.libvirt.virsh import LIVE_DOMAIN_STATES, VirshError, virsh
+
     files = RunFiles.of(part)
     if not files.domain.exists():
         return Status(False)

@@ -202,14 +202,18 @@ def copy_argv(part: Part, remote_file: str, local_file: Path, *, upload: bool, l
 
 def copy(part: Part, remote_file: str, local_file: Path, *, upload: bool) -> None:
     """scp, falling back to the legacy protocol for guests without an SFTP server."""
-    source, target = (local_file, remote_file) if upload else (remote_file, local_file)
-    doing = f"scp {source} {target}"
     try:
-        command.checked(copy_argv(part, remote_file, local_file, upload=upload, legacy=False), doing=doing)
+        try:
+            command.checked(copy_argv(part, remote_file, local_file, upload=upload, legacy=False))
+        except CommandFailed as error:
+            if not any(marker in error.stderr for marker in NO_SFTP_MARKERS):
+                raise
+            command.checked(copy_argv(part, remote_file, local_file, upload=upload, legacy=True))
     except CommandFailed as error:
-        if not any(marker in error.stderr for marker in NO_SFTP_MARKERS):
-            raise
-        command.checked(copy_argv(part, remote_file, local_file, upload=upload, legacy=True), doing=doing)
+        # scp's last line ("lost connection") is no reason: ssh's, on the lines before, is.
+        source, target = (local_file, remote_file) if upload else (remote_file, local_file)
+        reason = " ".join(error.stderr.split()) or error.exit_code
+        raise VmError(f"scp {source} {target} failed: {reason}") from None
 
 
 def sendfile(part: Part, remote_file: str, local_file: Path) -> None:

@@ -204,7 +204,7 @@ class LibvirtMachine:
             suspended=not current(self.part).running and managedsave.suspended(self.part))
 
 
-def machine_of(part: Part) -> LibvirtMachine:
+def machine_of(part: Part) -> lifecycle.Machine:
     return LibvirtMachine(part)
 
 

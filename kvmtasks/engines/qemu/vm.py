@@ -160,5 +160,5 @@ class QemuMachine:
                                    suspended=savestate.saved(self.part) is not None)
 
 
-def machine_of(part: Part) -> QemuMachine:
+def machine_of(part: Part) -> lifecycle.Machine:
     return QemuMachine(part)
