@@ -59,3 +59,15 @@ def test_a_shared_port_lock_that_cannot_be_opened_is_one_line(tmp_path: Path) ->
     refused = r"^cannot open the shared port's lock .*tcp-2222.lock: "
     with pytest.raises(VmError, match=refused), ports.claimed(part, [clash]):
         pass
+
+
+def test_virsh_errors_are_classified_once() -> None:
+    from kvmtasks.engines.libvirt.virsh import VirshError
+
+    gone = VirshError("virsh domstate on qemu:///system: failed to get domain 'vm'",
+                      "Domain not found: no domain with matching name 'vm'")
+    stopped = VirshError("virsh destroy on qemu:///system: ...",
+                         "Requested operation is not valid: domain is not running")
+    assert (gone.not_found, gone.not_running) == (True, False)
+    assert (stopped.not_found, stopped.not_running) == (False, True)
+    assert isinstance(gone, VmError)

@@ -25,8 +25,9 @@ class VirshError(VmError):
 
     @property
     def not_found(self) -> bool:
-        """No domain, pool, volume or managed save of that name ("Domain not found: ...")."""
-        return "not found" in self.reason.lower()
+        """No domain, pool or volume of that name. virsh says so as libvirt's "Domain not found:
+        ..." or, when its lookup by name, uuid and id reset that error, as "failed to get domain"."""
+        return "not found" in self.reason.lower() or self.reason.startswith("failed to get ")
 
     @property
     def not_running(self) -> bool:
