@@ -15,10 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -453,11 +455,39 @@ def test_the_seed_is_a_read_only_ide_cdrom(tmp_path: Path) -> None:
     assert len(xml_of(part).findall("devices/disk")) == 1
 
 
-def cloud_part(cloud: DebianGuest, name: str, pool: str, extra: str) -> str:
+@dataclass(frozen=True)
+class CloudGuest:
+    """The cloud-init Debian guest, and the folder its kernel and initramfs are read from."""
+
+    guest: DebianGuest
+    boot: Path
+
+
+@pytest.fixture
+def cloud() -> Iterator[CloudGuest]:
+    """The cloud-init Debian guest, its kernel and initramfs copied where libvirt's QEMU can read them.
+
+    libvirt runs QEMU as its own user, and QEMU opens the -kernel and -initrd files itself: they
+    cannot stay in the checkout's .cache when the checkout lies in a folder only its owner may
+    enter (as under /root). The copies go in a world-readable folder of their own, removed after.
+    """
+    built = debian_guest_or_skip(CLOUD_INIT)
+    boot = Path(tempfile.mkdtemp(prefix="kvmtasks-boot-", dir="/tmp"))
+    try:
+        boot.chmod(0o755)
+        for file in (built.kernel, built.initrd):
+            shutil.copyfile(file, boot / file.name)
+            (boot / file.name).chmod(0o644)
+        yield CloudGuest(built, boot)
+    finally:
+        shutil.rmtree(boot)
+
+
+def cloud_part(cloud: CloudGuest, name: str, pool: str, extra: str) -> str:
     """A libvirt part booting the cloud-init Debian guest with a seed, reached by 127.0.0.1 only."""
-    extra_args = "".join(f"  {arg}\n" for arg in cloud.kvm_extra_args())
+    extra_args = "".join(f"  {arg}\n" for arg in cloud.guest.kvm_extra_args(cloud.boot))
     return (
-        f"[{name}]\nfile = {cloud.image}\nkvm_engine = libvirt\nlibvirt_pool = {pool}\n"
+        f"[{name}]\nfile = {cloud.guest.image}\nkvm_engine = libvirt\nlibvirt_pool = {pool}\n"
         f"ssh_port = {free_port()}\ncloud_init = true\n{extra}"
         "kvm_memory = 1G\nkvm_accel = tcg\nkvm_boot_timeout = 400\nkvm_shutdown_timeout = 10\n"
         f"kvm_net =\n  user,restrict=on\n  nic,model=virtio\nkvm_extra_args =\n{extra_args}"
@@ -468,10 +498,10 @@ def cloud_part(cloud: DebianGuest, name: str, pool: str, extra: str) -> str:
 @pytest.mark.vm
 @pytest.mark.usefixtures("no_vm_left")
 @pytest.mark.timeout(1800)  # a cold image build (~4 min) and a cloud-init boot under TCG
-def test_a_cloud_image_gets_its_seed_on_libvirt(project: Project, pool: str, domain_name: str) -> None:
+def test_a_cloud_image_gets_its_seed_on_libvirt(project: Project, pool: str, domain_name: str,
+                                                 cloud: CloudGuest) -> None:
     """The cloud-init Debian guest (no key, no host key inside) on libvirt: its seed is uploaded
     as a volume, the guest is reached with the key kvmtasks made and the host key it pinned."""
-    cloud = debian_guest_or_skip(CLOUD_INIT)
     name = domain_name
     (project.root / "user-data").write_text("#cloud-config\nruncmd:\n  - [touch, /root/from-user-data]\n")
     config_file = project.write(
@@ -677,10 +707,10 @@ def test_kvm_accel_auto_on_libvirt_starts_a_guest_that_answers(
 @pytest.mark.timeout(1800)
 def test_a_cloud_image_gets_its_seed_on_a_remote_libvirt_host(
     project: Project, pool: str, domain_name: str, loopback_sshd: tuple[int, Path, Path],
+    cloud: CloudGuest,
 ) -> None:
     """The same seed through qemu+ssh: uploaded over the libvirt connection, the guest reached
     through the host with the pinned host key; a second start uploads nothing."""
-    cloud = debian_guest_or_skip(CLOUD_INIT)
     port, key, _ = loopback_sshd
     uri = f"qemu+ssh://root@127.0.0.1:{port}/system?keyfile={key}&no_verify=1"
     name = domain_name
