@@ -2,6 +2,7 @@
 
 Everything goes through ``virsh`` (one argv per call, through command.run):
 the forwarded ports are checked free on the host (hostports.py), the
+files QEMU opens itself readable by its user (qemufiles.py), the
 volumes are made ready (storage.py), the domain is defined
 from domain.py and started (or resumed from its managed save,
 managedsave.py), and the guest is reached over ssh as with the
@@ -22,7 +23,7 @@ from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.remote import remote_of
 from kvmtasks.config.runfiles import RunFiles, current, virsh
 from kvmtasks.engines import poweroff, statusreport
-from kvmtasks.engines.libvirt import hostports, managedsave, storage
+from kvmtasks.engines.libvirt import hostports, managedsave, qemufiles, storage
 from kvmtasks.engines.libvirt.domain import domain_xml, made_by_kvmtasks
 from kvmtasks.engines.qemu import qmp
 from kvmtasks.engines.qemu.savestate import KVM_SNAPSHOT_SUSPEND
@@ -119,6 +120,7 @@ def start(part: Part, say: Say = print) -> None:
     part.state_directory.mkdir(parents=True, exist_ok=True)
     ssh.write_jump_config(part)
     check_ports(part)
+    qemufiles.check_readable(part)
     hostkeys.prepare(part)
     uuid = _our_domain_uuid(part)
     if uuid is not None and managedsave.has_managed_save(part) and _resume(part, say):
