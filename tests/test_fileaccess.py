@@ -115,9 +115,10 @@ def tree(base: Path, folder_mode: int, file_mode: int, *, folder_group: int = 0)
     return file
 
 
-def grant_search_to_nobody(folder: Path, mask: int) -> None:
+def grant_search(folder: Path, uid: int, mask: int = 1) -> None:
+    """What ``setfacl -m u:UID:x FOLDER`` does (with the mask given), without setfacl."""
     os.setxattr(folder, ACL_XATTR, acl_xattr(
-        (ACL_USER_OBJ, 7, NO_ID), (ACL_USER, 1, NOBODY.uid), (ACL_GROUP_OBJ, 0, NO_ID),
+        (ACL_USER_OBJ, 7, NO_ID), (ACL_USER, 1, uid), (ACL_GROUP_OBJ, 0, NO_ID),
         (ACL_MASK, mask, NO_ID), (ACL_OTHER, 0, NO_ID)))
 
 
@@ -149,13 +150,13 @@ def owned_without_x(base: Path) -> Path:
 
 def acl_grant(base: Path) -> Path:
     file = tree(base, 0o700, 0o644)
-    grant_search_to_nobody(file.parent, mask=1)
+    grant_search(file.parent, NOBODY.uid)
     return file
 
 
 def acl_masked(base: Path) -> Path:
     file = tree(base, 0o700, 0o644)
-    grant_search_to_nobody(file.parent, mask=0)
+    grant_search(file.parent, NOBODY.uid, mask=0)
     return file
 
 
