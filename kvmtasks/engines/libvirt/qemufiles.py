@@ -34,30 +34,17 @@ NOT_HOST_PATHS = frozenset({"-append"})
 
 def _items(argument: str) -> list[str]:
     """A QEMU option value's comma-separated items, ",," being a comma within one."""
-    items: list[str] = []
-    current = ""
-    index = 0
-    while index < len(argument):
-        if argument.startswith(",,", index):
-            current += ","
-            index += 2
-        elif argument[index] == ",":
-            items.append(current)
-            current = ""
-            index += 1
-        else:
-            current += argument[index]
-            index += 1
-    return [*items, current]
+    # No argv string holds a NUL: it stands in for the escaped comma while splitting.
+    return [item.replace("\0", ",") for item in argument.replace(",,", "\0").split(",")]
 
 
 def host_paths(arguments: Sequence[str]) -> list[Path]:
     """The absolute paths among QEMU arguments: whole ones (``-kernel /k``) and the values of
     ``key=value`` items (``-drive file=/d,format=raw``), in order, once each."""
     paths: list[Path] = []
-    after: str | None = None
+    previous: str | None = None
     for argument in arguments:
-        option, after = after, argument
+        option, previous = previous, argument
         if option in NOT_HOST_PATHS:
             continue
         for item in _items(argument):
