@@ -3,6 +3,7 @@ libvirt domain named after the part, on a local or remote host.
 
 Everything goes through ``virsh`` (one argv per call, through command.run):
 the forwarded ports are checked free on the host (hostports.py), the
+files QEMU opens itself readable by its user (qemufiles.py), the
 volumes are made ready (storage.py), the domain is defined
 from domain.py and started (or resumed from its managed save,
 managedsave.py), and the guest is reached over ssh as with the
@@ -22,7 +23,7 @@ from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.remote import remote_of
 from kvmtasks.config.runfiles import RunFiles, Status
 from kvmtasks.engines import lifecycle, statusreport
-from kvmtasks.engines.libvirt import hostports, managedsave, storage
+from kvmtasks.engines.libvirt import hostports, managedsave, qemufiles, storage
 from kvmtasks.engines.libvirt.domain import domain_xml, made_by_kvmtasks
 from kvmtasks.engines.libvirt.virsh import STOPPED_DOMAIN_STATES, VirshError, virsh
 from kvmtasks.engines.lifecycle import Say, Seen
@@ -118,6 +119,7 @@ class LibvirtMachine:
         """The jump host's ssh config, the forwards free on the libvirt host, our domain's uuid."""
         ssh.write_jump_config(self.part)
         check_ports(self.part)
+        qemufiles.check_readable(self.part)
         self.uuid = _our_domain_uuid(self.part)
 
     def console_log(self) -> Path | None:
