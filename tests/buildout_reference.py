@@ -54,28 +54,45 @@ def _no_recipes() -> Iterator[None]:
         os.chdir(cwd)
 
 
-def buildout_parts(config: Path, parts: list[str]) -> dict[str, Options] | Refused:
-    """The parts' options as zc.buildout gives them to a recipe."""
+def buildout_parts(config: Path, parts: list[str]) -> dict[str, Options | Refused] | Refused:
+    """The parts' options as zc.buildout gives them to a recipe, read in the order given."""
     import zc.buildout.buildout as zc_buildout
 
     with _no_recipes():
         try:
             reader = zc_buildout.Buildout(str(config), [], use_user_defaults=False)
-            result = {}
-            for part in parts:
+        except Exception as error:  # buildout's own errors and its unguarded ones alike
+            return _refused(error)
+        result: dict[str, Options | Refused] = {}
+        for part in parts:
+            try:
                 options = reader[part]
                 result[part] = {name: options[name] for name in options}  # Options iterates its keys()
-            return result
-        except Exception as error:  # buildout's own errors and its unguarded ones alike
-            return Refused(f"{type(error).__name__}: {' '.join(str(error).split())}")
+            except Exception as error:
+                result[part] = _refused(error)
+        return result
 
 
-def kvmtasks_parts(config: Path, parts: list[str]) -> dict[str, Options] | Refused:
+def _refused(error: Exception) -> Refused:
+    return Refused(f"{type(error).__name__}: {' '.join(str(error).split())}")
+
+
+def kvmtasks_parts(config: Path, parts: list[str]) -> dict[str, Options | Refused] | Refused:
     """The parts' options as kvmtasks' option parsers get them (directory: the config's folder)."""
     try:
         reader = read_config(config, config.parent)
-        return {part: reader.section(part) for part in parts}
     except ConfigError as error:
-        message = str(error)
-        assert len(message.splitlines()) == 1, message
-        return Refused(message)
+        return _one_line(error)
+    result: dict[str, Options | Refused] = {}
+    for part in parts:
+        try:
+            result[part] = reader.section(part)
+        except ConfigError as error:
+            result[part] = _one_line(error)
+    return result
+
+
+def _one_line(error: ConfigError) -> Refused:
+    message = str(error)
+    assert len(message.splitlines()) == 1, message
+    return Refused(message)

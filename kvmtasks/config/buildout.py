@@ -164,6 +164,8 @@ class Config:
 
     def section(self, name: str) -> dict[str, str]:
         """Every option of a section, resolved; a bad one is one line naming where it is."""
+        if name not in self.annotated:
+            raise ConfigError(f"{self.path}: no section [{name}]")
         try:
             options = self._section(name)
             return {option: options.item(option) for option in options.option_names()}
@@ -293,9 +295,10 @@ class _Options:
                 continue
             yield self._reference(piece, seen, option)
 
-    def _reference(self, reference: str, seen: list[tuple[str, str]], option: str) -> str:
-        names = reference[2:-1].split(":")
-        if not _VALID.match(reference):
+    def _reference(self, written: str, seen: list[tuple[str, str]], option: str) -> str:
+        names = written[2:-1].split(":")
+        reference = written.replace("\n", "\\n")  # shown on one line
+        if not _VALID.match(written):
             if len(names) != 2:
                 problem = "has no colon" if len(names) < 2 else "has too many colons"
                 hint = f"; write ${{:{names[0]}}} for this section's option" if len(names) < 2 else ""

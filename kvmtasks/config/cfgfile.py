@@ -57,14 +57,12 @@ def parse(text: str, source: str) -> RawSections:
             continue
         header = _SECTION_HEADER.match(line)
         if header:
-            included = True
             name, expression = header.group("name"), header.group("expression")
-            option = None
-            if expression:
-                included = _holds(expression, name, source)
-                if not included:
-                    continue
-            current = sections.setdefault(name, {})
+            # A false section is skipped whole, its lines too; buildout keeps the option before
+            # it as the current one meanwhile.
+            included = not expression or _holds(expression, name, source)
+            if included:
+                current, option = sections.setdefault(name, {}), None
             continue
         if line.startswith("["):
             raise ConfigError(f"{source}: line {number}: {line.rstrip()!r}: not a [section] header (a "

@@ -313,13 +313,25 @@ class _Marker:
         (left_kind, left), (_, op), (right_kind, right) = self.tokens[self.position:self.position + 3]
         self.position += 3
         op = " ".join(op.split())
+        if left_kind == "string" and right_kind == "variable" and op in ("in", "not in"):
+            return (left[1:-1] in self._value(right)) == (op == "in")
         if left_kind != "variable" or right_kind != "string":
-            raise Refused(f"marker {left} {op} {right}: kvmtasks evaluates VARIABLE OP \"VALUE\" only")
-        name = re.sub(r"^(os|sys|platform)\.", r"\1_", left)
-        name = "platform_python_implementation" if name == "python_implementation" else name
+            raise Refused(f"marker {left} {op} {right}: kvmtasks evaluates VARIABLE OP \"VALUE\" "
+                          "and \"VALUE\" in VARIABLE only")
+        name = self._name(left)
+        return self._compare(name, self._value(left), op, right[1:-1])
+
+    @staticmethod
+    def _name(variable: str) -> str:
+        name = re.sub(r"^(os|sys|platform)\.", r"\1_", variable)
+        return "platform_python_implementation" if name == "python_implementation" else name
+
+    def _value(self, variable: str) -> str:
+        name = self._name(variable)
         if name not in self.environment:
-            raise Refused(f"marker variable {left} is not evaluated by kvmtasks")
-        return self._compare(name, self.environment[name], op, right[1:-1])
+            raise Refused(f"marker variable {variable} is not evaluated by kvmtasks")
+        return self.environment[name]
+
 
     @staticmethod
     def _compare(name: str, actual: str, op: str, wanted: str) -> bool:
