@@ -263,7 +263,7 @@ def test_parts_from_several_files_are_read_in_order(tmp_path: Path) -> None:
     (f"image = {IMAGE}\ngzip = sometimes", ["[vm] gzip = 'sometimes'", "boolean"]),
     ("image = ftp://127.0.0.1/disk.img", ["[vm] image = 'ftp://127.0.0.1/disk.img'", "scheme"]),
     ("image = ${mirror:url}/disk.img", ["[vm] image = '${mirror:url}/disk.img'", "no section [mirror]"]),
-    ("image = ${buildout:nothing}/disk.img", ["[vm] image", "${buildout:nothing}: no option 'nothing' in [buildout]"]),
+    ("image = ${buildout:nothing}/disk.img", ["[vm] image", "no option 'nothing' in [buildout]"]),
     ("image = $oops", ["[vm] image = '$oops'"]),
     ("file = /dev/null\nmd5_download = " + "0" * 32, ["[vm] md5_download", "needs an image URL"]),
     ("file = /dev/null\ngzip = true", ["[vm] gzip", "needs an image URL"]),
