@@ -381,3 +381,18 @@ def test_extends_of_a_url_resolves_relative_extends_against_it(tmp_path: Path,
     reference, ours = compare(tmp_path, {"buildout.cfg": root}, ("vm",))
 
     assert ours == reference == {"vm": {"x": "first\nbase\nroot", "y": "first\nbase\nroot"}}
+
+
+def test_an_extends_cache_filled_by_one_reader_serves_the_other_offline(tmp_path: Path,
+                                                                        http_server: FileServer) -> None:
+    http_server.put("/configs/base.cfg", b"[vm]\nx = cached\n")
+    (tmp_path / "cache").mkdir()
+    online = (f"[buildout]\nextends-cache = cache\nextends = {http_server.url('/configs/base.cfg')}\n"
+              "[vm]\nx += here\n")
+    assert compare(tmp_path, {"buildout.cfg": online}, ("vm",))[1] == {"vm": {"x": "cached\nhere"}}
+    http_server.put("/configs/base.cfg", b"[vm]\nx = changed\n")
+
+    offline = online.replace("[vm]", "offline = true\n[vm]")
+    reference, ours = compare(tmp_path, {"buildout.cfg": offline}, ("vm",))
+
+    assert ours == reference == {"vm": {"x": "cached\nhere"}}

@@ -315,3 +315,139 @@ def test_a_location_copied_by_a_macro_to_two_parts_is_one_line(tmp_path: Path) -
     message = error(tmp_path, f"[a]\nimage = {IMAGE}\nlocation = shared\n[b]\n<= a\n")
 
     assert f"[b] location = '{tmp_path}/shared': part a uses {tmp_path}/shared/disk.img too" in message
+
+
+# -- options of the user's own ------------------------------------------------------------------
+
+def test_an_option_of_your_own_is_accepted_when_a_substitution_uses_it(tmp_path: Path) -> None:
+    parts = load(tmp_path, f"""parts = vm db
+
+[sizes]
+big = 2G
+
+[tpl]
+image = {IMAGE}
+kvm_extra_args = -name ${{:label}}
+
+[vm]
+<= tpl
+label = web
+mirror = 127.0.0.1:9
+kvm_memory = ${{sizes:big}}
+
+[db]
+<= tpl
+label = ${{vm:mirror}}
+""")
+
+    assert parts["vm"].kvm_extra_args == ("-name web",)
+    assert parts["vm"].kvm_memory == "2G"
+    assert parts["db"].kvm_extra_args == ("-name 127.0.0.1:9",)
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ("kvm_memroy = 1G", "[vm] unknown option 'kvm_memroy'; did you mean `kvm_memory`?"),
+    ("ssh_prot = 2222", "did you mean `ssh_port`?"),
+    ("colour = blue", "[vm] unknown option 'colour' (an option of your own is accepted when a ${:colour}"),
+    # Used only by another section's own ${:label}: not this one's.
+    ("label = x\n[other]\nlabel = y\nname = ${:label}", "[vm] unknown option 'label'"),
+])
+def test_an_unused_unknown_option_is_refused_naming_the_closest(tmp_path: Path, body: str,
+                                                                  needle: str) -> None:
+    assert needle in error(tmp_path, f"[vm]\nimage = {IMAGE}\n{body}\n")
+
+
+# -- blank and comment lines inside values --------------------------------------------------------
+
+def test_blank_and_comment_lines_inside_a_value(tmp_path: Path) -> None:
+    parts = load(tmp_path, f"""
+[vm]
+image = {IMAGE}
+kvm_extra_args =
+  -no-reboot
+
+# the next one stops at the first instruction
+  -S
+; and this one
+  -nodefaults
+kvm_memory = 1G
+""")
+
+    assert parts["vm"].kvm_extra_args == ("-no-reboot", "-S", "-nodefaults")
+    assert parts["vm"].kvm_memory == "1G"
+
+
+# -- conditional sections ---------------------------------------------------------------------
+
+def test_conditional_sections_apply_when_their_expression_holds(tmp_path: Path) -> None:
+    parts = load(tmp_path, f"""
+[vm]
+image = {IMAGE}
+kvm_extra_args = -S
+
+[vm:sys.platform.startswith('linux')]
+kvm_memory = 1G
+
+[vm:windows or macosx]
+kvm_memory = 4G
+
+[vm:python_version >= "3.8" and os_name == "posix"]
+kvm_extra_args += -no-reboot
+
+[vm:python2]
+kvm_smp = 8
+""")
+
+    vm = parts["vm"]
+    assert (vm.kvm_memory, vm.kvm_smp, vm.kvm_extra_args) == ("1G", 1, ("-S", "-no-reboot"))
+
+
+@pytest.mark.parametrize(("expression", "needle"), [
+    ("os.system('touch x')", "os.system is not evaluated by kvmtasks"),
+    ("__import__('os')", "unknown name '__import__'"),
+    ("sys.__class__", "private attribute '__class__'"),
+    ("(lambda: 1)()", "is not evaluated by kvmtasks"),
+    ("open('/etc/passwd')", "unknown name 'open'"),
+    ("platform.sys", "platform.sys is not evaluated by kvmtasks"),
+    ("nothing_known", "unknown name 'nothing_known'"),
+    ("linux and (", "not a Python expression nor an environment marker"),
+    ('python_version ~= "3.8"', "kvmtasks compares release versions"),
+    ("1/0", "ZeroDivisionError"),
+])
+def test_an_expression_kvmtasks_does_not_evaluate_is_one_line(tmp_path: Path, expression: str,
+                                                                needle: str) -> None:
+    canary = tmp_path / "x"
+    message = error(tmp_path, f"[vm]\nimage = {IMAGE}\n[vm:{expression}]\nkvm_smp = 2\n")
+
+    assert f"[vm:{expression}]: " in message
+    assert needle in message
+    assert not canary.exists()
+
+
+# -- annotate -----------------------------------------------------------------------------------
+
+def test_annotate_names_the_file_and_section_of_each_value(tmp_path: Path) -> None:
+    from kvmtasks.config.annotate import annotate
+
+    write(tmp_path / "base.cfg", f"[tpl]\nimage = {IMAGE}\nkvm_extra_args =\n  -S\n  -nodefaults\n")
+    path = write(tmp_path / "kvm.cfg", f"""[buildout]
+directory = {tmp_path}
+extends = base.cfg
+
+[vm]
+<= tpl
+label = web
+kvm_extra_args += -name ${{:label}}
+kvm_extra_args -= -S
+""")
+
+    lines = annotate(path, tmp_path, "vm")
+
+    assert lines[0] == "[vm]"
+    assert lines[lines.index(f"image = {IMAGE}") + 1] == "    base.cfg [tpl]"
+    at = lines.index("kvm_extra_args = -nodefaults")
+    assert lines[at + 1:at + 5] == [
+        "    -name web", "    base.cfg [tpl]", "+=  kvm.cfg [vm]", "-=  kvm.cfg [vm]",
+    ]
+    assert lines[lines.index("label = web") + 1] == "    kvm.cfg [vm]"
+    assert lines[lines.index("kvm_memory = 512M") + 1] == "    (kvmtasks default)"
