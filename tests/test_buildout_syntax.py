@@ -413,6 +413,8 @@ kvm_smp = 8
     ("linux and (", "not a Python expression nor an environment marker"),
     ('python_version ~= "3.8"', "kvmtasks compares release versions"),
     ("1/0", "ZeroDivisionError"),
+    ("'{0.__class__}'.format(sys)", "calling '{0.__class__}'.format is not evaluated"),
+    ("os.environ.copy()", "calling os.environ.copy is not evaluated"),
 ])
 def test_an_expression_kvmtasks_does_not_evaluate_is_one_line(tmp_path: Path, expression: str,
                                                                 needle: str) -> None:

@@ -187,8 +187,11 @@ class Config:
         self._section(section).data[option] = value
 
     def _where(self, error: Unresolved) -> str:
-        section = self.annotated.get(error.section, {})
+        read = self._options.get(error.section)  # after its macros: options a <= copied too
+        section = read.keys_annotated if read is not None else self.annotated.get(error.section, {})
         key = section.get(error.option or MACRO)
+        if key is None and error.option in (None, MACRO):  # a <= already resolved away
+            key = self.annotated.get(error.section, {}).get(MACRO)
         source = key.source if key is not None and key.source not in NOT_FILES else self.path
         if key is None:
             return f"{source}: [{error.section}] {error.problem}"

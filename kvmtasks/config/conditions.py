@@ -192,7 +192,8 @@ class _Walker:
             return True
         owner = getattr(function, "__self__", None)
         if isinstance(owner, _METHOD_OWNERS):
-            return not function.__name__.startswith("_")
+            # str.format would reach any attribute of its arguments, private ones too.
+            return not function.__name__.startswith("_") and function.__name__ not in ("format", "format_map")
         module = getattr(function, "__module__", None)
         return any(
             module == candidate.__name__ and getattr(candidate, function.__name__, None) is function
