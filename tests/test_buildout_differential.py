@@ -299,8 +299,9 @@ LITERALS = st.sampled_from(["a", "b", "-S", "1G", "a b", "#", ";", "$", "$$", "$
 REFERENCES = st.sampled_from(["${:y}", "${tpl:x}", "${other:y}", "${vm:kvm_extra_args}",
                               "${:_buildout_section_name_}", "${buildout:directory}", "${:nothing}", "${:x}"])
 WORDS = st.one_of(LITERALS, LITERALS, LITERALS, REFERENCES)
-HEADERS = {"plain": "[{}]", "true": "[{}:linux]", "false": "[{}:windows]",
-           "marker": '[{}:python_version >= "3.8"]', "python": "[{}:sys.platform.startswith('linux')]"}
+HEADERS = {"plain": "[{}]", "spaced": "[ {} ]", "commented": "[{}] # note", "true": "[{}:linux]",
+           "false": "[{}:windows]", "marker": '[{}:python_version >= "3.8"]',
+           "python": "[{}:sys.platform.startswith('linux')] ; note"}
 
 
 @st.composite
@@ -323,7 +324,8 @@ def sections(draw: st.DrawFn, name: str, first: bool) -> str:
     header = "[{}]" if first else HEADERS[draw(st.sampled_from(list(HEADERS)))]
     lines = [header.format(name)]
     if name != "tpl" and draw(st.booleans()):
-        lines.append(f"<= {draw(st.sampled_from([s for s in SECTIONS if s != name]))}")
+        bases = draw(st.lists(st.sampled_from([s for s in SECTIONS if s != name]), min_size=1, max_size=2))
+        lines.append("<= " + "\n   ".join(bases) if draw(st.booleans()) else "<=\n  " + "\n  ".join(bases))
     for _ in range(draw(st.integers(0, 4))):
         option = draw(st.sampled_from(OPTIONS))
         operator = draw(st.sampled_from(["=", "+=", "-=", " = ", "="]))
