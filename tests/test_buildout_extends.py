@@ -116,3 +116,16 @@ def test_a_url_the_server_does_not_have_is_one_line(tmp_path: Path, http_server:
     message = str(raised.value)
     assert message.startswith(f"{http_server.url('/configs/nothing.cfg')}: cannot fetch the extended config")
     assert "404" in message and len(message.splitlines()) == 1
+
+
+def test_newest_false_reads_the_cached_copy_without_asking(tmp_path: Path, http_server: FileServer) -> None:
+    url = serve_bases(http_server)
+    (tmp_path / "cache").mkdir()
+    read(config(tmp_path, url, "extends-cache = cache"))
+    http_server.put("/configs/common/memory.cfg", b"[vm]\nkvm_memory = 2G\n")
+    asked = len(http_server.requests)
+
+    part = read(config(tmp_path, url, "extends-cache = cache\nnewest = false"))
+
+    assert part.kvm_memory == "1G"
+    assert len(http_server.requests) == asked
