@@ -15,7 +15,6 @@ URLs are fetched:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -90,6 +89,8 @@ class _Reader:
         folder = os.path.realpath(os.path.join(options.get("directory", ""), cache))
         if not os.path.isdir(folder):
             raise ConfigError(f"[buildout] extends-cache = {cache!r}: folder {folder} does not exist")
+        import hashlib  # here: only a config with an extends-cache pays for it
+
         cached = Path(folder, hashlib.md5(url.encode(), usedforsecurity=False).hexdigest())
         if cached.exists():
             if _boolean(options, "newest") and url not in self.fetched and not offline:
