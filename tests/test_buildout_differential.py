@@ -27,6 +27,7 @@ sections) drawn from a fixed seed, so every run compares the same configs.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,3 +399,21 @@ def test_an_extends_cache_filled_by_one_reader_serves_the_other_offline(tmp_path
     reference, ours = compare(tmp_path, {"buildout.cfg": offline}, ("vm",))
 
     assert ours == reference == {"vm": {"x": "cached\nhere"}}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = {path.name: path.read_text() for path in sorted((ROOT / "configs" / "examples").glob("*.cfg"))}
+SHIPPED.update({f"README block {number}": block for number, block in enumerate(
+    re.findall(r"```ini\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL), start=1)})
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_shipped_examples_read_as_buildout_reads_them(name: str, tmp_path: Path) -> None:
+    text = SHIPPED[name]
+    listed = re.search(r"^parts = (.*)$", text, re.MULTILINE)
+    parts = tuple(listed.group(1).split()) if listed else tuple(
+        line[1:-1] for line in text.splitlines() if line.startswith("[") and line != "[buildout]")
+
+    reference, ours = compare(tmp_path, {"buildout.cfg": text}, parts)
+
+    assert not _refuses(ours) and ours == reference
