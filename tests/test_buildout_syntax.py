@@ -345,6 +345,22 @@ label = ${{vm:mirror}}
     assert parts["db"].kvm_extra_args == ("-name 127.0.0.1:9",)
 
 
+def test_an_option_a_section_copying_the_part_uses_is_accepted(tmp_path: Path) -> None:
+    parts = load(tmp_path, f"""
+[vm]
+image = {IMAGE}
+label = web
+location = ${{:_buildout_section_name_}}
+
+[vm2]
+<= vm
+kvm_extra_args = -name ${{:label}}
+""")
+
+    assert parts["vm2"].kvm_extra_args == ("-name web",)
+    assert parts["vm"].kvm_extra_args == ()
+
+
 @pytest.mark.parametrize(("body", "needle"), [
     ("kvm_memroy = 1G", "[vm] unknown option 'kvm_memroy'; did you mean `kvm_memory`?"),
     ("ssh_prot = 2222", "did you mean `ssh_port`?"),

@@ -192,13 +192,28 @@ def _part(config: Config, path: Path, section: str, buildout: Buildout) -> Part:
 
 
 def _substituted_options(config: Config, section: str) -> set[str]:
-    """The options of section that some ${section:option} or ${:option} uses."""
-    used = {option for value in config.extended(section).values()
-            for target, option in references(value.value) if target in ("", section)}
+    """The options of section that a substitution uses: ${section:option} anywhere, ${:option} in
+    the section itself (its <= sections' values included) or in a section that copies it with <=."""
+    used: set[str] = set()
     for name in config.sections():
+        own = name == section or section in _bases(config, name, ())
         for key in config.annotated[name].values():
-            used.update(option for target, option in references(key.value) if target == section)
+            used.update(option for target, option in references(key.value)
+                        if target == section or (own and not target))
+    used.update(option for key in config.extended(section).values()
+                for target, option in references(key.value) if not target)
     return used
+
+
+def _bases(config: Config, name: str, seen: tuple[str, ...]) -> set[str]:
+    """The sections name copies with <=, and theirs (a loop is refused when the section is read)."""
+    macro = config.raw(name, "<")
+    if macro is None or name in seen:
+        return set()
+    bases = {base for base in macro.split() if config.has_section(base)}
+    for base in list(bases):
+        bases |= _bases(config, base, (*seen, name))
+    return bases
 
 
 def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout) -> Part:
