@@ -417,3 +417,19 @@ def test_the_shipped_examples_read_as_buildout_reads_them(name: str, tmp_path: P
     reference, ours = compare(tmp_path, {"buildout.cfg": text}, parts)
 
     assert not _refuses(ours) and ours == reference
+
+
+def test_a_section_expression_gets_the_names_buildout_gives_it() -> None:
+    import zc.buildout.buildout as zc_buildout
+
+    from kvmtasks.config.conditions import default_globals
+
+    assert default_globals() == zc_buildout._default_globals()
+
+
+def test_a_marker_sees_the_environment_packaging_gives_buildout() -> None:
+    from packaging.markers import default_environment
+
+    from kvmtasks.config.conditions import _environment
+
+    assert _environment() == default_environment()
