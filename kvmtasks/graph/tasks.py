@@ -16,6 +16,7 @@ from doit.dependency import FileChangedChecker
 from doit.tools import config_changed
 
 from kvmtasks.config import seedrules
+from kvmtasks.config.annotate import print_annotation
 from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
 from kvmtasks.engines import engine, ports
@@ -45,6 +46,7 @@ STEP_DOCS = {
     "stop": "stop {part}: power its VM off (ACPI button, then poweroff over ssh), else end QEMU",
     "status": "status {part}: show whether its VM runs, and how to reach it",
     "suspend": "suspend {part}: save its running VM's state and stop it; start resumes it",
+    "annotate": "annotate {part}: print its options, each with the file and section it came from",
 }
 
 
@@ -276,6 +278,17 @@ def _vm_tasks(part: Part, shared_ports: tuple[ports.Clash, ...]) -> Iterator[Tas
         }
 
 
+def _annotate_task(part: Part) -> Task:
+    return {
+        "basename": "annotate",
+        "name": part.name,
+        "actions": [guarded(lambda part: print_annotation(part.config_file, part.name), part, "annotate")],
+        "uptodate": [False],
+        "verbosity": 2,
+        "doc": step_doc("annotate", part),
+    }
+
+
 def all_tasks(parts: Sequence[Part]) -> Iterator[Task]:
     for basename in STEP_DOCS:
         yield {"basename": basename, "name": None, "doc": step_doc(basename)}
@@ -283,3 +296,4 @@ def all_tasks(parts: Sequence[Part]) -> Iterator[Task]:
     shared = ports.clashes(parts)
     for part in parts:
         yield from part_tasks(part, shared.get(part.name, ()))
+        yield _annotate_task(part)
