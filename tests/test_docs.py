@@ -75,3 +75,25 @@ def test_readme_cloud_image_examples_parse_as_described(tmp_path: Path) -> None:
     for part in (debian, fedora):
         assert (part.overlay, part.disk_size, part.cloud_init) == (True, "20G", True)
         assert part.boot_disk.name == f"{part.name}.overlay.qcow2"
+
+
+def test_readme_config_example_reads_as_its_comments_say(tmp_path: Path) -> None:
+    section = (ROOT / "README.md").read_text().split("### Config files", 1)[1]
+    block = re.search(r"```ini\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    config = tmp_path / "parts.cfg"
+    config.write_text(block.group(1))
+
+    web, db = load_file(config, tmp_path)
+
+    assert (web.name, db.name) == ("web", "db")
+    assert web.kvm_extra_args == ("-name www",) and db.kvm_extra_args == ("-name postgres",)
+    assert [r.host_port for r in web.kvm_redir] == [8080] and db.kvm_redir == ()
+    assert db.kvm_memory == "2G"
+
+
+def test_readme_syntax_table_names_what_is_refused() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for needle in ("[section:EXPRESSION]", "extends-cache", "offline", "${:_buildout_section_name_}",
+                   "`$$`", "Refused, in one line", "did you mean", "doit annotate:PART"):
+        assert needle in readme, needle

@@ -155,16 +155,25 @@ def test_a_part_name_is_made_of_safe_characters_or_is_one_line(
     assert "/" not in parts[0].name and not parts[0].name.startswith(("-", "."))
 
 
-@pytest.mark.parametrize("name", [f"x;touch {CANARY}", f"$(touch {CANARY})", "-o ProxyCommand=x", "a b"])
+# zc.buildout's grammar already refuses a section name with white space or ; # : [ ] { }.
+@pytest.mark.parametrize(("name", "needle"), [
+    (f"x;touch {CANARY}", "]': not a [section] header"),
+    (f"$(touch {CANARY})", "]': not a [section] header"),
+    ("-o ProxyCommand=x", "]': not a [section] header"),
+    ("a b", "]': not a [section] header"),
+    ("-oProxyCommand=x", "] part name must be"),
+    (f"$(touch$IFS{CANARY})", "] part name must be"),
+    (f"`touch$IFS{CANARY}`", "] part name must be"),
+])
 def test_a_hostile_part_name_stops_doit_with_one_line(
-    project: Project, reliability: Recorder, name: str
+    project: Project, reliability: Recorder, name: str, needle: str
 ) -> None:
     reliability.bad_input("part-name")
     config = project.write(f"[{name}]\nimage = {IMAGE}\n")  # section names are not interpolated
 
     run = project.run("list")
 
-    line = assert_one_line_error(run, str(config), f"[{name}] part name must be")
+    line = assert_one_line_error(run, str(config), f"[{name}{needle}")
     assert line.startswith("ERROR: ")
     assert run.returncode == 3
     assert not (project.root / "bin").exists()

@@ -553,7 +553,7 @@ def test_md5_image_with_a_block_device_is_a_config_error(
 
 BAD_CONFIGS = {
     "unknown option": (part(image="http://127.0.0.1:9/d.img", md5_imag="0" * 32),
-                       ["'md5_imag'", "did you mean md5_image?"]),
+                       ["'md5_imag'", "did you mean `md5_image`?"]),
     "image and file": (part(image="http://127.0.0.1:9/d.img", file="/tmp/d.img"),
                        ["image = 'http://127.0.0.1:9/d.img'", "file = '/tmp/d.img'"]),
     "neither image nor file": ("[vm]\nrecipe = kvmtasks\nkvm_memory = 1G", ["image", "file"]),
@@ -563,7 +563,7 @@ BAD_CONFIGS = {
                            ["sha256_image", "ab" * 16, "64 hex digits"]),
     "bad boolean": (part(image="http://127.0.0.1:9/d.img", gzip="maybe"), ["gzip", "'maybe'", "boolean"]),
     "URL scheme": (part(image="ftp://127.0.0.1/d.img"), ["image", "ftp://127.0.0.1/d.img", "scheme"]),
-    "missing reference": (part(image="${mirror:url}/d.img"), ["image", "${mirror:url}", "not found"]),
+    "missing reference": (part(image="${mirror:url}/d.img"), ["image", "${mirror:url}", "[mirror]"]),
 }
 
 

@@ -1,246 +1,333 @@
-"""Buildout's config syntax: extends, ``<=`` macros, ``+=``/``-=``, ``${section:option}``.
+"""Buildout's merge and substitution rules, as zc.buildout 6 applies them.
 
-The files are read raw (no interpolation) and merged the way zc.buildout does:
+Each option is a `Key`: its value and the history of how it got there (set,
+overridden by a file that extends another, ``+=``, ``-=``), with the file and
+section of each step, which `annotate` prints as ``buildout annotate`` does.
 
-1. ``[buildout] extends`` files first, depth first, each file overriding the
-   one it extends; ``option += lines`` and ``option -= lines`` in a file apply
-   to the value the section had so far (the same section's own ``option =``
-   in that file first, else the files it extends).
-2. ``<= SECTION`` (one section per line) copies those sections' options
-   (themselves resolved first), then the section's own options override them;
-   a ``+=``/``-=`` with nothing to apply to in the files applies to the
-   macro's value.
-3. ``${section:option}``, ``${:option}`` (same section) and, as before,
-   ``${option}`` (same section, then ``[DEFAULT]``) are substituted when a
-   value is read; ``$$`` is a ``$``; a ``$`` not followed by ``{`` is itself.
-
-``[DEFAULT]`` is kept from Python's configparser, which kvmtasks read before:
-its options apply to every section that does not set them.
+1. Files merge in `update` / `update_section` (zc.buildout's ``_update`` and
+   ``_update_section``, quirks included): ``option +=``/``-=`` apply to the
+   value the section had so far, else to an empty one.
+2. ``<= SECTION`` (one section per line) copies those sections' options,
+   themselves extended first, then the section's own options are merged over
+   them, ``+=``/``-=`` still unresolved applying to the macro's value.
+3. ``${section:option}`` and ``${:option}`` are substituted when a section is
+   first read, all its options at once; ``$$`` is left as it is (so ``$${x:y}``
+   reaches the part unchanged, as buildout hands it to a recipe), a ``${``
+   without ``}`` is text, and ``${:_buildout_section_name_}`` is the name of
+   the section holding the value.
 """
 
 from __future__ import annotations
 
-import configparser
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from kvmtasks.config import bounded
+from kvmtasks.config.cfgfile import DEPENDENCIES
 from kvmtasks.errors import ConfigError
 
-DEFAULT = "DEFAULT"
 MACRO = "<"
-_SUBSTITUTION = re.compile(r"\$(?:(\$)|\{([^}]*)\}|(\{))")
-_OPERATOR = re.compile(r"(.*?)\s*([+-])")
+SECTION_NAME = "_buildout_section_name_"
+_TEMPLATE_SPLIT = re.compile(r"([$]{[^}]*})")
+_SIMPLE = re.compile(r"[-a-zA-Z0-9 ._]+$")
+_VALID = re.compile(r"\${[-a-zA-Z0-9 ._]*:[-a-zA-Z0-9 ._]+}$")
+REFERENCE = re.compile(r"\$\{([-a-zA-Z0-9 ._]*):([-a-zA-Z0-9 ._]+)\}")
 
 
-@dataclass
-class Entry:
-    """One option of one section: a value, or lines to add and remove, in order, from an inherited one."""
+@dataclass(frozen=True)
+class Step:
+    """One change of an option: SET, OVERRIDE, ADD or REMOVE, where it was written."""
 
-    value: str | None
-    operations: list[tuple[str, list[str]]] = field(default_factory=list)  # ("+" or "-", lines)
-
-    def applied_to(self, inherited: str | None) -> str:
-        base = self.value if self.value is not None else (inherited or "")
-        if not self.operations:
-            return base
-        lines = base.split("\n")
-        for operator, changed in self.operations:
-            if operator == "+":
-                lines += changed
-            else:
-                gone = {line.strip() for line in changed}
-                lines = [line for line in lines if line.strip() not in gone]
-        return "\n".join(lines).strip("\n")
-
-    def over(self, earlier: Entry | None) -> Entry:
-        """This entry read after earlier (a file extending another)."""
-        if self.value is not None or earlier is None:
-            return self
-        if earlier.value is not None:
-            return Entry(self.applied_to(earlier.value))
-        return Entry(None, [*earlier.operations, *self.operations])
+    operation: str
+    value: str
+    source: str
+    section: str
 
 
-Sections = dict[str, dict[str, Entry]]
+@dataclass(frozen=True)
+class Key:
+    value: str
+    history: tuple[Step, ...]
+
+    @classmethod
+    def set(cls, value: str, source: str, section: str) -> Key:
+        return cls(value, (Step("SET", value, source, section),))
+
+    @property
+    def source(self) -> str:
+        return self.history[-1].source
+
+    def overridden_by(self, other: Key) -> Key:
+        if other.history[-1].operation in ("ADD", "REMOVE"):
+            return other
+        last = other.history[-1]
+        return Key(other.value, (*self.history, Step("OVERRIDE", other.value, last.source, last.section)))
+
+    def added(self, other: Key) -> Key:
+        value = "\n".join(self.value.split("\n") + other.value.split("\n"))
+        last = other.history[-1]
+        return Key(value, (*self.history, Step("ADD", other.value, last.source, last.section)))
+
+    def removed(self, other: Key, source: str | None = None) -> Key:
+        gone = other.value.split("\n")
+        value = "\n".join(line for line in self.value.split("\n") if line not in gone)
+        last = other.history[-1]
+        step = Step("REMOVE", other.value, source or last.source, last.section)
+        return Key(value, (*self.history, step))
 
 
-def parse_file(path: Path) -> Sections:
-    """One file's sections, raw; ``+=``/``-=`` within a section applied to its own value."""
-    parser = configparser.ConfigParser(
-        interpolation=None,
-        comment_prefixes=("#", ";"),
-        inline_comment_prefixes=None,
-        strict=True,
-        empty_lines_in_values=False,
-        default_section="\0",  # [DEFAULT] is an ordinary section here, merged later
-    )
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
-    try:
-        parser.read_string(bounded.read_text(path, bounded.CONFIG_LIMIT), source=str(path))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except bounded.NotReadable as error:
-        raise ConfigError(f"{path}: config file {error}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read config file: {error}") from None
-    except configparser.Error as error:
-        raise ConfigError(f"{path}: {one_line(error)}") from None
-    sections: Sections = {}
-    for name in parser.sections():
-        raw = dict(parser.items(name, raw=True))
-        sections[name] = _section(path, name, raw)
-    return sections
+# Sources that are no file: buildout's labels for values it makes up.
+NOT_FILES = frozenset({"DEFAULT_VALUE", "COMPUTED_VALUE", "IMPLICIT_VALUE", ""})
+Section = dict[str, Key]
+Sections = dict[str, Section]
+_IMPLICIT = Key("", (Step("SET", "", "IMPLICIT_VALUE", ""),))
 
 
-def _section(path: Path, name: str, raw: Mapping[str, str]) -> dict[str, Entry]:
-    entries: dict[str, Entry] = {}
-    operations: list[tuple[str, str, str]] = []
-    for key, value in raw.items():
-        if key == MACRO:
-            if name in ("buildout", DEFAULT):
-                raise ConfigError(f"{path}: [{name}] <= {value!r}: [{name}] cannot extend a section")
-            entries[key] = Entry(value)
-            continue
-        match = _OPERATOR.fullmatch(key)
-        if match is None:
-            entries[key] = Entry(value)
-            continue
-        option, operator = match.groups()
-        if not option or option == MACRO:
-            raise ConfigError(f"{path}: [{name}] {key}= {value!r}: {operator}= needs an option name")
-        operations.append((option, operator, value))
-    # buildout's order: an option's own value, then its +=, then its -=.
-    for option, operator, value in sorted(operations, key=lambda op: (op[0], op[1] == "-")):
-        entry = entries.setdefault(option, Entry(None))
-        lines = [line for line in value.split("\n") if line.strip()]
-        if entry.value is not None:
-            entries[option] = Entry(Entry(None, [(operator, lines)]).applied_to(entry.value))
+def annotated(raw: dict[str, dict[str, str]], source: str) -> Sections:
+    return {name: {option: Key.set(value, source, name) for option, value in options.items()}
+            for name, options in raw.items()}
+
+
+def update_section(earlier: Section, later: Section) -> Section:
+    """later over earlier, its ``option +``/``option -`` applied (zc.buildout's _update_section)."""
+    result, later = dict(earlier), dict(later)
+    for key, value in sorted(later.items(), key=lambda item: (item[0].rstrip(" +"), item[0][-1])):
+        if key.endswith("+"):
+            name = key.rstrip(" +")
+            later[name] = later.get(name, result.get(name, _IMPLICIT)).added(value)
+            del later[key]
+        elif key.endswith("-"):
+            name = key.rstrip(" -")
+            later[name] = later.get(name, result.get(name, _IMPLICIT)).removed(value)
+            del later[key]
+    for name, value in later.items():
+        result[name] = result[name].overridden_by(value) if name in result else value
+    return result
+
+
+def update(earlier: Sections, later: Sections) -> Sections:
+    """A file read over the files it extends (zc.buildout's _update, slicing of names included)."""
+    result = dict(earlier)
+    for name, section in later.items():
+        if name in result:
+            result[name] = update_section(result[name], section)
+        elif MACRO not in section:
+            first = dict(section)
+            for key in sorted(first):
+                if key[-1] in "+-" and key[-2:-1] != " " and key[:-2] not in first:
+                    _misread(name, key, first[key])
+                # buildout drops the last two characters, the operator and the space before it.
+                if key[-1] == "+" and key[:-2] not in first:
+                    first[key[:-2]] = first.pop(key)
+                elif key[-1] == "-" and key[:-2] not in first:
+                    value = first.pop(key)
+                    first[key[:-2]] = value.removed(value, "IMPLICIT_VALUE")
+            result[name] = update_section({}, first)
         else:
-            entry.operations.append((operator, lines))
-    return entries
+            result[name] = dict(section)
+    return result
 
 
-def merge(earlier: Sections, later: Sections) -> Sections:
-    """later read over earlier (a file over the files it extends)."""
-    merged = {name: dict(options) for name, options in earlier.items()}
-    for name, options in later.items():
-        section = merged.setdefault(name, {})
-        for option, entry in options.items():
-            section[option] = entry.over(section.get(option))
-    return merged
+def _misread(section: str, key: str, value: Key) -> None:
+    """zc.buildout reads "name+=" in a section's first file as the option "nam": refused instead."""
+    name, operator = key[:-1], key[-1]
+    raise ConfigError(f"{value.source}: [{section}] {key}= {value.value!r}: zc.buildout would read this "
+                      f"as an option {key[:-2]!r}; write '{name} {operator}=' with a space")
+
+
+class Unresolved(Exception):
+    """A substitution or macro that fails: the section and option it was read for, and why."""
+
+    def __init__(self, section: str, option: str | None, problem: str) -> None:
+        super().__init__(problem)
+        self.section, self.option, self.problem = section, option, problem
 
 
 class Config:
-    """Merged sections with macros resolved; values substituted when read."""
+    """The merged sections; a section's macros and substitutions are resolved when it is first read."""
 
-    def __init__(self, path: Path, sections: Sections) -> None:
+    def __init__(self, path: str, sections: Sections) -> None:
         self.path = path
-        self._defaults = {
-            option: entry.applied_to(None) for option, entry in sections.pop(DEFAULT, {}).items()
-        }
-        self._raw: dict[str, dict[str, str]] = {}
-        for name in sections:
-            self._raw[name] = self._extended(name, sections, ())
-        self._done: dict[tuple[str, str], str] = {}
-
-    def _extended(self, name: str, sections: Sections, chain: tuple[str, ...]) -> dict[str, str]:
-        if name in self._raw:
-            return self._raw[name]
-        own = sections[name]
-        macros = own.get(MACRO)
-        if macros is None:
-            return {option: entry.applied_to(None) for option, entry in own.items()}
-        shown = macros.applied_to(None)
-        if name in chain:
-            cycle = " <= ".join((*chain, name))
-            raise ConfigError(f"{self.path}: [{chain[0]}] <= {self._macro(sections, chain[0])!r}: "
-                              f"circular section extension: {cycle}")
-        inherited: dict[str, str] = {}
-        for base in shown.split():
-            if base not in sections or base == DEFAULT:
-                raise ConfigError(f"{self.path}: [{name}] <= {shown!r}: no section [{base}]")
-            inherited.update(self._extended(base, sections, (*chain, name)))
-        result = dict(inherited)
-        for option, entry in own.items():
-            if option != MACRO:
-                result[option] = entry.applied_to(inherited.get(option))
-        return result
-
-    @staticmethod
-    def _macro(sections: Sections, name: str) -> str:
-        return sections[name][MACRO].applied_to(None)
+        self.annotated = sections
+        self._options: dict[str, _Options] = {}
 
     def sections(self) -> list[str]:
-        return list(self._raw)
+        return list(self.annotated)
 
-    def has_section(self, section: str) -> bool:
-        return section in self._raw
-
-    def options(self, section: str) -> list[str]:
-        own = self._raw[section]
-        return [*own, *(option for option in self._defaults if option not in own)]
-
-    def is_default(self, section: str, option: str) -> bool:
-        return option not in self._raw[section] and option in self._defaults
+    def has_section(self, name: str) -> bool:
+        return name in self.annotated
 
     def raw(self, section: str, option: str) -> str | None:
-        own = self._raw.get(section, {})
-        return own.get(option, self._defaults.get(option))
+        """The option as written (before macros and substitution)."""
+        key = self.annotated.get(section, {}).get(option)
+        return None if key is None else key.value
 
-    def get(self, section: str, option: str, fallback: str | None = None) -> str | None:
-        """The value with its references substituted; a bad one is one line naming it."""
-        raw = self.raw(section, option)
-        if raw is None:
-            return fallback
+    def section(self, name: str) -> dict[str, str]:
+        """Every option of a section, resolved; a bad one is one line naming where it is."""
+        if name not in self.annotated:
+            raise ConfigError(f"{self.path}: no section [{name}]")
         try:
-            return self._value(section, option, ())
-        except _Unresolved as error:
-            raise ConfigError(f"{self.path}: [{section}] {option} = {raw!r}: {error}") from None
+            options = self._section(name)
+            return {option: options.item(option) for option in options.option_names()}
+        except Unresolved as error:
+            raise ConfigError(self._where(error)) from None
 
-    def _value(self, section: str, option: str, chain: tuple[str, ...]) -> str:
-        key = (section, option)
-        if key in self._done:
-            return self._done[key]
-        raw = self.raw(section, option)
-        assert raw is not None
-        value = "".join(self._pieces(raw, section, (*chain, f"${{{section}:{option}}}")))
-        self._done[key] = value
+    def extended(self, name: str) -> Section:
+        """A section's options after its macros, unsubstituted, with their history."""
+        options = self._options.get(name)
+        if options is not None:
+            return options.keys_annotated
+        try:
+            return _Options(self, name, self.annotated[name]).extended()
+        except Unresolved as error:
+            raise ConfigError(self._where(error)) from None
+
+    def override(self, section: str, option: str, value: str) -> None:
+        """What buildout sets in a section once read (its absolute folders)."""
+        self._section(section).data[option] = value
+
+    def _where(self, error: Unresolved) -> str:
+        read = self._options.get(error.section)  # after its macros: options a <= copied too
+        section = read.keys_annotated if read is not None else self.annotated.get(error.section, {})
+        key = section.get(error.option or MACRO)
+        if key is None and error.option in (None, MACRO):  # a <= already resolved away
+            key = self.annotated.get(error.section, {}).get(MACRO)
+        source = key.source if key is not None and key.source not in NOT_FILES else self.path
+        if key is None:
+            return f"{source}: [{error.section}] {error.problem}"
+        written = "<=" if error.option in (None, MACRO) else f"{error.option} ="
+        return f"{source}: [{error.section}] {written} {key.value!r}: {error.problem}"
+
+    def _section(self, name: str) -> _Options:
+        options = self._options.get(name)
+        if options is not None:
+            return options
+        raw = self.annotated.get(name)
+        if raw is None:
+            raise KeyError(name)
+        options = self._options[name] = _Options(self, name, raw)
+        options.initialize()
+        return options
+
+
+class _Options:
+    """One section being read (zc.buildout's Options without the recipe)."""
+
+    def __init__(self, config: Config, name: str, raw: Section) -> None:
+        self.config, self.name = config, name
+        self.keys_annotated = raw
+        self.raw = {option: key.value for option, key in raw.items()}
+        self.cooked: dict[str, str] = {}
+        self.data: dict[str, str] = {}
+
+    def extended(self) -> Section:
+        return self._extended(self.name, self.keys_annotated, [])
+
+    def initialize(self) -> None:
+        if MACRO in self.raw:
+            self.keys_annotated = self.extended()
+            self.raw = {option: key.value for option, key in self.keys_annotated.items()}
+        for option, value in sorted(self.raw.items()):
+            if "${" in value:
+                seen = [(self.name, option)]
+                self.cooked[option] = "$$".join(self._substituted(piece, seen, option)
+                                                for piece in value.split("$$"))
+        if self.name == "buildout":
+            return
+        for dependency in (self.get(DEPENDENCIES) or "").split():
+            self._other(dependency, DEPENDENCIES)
+
+    def _extended(self, name: str, data: Section, doing: list[str]) -> Section:
+        if name == "buildout" or MACRO not in data:
+            return data
+        if name in doing:
+            raise Unresolved(self.name, MACRO, f"circular section extension: {' <= '.join((*doing, name))}")
+        result: Section = {}
+        for base in data[MACRO].value.split("\n"):
+            base = base.strip()
+            if not base:
+                continue
+            raw = self.config.annotated.get(base)
+            if raw is None:
+                raise Unresolved(self.name, MACRO, f"no section [{base}]")
+            result.update(self._extended(base, raw, [*doing, name]))
+        result = update_section(result, data)
+        result.pop(MACRO, None)
+        return result
+
+    def option_names(self) -> list[str]:
+        return [*self.raw, *(option for option in self.data if option not in self.raw)]
+
+    def item(self, option: str) -> str:
+        if option in self.data:
+            return self.data[option]
+        value = self.get(option)
+        assert value is not None
         return value
 
-    def _pieces(self, raw: str, section: str, chain: tuple[str, ...]) -> Iterator[str]:
-        position = 0
-        for match in _SUBSTITUTION.finditer(raw):
-            yield raw[position:match.start()]
-            position = match.end()
-            dollar, reference, unclosed = match.groups()
-            if dollar:
-                yield "$"
-            elif unclosed:
-                raise _Unresolved("'${' without a closing '}'")
+    def get(self, option: str, seen: list[tuple[str, str]] | None = None) -> str | None:
+        if option in self.data:
+            return self.data[option]
+        value = self.cooked.get(option)
+        if value is None:
+            value = self.raw.get(option)
+            if value is None:
+                return None
+        if "${" in value:
+            key = (self.name, option)
+            if seen is None:
+                seen = [key]
+            elif key in seen:
+                chain = " -> ".join(f"${{{s}:{o}}}" for s, o in (*seen, key))
+                raise Unresolved(seen[0][0], seen[0][1], f"circular reference: {chain}")
             else:
-                yield self._reference(reference, section, chain)
-        yield raw[position:]
+                seen.append(key)
+            value = "$$".join(self._substituted(piece, seen, option) for piece in value.split("$$"))
+            seen.pop()
+        self.data[option] = value
+        return value
 
-    def _reference(self, reference: str, section: str, chain: tuple[str, ...]) -> str:
-        shown = f"${{{reference}}}"
-        target, colon, option = reference.rpartition(":")
-        if ":" in target or not option.strip() or "\n" in reference:
-            raise _Unresolved(f"reference {shown} is not ${{section:option}}")
-        target = target.strip() if colon and target.strip() else section
-        option = option.strip()
-        if self.raw(target, option) is None:
-            raise _Unresolved(f"reference {shown} not found")
-        if f"${{{target}:{option}}}" in chain:
-            raise _Unresolved(f"circular reference: {' -> '.join((*chain, shown))}")
-        return self._value(target, option, chain)
+    def _substituted(self, template: str, seen: list[tuple[str, str]], option: str) -> str:
+        pieces = _TEMPLATE_SPLIT.split(template)
+        return "".join(self._pieces(pieces, seen, option))
+
+    def _pieces(self, pieces: list[str], seen: list[tuple[str, str]], option: str) -> Iterator[str]:
+        for index, piece in enumerate(pieces):
+            if index % 2 == 0:
+                yield piece
+                continue
+            yield self._reference(piece, seen, option)
+
+    def _reference(self, written: str, seen: list[tuple[str, str]], option: str) -> str:
+        names = written[2:-1].split(":")
+        reference = written.replace("\n", "\\n")  # shown on one line
+        if not _VALID.match(written):
+            if len(names) != 2:
+                problem = "has no colon" if len(names) < 2 else "has too many colons"
+                hint = f"; write ${{:{names[0]}}} for this section's option" if len(names) < 2 else ""
+                raise Unresolved(self.name, option, f"substitution {reference} {problem}{hint}")
+            which = "section" if not _SIMPLE.match(names[0]) else "option"
+            raise Unresolved(self.name, option, f"the {which} name in substitution {reference} "
+                                                "has invalid characters")
+        section, name = names
+        target = self._other(section or self.name, option)
+        value = target.get(name, seen)
+        if value is None:
+            if name == SECTION_NAME:
+                return self.name
+            raise Unresolved(self.name, option, f"substitution {reference}: no option {name!r} "
+                                                f"in [{section or self.name}]")
+        return value
+
+    def _other(self, section: str, option: str) -> _Options:
+        try:
+            return self.config._section(section)
+        except KeyError:
+            raise Unresolved(self.name, option, f"no section [{section}]") from None
 
 
-class _Unresolved(Exception):
-    """Why a value's substitution failed (the caller names the option)."""
-
-
-def one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
+def references(value: str) -> Iterator[tuple[str, str]]:
+    """The (section, option) pairs a value substitutes (section '' for its own)."""
+    for piece in value.split("$$"):
+        for match in REFERENCE.finditer(piece):
+            yield match.group(1), match.group(2)

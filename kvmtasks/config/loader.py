@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kvmtasks.config import bounded, seedrules
-from kvmtasks.config import buildout as syntax
-from kvmtasks.config.buildout import Config, Entry, Sections, merge
-from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Compression, Engine
+from kvmtasks.config import bounded, extends, seedrules
+from kvmtasks.config.buildout import Config, Key, references
+from kvmtasks.config.cfgfile import DEPENDENCIES
+from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Compression, Engine, closest
 from kvmtasks.config.part import Buildout, Part, path_is_block_device
 from kvmtasks.config.remote import remote_host
 from kvmtasks.errors import ConfigError
@@ -64,42 +63,36 @@ def _one_owner(part: Part, owners: dict[Path, Part]) -> None:
 
 
 def load_file(path: Path, cwd: Path) -> list[Part]:
-    config = _read(path, cwd)
+    config = read_config(path, cwd)
     buildout = _buildout(config, path)
     return [_part(config, path, section, buildout) for section in _part_sections(config, path)]
 
 
-def _read(path: Path, cwd: Path) -> Config:
-    sections: Sections = {"buildout": {
-        "directory": Entry(str(cwd).replace("$", "$$")),
-        "bin-directory": Entry("${:directory}/bin"),
-        "parts-directory": Entry("${:directory}/parts"),
-        "var-directory": Entry("${:directory}/var"),
-    }}
-    for source in _extended(path, ()):
-        sections = merge(sections, syntax.parse_file(source))
-    return Config(path, sections)
+# [buildout]'s folders as buildout makes them absolute (var-directory is kvmtasks' own).
+FOLDERS = ("bin-directory", "parts-directory", "var-directory")
 
 
-def _extended(path: Path, seen: tuple[Path, ...]) -> list[Path]:
-    """path and, before it, the files its [buildout] extends names (buildout's order)."""
-    entry = syntax.parse_file(path).get("buildout", {}).get("extends")
-    value = entry.applied_to(None) if entry else ""
-    files: list[Path] = []
-    for name in value.split():
-        base = (path.parent / _expand_user(name, f"{path}: [buildout] extends")).resolve()
-        if base in seen or base == path.resolve():
-            raise ConfigError(f"{path}: [buildout] extends = {value!r}: {name} extends itself")
-        if not base.is_file():
-            raise ConfigError(f"{path}: [buildout] extends = {value!r}: {base} not found")
-        files += _extended(base, (*seen, path.resolve()))
-    return [*files, path]
+def read_config(path: Path, cwd: Path) -> Config:
+    """The merged sections of path and what it extends; [buildout] read, its folders absolute."""
+    defaults = {"directory": Key.set(str(cwd), "COMPUTED_VALUE", "buildout")}
+    for option in FOLDERS:
+        name = option.split("-")[0]
+        defaults[option] = Key.set(name, "DEFAULT_VALUE", "buildout")
+    sections = extends.read(path, defaults)
+    buildout = sections["buildout"]
+    for option in FOLDERS:  # before substitution, as buildout does, unless a value has a ${}
+        if "${" not in buildout[option].value:
+            joined = os.path.join(buildout["directory"].value, buildout[option].value)
+            buildout[option] = Key(joined, buildout[option].history)
+    config = Config(str(path), sections)
+    options = config.section("buildout")
+    for option in FOLDERS:  # and again once substituted
+        config.override("buildout", option, os.path.join(options["directory"], options[option]))
+    return config
 
 
 def _get(config: Config, section: str, option: str) -> str:
-    value = config.get(section, option)
-    assert value is not None, f"[{section}] {option} is set"
-    return value
+    return config.section(section)[option]
 
 
 def _buildout(config: Config, path: Path) -> Buildout:
@@ -120,7 +113,7 @@ def _buildout(config: Config, path: Path) -> Buildout:
 
 def _download_cache(config: Config, path: Path, directory: Path) -> Path | None:
     """[buildout] download-cache: empty turns it off; default ${XDG_CACHE_HOME:-~/.cache}/kvmtasks."""
-    value = config.get("buildout", "download-cache")
+    value = config.section("buildout").get("download-cache")
     if value is None:
         xdg = os.environ.get("XDG_CACHE_HOME", "")
         # The XDG spec: a relative XDG_CACHE_HOME is invalid and ignored.
@@ -145,12 +138,12 @@ def _expand_user(value: str, where: str) -> Path:
 
 def _part_sections(config: Config, path: Path) -> list[str]:
     """[buildout] parts when set (buildout's rule), else every section that looks like a VM."""
-    listed = config.get("buildout", "parts")
+    listed = config.section("buildout").get("parts")
     if listed is None:
         return [section for section in config.sections() if _is_part(config, section)]
     names = list(dict.fromkeys(listed.split()))
     for name in names:
-        if name in ("buildout", syntax.DEFAULT) or not config.has_section(name):
+        if name == "buildout" or not config.has_section(name):
             raw = config.raw("buildout", "parts")
             raise ConfigError(f"{path}: [buildout] parts = {raw!r}: no section [{name}]")
     # A listed section with another recipe is that recipe's business, not a VM.
@@ -158,8 +151,8 @@ def _part_sections(config: Config, path: Path) -> list[str]:
 
 
 def _recipe(config: Config, section: str) -> str | None:
-    recipe = config.raw(section, "recipe")
-    return None if recipe is None else recipe.strip()
+    recipe = config.extended(section).get("recipe")
+    return None if recipe is None else recipe.value.strip()
 
 
 def _is_part(config: Config, section: str) -> bool:
@@ -168,7 +161,8 @@ def _is_part(config: Config, section: str) -> bool:
     recipe = _recipe(config, section)
     if recipe is not None:
         return recipe in RECIPES
-    return config.raw(section, "image") is not None or config.raw(section, "file") is not None
+    options = config.extended(section)
+    return "image" in options or "file" in options
 
 
 def _part(config: Config, path: Path, section: str, buildout: Buildout) -> Part:
@@ -179,15 +173,17 @@ def _part(config: Config, path: Path, section: str, buildout: Buildout) -> Part:
             "starting with a letter or digit"
         )
     values: dict[str, Any] = {}
-    for option in config.options(section):
+    resolved = config.section(section)
+    used = _substituted_options(config, section)
+    for option, raw in resolved.items():
         known = OPTIONS_BY_NAME.get(option)
-        if known is None and config.is_default(section, option):
-            continue  # a [DEFAULT] value for interpolation; known options there apply to every part
         if known is None:
-            close = difflib.get_close_matches(option, list(OPTIONS_BY_NAME), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ConfigError(f"{path}: [{section}] unknown option {option!r}{hint}")
-        raw = _get(config, section, option)
+            if option in used or option == DEPENDENCIES:
+                continue  # a value of the user's own, for substitutions (buildout's idiom)
+            close = closest(option)
+            hint = f"; did you mean `{close}`?" if close else ""
+            raise ConfigError(f"{path}: [{section}] unknown option {option!r}{hint} "
+                              f"(an option of your own is accepted when a ${{:{option}}} uses it)")
         try:
             values[option] = known.parse(raw)
         except ValueError as error:
@@ -196,6 +192,31 @@ def _part(config: Config, path: Path, section: str, buildout: Buildout) -> Part:
         if declared.name not in values and declared.default is not None:
             values[declared.name] = declared.parse(declared.default)
     return _build(values, path, section, buildout)
+
+
+def _substituted_options(config: Config, section: str) -> set[str]:
+    """The options of section that a substitution uses: ${section:option} anywhere, ${:option} in
+    the section itself (its <= sections' values included) or in a section that copies it with <=."""
+    used: set[str] = set()
+    for name in config.sections():
+        own = name == section or section in _bases(config, name, ())
+        for key in config.annotated[name].values():
+            used.update(option for target, option in references(key.value)
+                        if target == section or (own and not target))
+    used.update(option for key in config.extended(section).values()
+                for target, option in references(key.value) if not target)
+    return used
+
+
+def _bases(config: Config, name: str, seen: tuple[str, ...]) -> set[str]:
+    """The sections name copies with <=, and theirs (a loop is refused when the section is read)."""
+    macro = config.raw(name, "<")
+    if macro is None or name in seen:
+        return set()
+    bases = {base for base in macro.split() if config.has_section(base)}
+    for base in list(bases):
+        bases |= _bases(config, base, (*seen, name))
+    return bases
 
 
 def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout) -> Part:

@@ -373,6 +373,14 @@ OPTIONS: tuple[Option, ...] = (
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
 
 
+def closest(name: str) -> str | None:
+    """The declared option a misspelt name most likely meant."""
+    import difflib  # only on the error path
+
+    matches = difflib.get_close_matches(name, list(OPTIONS_BY_NAME), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
 def reference_markdown() -> str:
     """The option reference table for README.md."""
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]

@@ -7,7 +7,8 @@ running anything.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ from doit.dependency import FileChangedChecker
 from doit.tools import config_changed
 
 from kvmtasks.config import seedrules
+from kvmtasks.config.annotate import print_annotation
 from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
 from kvmtasks.engines import engine, ports
+from kvmtasks.engines.running import current
 from kvmtasks.graph.actions import clean_unless_running, guarded
 from kvmtasks.graph.report import Reporter
 from kvmtasks.provision import cache, checksums, overlay, seedstep
@@ -43,7 +46,13 @@ STEP_DOCS = {
     "stop": "stop {part}: power its VM off (ACPI button, then poweroff over ssh), else end QEMU",
     "status": "status {part}: show whether its VM runs, and how to reach it",
     "suspend": "suspend {part}: save its running VM's state and stop it; start resumes it",
+    "annotate": "annotate {part}: print its options, each with the file and section it came from",
 }
+
+
+def _refusing_a_running_vm(step: Callable[..., None]) -> Callable[[Part], None]:
+    """A provisioning step handed the engines' "is it running" (provision sits below them)."""
+    return partial(step, vm_status=current)
 
 
 def step_doc(step: str, part: Part | None = None) -> str:
@@ -87,7 +96,7 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
         yield {
             "basename": "download",
             "name": part.name,
-            "actions": [guarded(provision.download, part, "download")],
+            "actions": [guarded(_refusing_a_running_vm(provision.download), part, "download")],
             "targets": [str(part.download_path), str(provision.download_record(part))],
             "uptodate": [config_changed({"url": part.image}), lambda: cache.placed_safely(part)],
             # An unreachable list or a missing entry fails before gigabytes are fetched.
@@ -98,7 +107,7 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
         yield {
             "basename": "verify-download",
             "name": part.name,
-            "actions": [guarded(provision.verify_download, part, "verify-download")],
+            "actions": [guarded(_refusing_a_running_vm(provision.verify_download), part, "verify-download")],
             "file_dep": [str(provision.download_record(part)), *_expected_files(part, "download")],
             "uptodate": [config_changed(dict(part.download_digests))],
             "task_dep": [f"download:{part.name}"],
@@ -152,7 +161,7 @@ def _decompress_task(part: Part) -> Task:
     task: Task = {
         "basename": "decompress",
         "name": part.name,
-        "actions": [guarded(provision.decompress, part, "decompress")],
+        "actions": [guarded(_refusing_a_running_vm(provision.decompress), part, "decompress")],
         "file_dep": [str(part.download_path)],
         "targets": [str(part.image_path), str(provision.image_record(part))],
         "task_dep": [f"verify-download:{part.name}"],
@@ -176,7 +185,7 @@ def _overlay_task(part: Part) -> Task:
     return {
         "basename": "overlay",
         "name": part.name,
-        "actions": [guarded(overlay.create, part, "overlay")],
+        "actions": [guarded(_refusing_a_running_vm(overlay.create), part, "overlay")],
         # A new image (its size and mtime) or a new disk_size makes a new overlay; nothing else
         # does, so the guest's changes outlive a changed checksum, stop and start.
         "targets": [str(part.overlay_path), str(overlay.record_path(part))],
@@ -191,7 +200,7 @@ def _reset_task(part: Part) -> Task:
     return {
         "basename": "reset",
         "name": part.name,
-        "actions": [guarded(overlay.reset, part, "reset")],
+        "actions": [guarded(_refusing_a_running_vm(overlay.reset), part, "reset")],
         "task_dep": [f"overlay:{part.name}"] if part.overlay else [],
         "uptodate": [False],
         "verbosity": 2,
@@ -203,7 +212,7 @@ def _verify_image_task(part: Part, earlier: list[str]) -> Task:
     task: Task = {
         "basename": "verify-image",
         "name": part.name,
-        "actions": [guarded(provision.verify_image, part, "verify-image")],
+        "actions": [guarded(_refusing_a_running_vm(provision.verify_image), part, "verify-image")],
         "file_dep": _expected_files(part, "image"),
         "uptodate": [config_changed(dict(part.image_digests))],
         "task_dep": [f"{step}:{part.name}" for step in earlier[-1:]],
@@ -270,6 +279,17 @@ def _vm_tasks(part: Part, shared_ports: tuple[ports.Clash, ...]) -> Iterator[Tas
         }
 
 
+def _annotate_task(part: Part) -> Task:
+    return {
+        "basename": "annotate",
+        "name": part.name,
+        "actions": [guarded(lambda part: print_annotation(part.config_file, part.name), part, "annotate")],
+        "uptodate": [False],
+        "verbosity": 2,
+        "doc": step_doc("annotate", part),
+    }
+
+
 def all_tasks(parts: Sequence[Part]) -> Iterator[Task]:
     for basename in STEP_DOCS:
         yield {"basename": basename, "name": None, "doc": step_doc(basename)}
@@ -277,3 +297,4 @@ def all_tasks(parts: Sequence[Part]) -> Iterator[Task]:
     shared = ports.clashes(parts)
     for part in parts:
         yield from part_tasks(part, shared.get(part.name, ()))
+        yield _annotate_task(part)

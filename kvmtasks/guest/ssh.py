@@ -16,7 +16,7 @@ from kvmtasks.config.part import Part
 from kvmtasks.config.remote import RemoteHost, remote_of
 from kvmtasks.config.runfiles import RunFiles, control_socket, is_private_folder
 from kvmtasks.config.seedrules import identity_file, pins_host_key
-from kvmtasks.errors import CommandError, VmError
+from kvmtasks.errors import CommandFailed, CommandTimedOut, VmError
 
 CONNECT_TIMEOUT = 10
 # What scp says when the guest has no SFTP server: retry with the legacy protocol.
@@ -189,7 +189,7 @@ def request_poweroff(part: Part) -> bool:
         return False
     try:
         result = command.run(ssh_argv(part, [POWEROFF]), timeout=CONNECT_TIMEOUT + 10)
-    except CommandError:
+    except CommandTimedOut:
         return True  # still connected as the guest goes down
     if result.exit_code == 255:  # ssh's own failure, or the guest closed the connection going down
         return not any(failure in result.stderr for failure in LOGIN_FAILURES)
@@ -208,24 +208,29 @@ def copy(part: Part, remote_file: str, local_file: Path, *, upload: bool,
     """scp, falling back to the legacy protocol for guests without an SFTP server. arriving is
     where a download's bytes land: once some did, a closed connection is a cut transfer, not a
     guest without SFTP. shown is the local file's name in messages."""
-    result = command.run(copy_argv(part, remote_file, local_file, upload=upload, legacy=False))
-    first = result
-    if result.exit_code != 0 and any(m in result.stderr for m in NO_SFTP_MARKERS) \
-            and _size(arriving) == 0:
-        result = command.run(copy_argv(part, remote_file, local_file, upload=upload, legacy=True))
-    if result.exit_code != 0:
+    first: CommandFailed | None = None
+    try:
+        try:
+            command.checked(copy_argv(part, remote_file, local_file, upload=upload, legacy=False))
+        except CommandFailed as error:
+            first = error
+            if not any(marker in error.stderr for marker in NO_SFTP_MARKERS) or _size(arriving):
+                raise
+            command.checked(copy_argv(part, remote_file, local_file, upload=upload, legacy=True))
+    except CommandFailed as error:
         near = shown or local_file
         source, target = (near, remote_file) if upload else (remote_file, near)
-        said = " ".join(result.stderr.split()) or f"exit status {result.exit_code}"
+        # scp's last line ("lost connection") is no reason: ssh's, on the lines before, is.
+        said = " ".join(error.stderr.split()) or f"exit status {error.exit_code}"
         got = _size(arriving)
         if got:
-            raise VmError(f"scp {source}: the transfer was cut after {got} bytes ({said})")
-        if result is not first and any(m in result.stderr for m in LOGIN_FAILURES) \
-                and "Connection closed" in first.stderr:
+            raise VmError(f"scp {source}: the transfer was cut after {got} bytes ({said})") from None
+        if first is not None and error is not first \
+                and any(m in error.stderr for m in LOGIN_FAILURES) and "Connection closed" in first.stderr:
             raise VmError(f"scp {source}: the connection to the guest was cut during the transfer "
                           f"({' '.join(first.stderr.split())}), and the guest is no longer "
-                          f"answering ({said}); is the VM still running?")
-        raise VmError(f"scp {source} {target} failed: {said}")
+                          f"answering ({said}); is the VM still running?") from None
+        raise VmError(f"scp {source} {target} failed: {said}") from None
 
 
 def _size(path: Path | None) -> int:

@@ -10,19 +10,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TextIO
 
 from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import RunFiles, current
-from kvmtasks.errors import KvmTasksError, VerifyError, VmError
+from kvmtasks.config.runfiles import RunFiles, Status
+from kvmtasks.errors import ProvisionError, VerifyError, VmError
 from kvmtasks.provision import cache, checksums, digest, fetch, sharedimage
 from kvmtasks.provision.decompress import StreamedImage, detect
 from kvmtasks.provision.decompress import decompress as decompress_file
 from kvmtasks.provision.locking import held
+
+# "Is its VM running?" is the engines' question (engines.running.current), and they sit above
+# provisioning: the steps that must not replace a running VM's disk are handed the check by
+# their caller (the doit boundary, the ctl script), so every import still points down.
+VmStatus = Callable[[Part], Status]
 
 
 def record_directory(part: Part) -> Path:
@@ -54,28 +59,28 @@ def exclusive(part: Part, step: str) -> Iterator[None]:
 
 def _open_lock(part: Part, path: Path) -> TextIO:
     if part.location.exists() and not part.location.is_dir():
-        raise KvmTasksError(f"location = {str(part.location)!r} is not a folder")
+        raise ProvisionError(f"location = {str(part.location)!r} is not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return open(path, "a+")
     except OSError as error:
-        raise KvmTasksError(f"cannot create {path}: {error.strerror or error}") from None
+        raise ProvisionError(f"cannot create {path}: {error.strerror or error}") from None
 
 
 def _write_record(record_path: Path, file_path: Path, digests: Mapping[str, str],
-                  made_from: digest.Source | None = None) -> None:
+                  made_from: digest.Source | None = None) -> digest.Record:
     try:
-        digest.write_record(record_path, file_path, digests, made_from)
+        return digest.write_record(record_path, file_path, digests, made_from)
     except OSError as error:
-        raise KvmTasksError(f"writing {record_path}: {error.strerror or error}") from None
+        raise ProvisionError(f"writing {record_path}: {error.strerror or error}") from None
 
 
-def _refuse_if_running(part: Part) -> None:
+def _refuse_if_running(part: Part, vm_status: VmStatus) -> None:
     """Never replace the disk under a running VM. The overlay is never removed here: the
     overlay step replaces it only when an image of another content is in place (a step
     that fails half-way, or an image made again with the same bytes, keeps the guest's
     disk and its snapshots)."""
-    if current(part).running:
+    if vm_status(part).running:
         raise VmError(f"{part.name} is running; stop it first: doit stop:{part.name}")
 
 
@@ -108,20 +113,20 @@ def _image_kept(part: Part, label: str) -> bool:
             digest.save_record(image_record(part), dataclasses.replace(
                 record, source=digest.source_of(part.download_path, content)))
         except OSError as error:
-            raise KvmTasksError(f"writing {image_record(part)}: {error.strerror or error}") from None
+            raise ProvisionError(f"writing {image_record(part)}: {error.strerror or error}") from None
         print(f"{label}: {part.image_path} was made from a download of the same content "
               f"({digest.CONTENT} {content}); kept", file=sys.stderr, flush=True)
     return True
 
 
-def download(part: Part) -> None:
+def download(part: Part, vm_status: VmStatus) -> None:
     """Download the image; a compressed one is inflated into the image as its bytes arrive, so
     that decompress finds its work done (the image's record names the download it came from).
     Through the download cache, the image is also shared with the other parts of the URL."""
     assert part.image is not None
     label = f"download:{part.name}"
     with exclusive(part, "download"):
-        _refuse_if_running(part)
+        _refuse_if_running(part, vm_status)
         algorithms = set(part.download_digests) | {digest.CONTENT}
         if part.compression in (Compression.NONE, Compression.AUTO):
             algorithms |= set(part.image_digests)  # it may well be the image
@@ -164,7 +169,7 @@ def _keep_streamed(part: Part, image: StreamedImage, entry: cache.Entry | None) 
     try:
         digests = image.commit()
     except OSError as error:
-        raise KvmTasksError(f"renaming {image.partial}: {error.strerror or error}") from None
+        raise ProvisionError(f"renaming {image.partial}: {error.strerror or error}") from None
     _write_record(image_record(part), part.image_path, digests, made_from)
     if entry is not None and sharedimage.shares(part):
         sharedimage.share(entry, part, digests)
@@ -190,7 +195,7 @@ def _source(part: Part) -> digest.Source:
                             digest.content_of(part.download_path, download_record(part)))
 
 
-def decompress(part: Part) -> None:
+def decompress(part: Part, vm_status: VmStatus) -> None:
     """The download, decompressed into the image; with compression = auto, a download that is
     not compressed is the image itself (a second name for it, never a copy). A part under an
     overlay takes the image another part of the URL left in the download cache, or leaves its
@@ -199,7 +204,7 @@ def decompress(part: Part) -> None:
     with exclusive(part, "decompress"):
         if _image_kept(part, label):
             return
-        _refuse_if_running(part)
+        _refuse_if_running(part, vm_status)
         _replacing_disk(part)
         shared = sharedimage.shares(part)
         with cache.held_entry(part, label, "decompressing") if shared else nullcontext() as entry:
@@ -232,7 +237,7 @@ def _as_image(part: Part) -> dict[str, str]:
         try:
             os.link(download, partial)
         except OSError as error:
-            raise KvmTasksError(f"linking {download} as {image}: {error.strerror or error}") from None
+            raise ProvisionError(f"linking {download} as {image}: {error.strerror or error}") from None
         os.replace(partial, image)
     record = digest.read_record(download_record(part))
     known = dict(record.digests) if record is not None and record.matches(download) else {}
@@ -263,14 +268,14 @@ def image_made_from_download(part: Part) -> bool:
     return (record.source.size, record.source.mtime_ns) == download
 
 
-def verify_download(part: Part) -> None:
-    _verify(part, "download", part.download_path, download_record(part))
+def verify_download(part: Part, vm_status: VmStatus) -> None:
+    _verify(part, "download", part.download_path, download_record(part), vm_status)
 
 
-def verify_image(part: Part) -> None:
+def verify_image(part: Part, vm_status: VmStatus) -> None:
     if part.file is not None and part.image_digests:
         _hash_local_file(part)
-    _verify(part, "image", part.image_path, image_record(part))
+    _verify(part, "image", part.image_path, image_record(part), vm_status)
 
 
 def local_file_verified(part: Part) -> bool:
@@ -292,7 +297,8 @@ def _hash_local_file(part: Part) -> None:
     _write_record(image_record(part), part.image_path, digests)
 
 
-def _verify(part: Part, what: str, path: Path, record_path: Path, repaired: bool = False) -> None:
+def _verify(part: Part, what: str, path: Path, record_path: Path, vm_status: VmStatus,
+            repaired: bool = False) -> None:
     expected, sources = checksums.expected(part, what)
     if not expected:
         return
@@ -308,9 +314,11 @@ def _verify(part: Part, what: str, path: Path, record_path: Path, repaired: bool
                 f"checked against {', '.join(f'{a}_{what}' for a in sorted(missing))}; "
                 "delete it to provision again"
             )
-        record = digest.write_record(
-            record_path, path, {**record.digests, **digest.hash_file(path, missing)}, record.source
-        )
+        try:
+            added = digest.hash_file(path, missing)
+        except OSError as error:
+            raise VerifyError(f"cannot read {path}: {error.strerror or error}") from None
+        record = _write_record(record_path, path, {**record.digests, **added}, record.source)
     try:
         digest.compare(what, expected, record.digests, sources)
         return
@@ -324,22 +332,22 @@ def _verify(part: Part, what: str, path: Path, record_path: Path, repaired: bool
     # The record may be stale (a byte changed, the mtime kept): the file as it is now decides,
     # and its message quotes what the file holds now.
     record, damaged = _hash_again(path, record_path, record, set(expected))
-    if damaged and not repaired and _repairable(part, what) and not current(part).running:
+    if damaged and not repaired and _repairable(part, what) and not vm_status(part).running:
         print(f"verify-image:{part.name}: {path} changed since it was made from the download "
               f"({digest.CONTENT} {record.digests[digest.CONTENT]}); making it again from the "
               "verified download", file=sys.stderr, flush=True)
         sharedimage.forget(part, path)
         path.unlink(missing_ok=True)
         record_path.unlink(missing_ok=True)
-        decompress(part)
-        _verify(part, what, path, record_path, repaired=True)
+        decompress(part, vm_status)
+        _verify(part, what, path, record_path, vm_status, repaired=True)
         return
     try:
         digest.compare(what, expected, record.digests, sources)
     except VerifyError as error:
         if part.file is not None:
             raise
-        if current(part).running:
+        if vm_status(part).running:
             # Deleted, the disk would take every later write of the guest with it.
             raise VerifyError(
                 f"{error}; {path} is the disk of the running VM, so it is kept: stop it, "
@@ -367,7 +375,7 @@ def _hash_again(path: Path, record_path: Path, record: digest.Record,
     try:
         return digest.save_record(record_path, dataclasses.replace(record, digests=digests)), damaged
     except OSError as error:
-        raise KvmTasksError(f"writing {record_path}: {error.strerror or error}") from None
+        raise ProvisionError(f"writing {record_path}: {error.strerror or error}") from None
 
 
 def _repairable(part: Part, what: str) -> bool:

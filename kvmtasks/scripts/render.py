@@ -14,7 +14,7 @@ from pathlib import Path
 import kvmtasks
 from kvmtasks.config import bounded, partjson
 from kvmtasks.config.part import Part
-from kvmtasks.errors import KvmTasksError
+from kvmtasks.errors import ProvisionError
 
 SCRIPTS = ("ctl", "ssh", "sendfile", "getfile", "runscript")
 PACKAGE_ROOT = Path(kvmtasks.__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ def _write(path: Path, text: str, mode: int) -> None:
         temporary.chmod(mode)
         os.replace(temporary, path)
     except OSError as error:
-        raise KvmTasksError(f"writing {path}: {error.strerror or error}") from None
+        raise ProvisionError(f"writing {path}: {error.strerror or error}") from None
     finally:
         temporary.unlink(missing_ok=True)
 
