@@ -129,3 +129,20 @@ def test_newest_false_reads_the_cached_copy_without_asking(tmp_path: Path, http_
 
     assert part.kvm_memory == "1G"
     assert len(http_server.requests) == asked
+
+
+def test_an_extended_config_without_an_end_is_one_line(tmp_path: Path, http_server: FileServer) -> None:
+    """Read as every input file is (config/bounded.py): a FIFO, by file or file:// URL, is
+    refused without waiting for a writer, and a server is not read past the config limit."""
+    import os
+
+    from kvmtasks.config import bounded
+
+    fifo = tmp_path / "endless.cfg"
+    os.mkfifo(fifo)
+    for name in (str(fifo), f"file://{fifo}"):
+        with pytest.raises(ConfigError, match=r"endless\.cfg.* is not a regular file \(a FIFO\)"):
+            read(config(tmp_path, name))
+    big = http_server.put("/configs/big.cfg", b"[vm]\n" + b"# comment\n" * (bounded.CONFIG_LIMIT // 10 + 1))
+    with pytest.raises(ConfigError, match=r"big\.cfg: the extended config is larger than the limit of 4 MiB"):
+        read(config(tmp_path, big))
