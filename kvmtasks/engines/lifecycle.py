@@ -22,7 +22,7 @@ from kvmtasks.config import seedrules
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles, Status
-from kvmtasks.engines import poweroff
+from kvmtasks.engines import partlock, poweroff
 from kvmtasks.engines.running import current
 from kvmtasks.engines.statusreport import Facts
 from kvmtasks.errors import VmError
@@ -139,6 +139,11 @@ def start(machine: Machine, say: Say = print, *, loadvm: str | None = None) -> N
 
     A suspended VM resumes instead; loadvm names a snapshot of the boot disk to start from.
     """
+    with partlock.operation(machine.part, "start"):
+        _start(machine, say, loadvm)
+
+
+def _start(machine: Machine, say: Say, loadvm: str | None) -> None:
     part = machine.part
     status = current(part)
     if status.running:
@@ -270,6 +275,11 @@ def gone_within(machine: Machine, seconds: float) -> bool:
 
 def stop(machine: Machine, say: Say = print) -> None:
     """Power the VM off (poweroff.py's policy), else end it; a suspended VM's state is discarded."""
+    with partlock.operation(machine.part, "stop"):
+        _stop(machine, say)
+
+
+def _stop(machine: Machine, say: Say) -> None:
     part = machine.part
     connection.close(part)
     if not current(part).running:
@@ -291,6 +301,11 @@ def stop(machine: Machine, say: Say = print) -> None:
 
 def suspend(machine: Machine, say: Say = print) -> None:
     """Save the running VM's state and stop it; start resumes it."""
+    with partlock.operation(machine.part, "suspend"):
+        _suspend(machine, say)
+
+
+def _suspend(machine: Machine, say: Say) -> None:
     part = machine.part
     status = current(part)
     if not status.running:

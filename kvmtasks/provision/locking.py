@@ -11,8 +11,9 @@ from typing import TextIO
 
 
 @contextmanager
-def held(handle: TextIO, waiting: str) -> Iterator[None]:
-    """Hold an exclusive lock on handle (a lock file opened "a+"), writing our pid into it.
+def held(handle: TextIO, waiting: str, doing: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on handle (a lock file opened "a+"), writing our pid into it,
+    and what we do (doing), for the next one to say whom it waits for.
 
     While another process holds it, print waiting, with that process's pid and the lock's
     path, and wait for it.
@@ -26,6 +27,6 @@ def held(handle: TextIO, waiting: str) -> Iterator[None]:
         fcntl.flock(handle, fcntl.LOCK_EX)
     handle.seek(0)
     handle.truncate()
-    handle.write(f"{os.getpid()}\n")
+    handle.write(f"{os.getpid()} {doing}".rstrip() + "\n")
     handle.flush()
     yield
