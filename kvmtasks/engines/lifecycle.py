@@ -101,6 +101,9 @@ class Machine(Protocol):
 
     def facts(self) -> Facts: ...
 
+    def recover(self, say: Say) -> None:
+        """Finish or undo what a suspend or resume killed half way left behind."""
+
 
 def details(console_log: Path | None, stderr: str = "") -> str:
     """What helps to see why a boot failed: the console's last lines, QEMU's stderr."""
@@ -140,6 +143,7 @@ def start(machine: Machine, say: Say = print, *, loadvm: str | None = None) -> N
     A suspended VM resumes instead; loadvm names a snapshot of the boot disk to start from.
     """
     with partlock.operation(machine.part, "start"):
+        machine.recover(say)
         _start(machine, say, loadvm)
 
 
@@ -189,15 +193,23 @@ def _resume(machine: Machine, say: Say) -> bool:
         started_at = time.monotonic()
         try:
             accel = machine.load_saved()
-            wait_until_ready(machine, accel, started_at + part.kvm_boot_timeout)
         except VmError as error:
             machine.force_off()
             reason = f"{machine.engine} could not load it: {error}"
             _keep_previous_console_log(machine)
         except KeyboardInterrupt:
+            machine.force_off()  # the guest never ran: the state on disk still fits
+            raise
+    machine.discard_saved()  # a loaded state is used up (the guest runs on from it); one that failed goes too
+    if reason is None:
+        try:
+            wait_until_ready(machine, accel, started_at + part.kvm_boot_timeout)
+        except VmError as error:
+            machine.force_off()
+            reason = f"the guest did not answer once resumed: {error}"
+        except KeyboardInterrupt:
             machine.force_off()
             raise
-    machine.discard_saved()  # a loaded state is used up; one that failed goes too
     if reason is not None:
         say(f"{part.name}: the suspended state is discarded, {reason}; booting afresh")
         return False
@@ -276,6 +288,7 @@ def gone_within(machine: Machine, seconds: float) -> bool:
 def stop(machine: Machine, say: Say = print) -> None:
     """Power the VM off (poweroff.py's policy), else end it; a suspended VM's state is discarded."""
     with partlock.operation(machine.part, "stop"):
+        machine.recover(say)
         _stop(machine, say)
 
 
@@ -302,6 +315,7 @@ def _stop(machine: Machine, say: Say) -> None:
 def suspend(machine: Machine, say: Say = print) -> None:
     """Save the running VM's state and stop it; start resumes it."""
     with partlock.operation(machine.part, "suspend"):
+        machine.recover(say)
         _suspend(machine, say)
 
 
@@ -318,7 +332,9 @@ def _suspend(machine: Machine, say: Say) -> None:
     connection.close(part)
     try:
         where = machine.save_state(status)
-    except VmError:
+    except (VmError, KeyboardInterrupt) as error:
+        if isinstance(error, KeyboardInterrupt):
+            say(f"{part.name}: suspend interrupted; the save is cancelled and {part.name} runs on")
         if machine.uses_ssh_master:
             connection.open_master(part)  # the VM runs on: keep it as fast to reach as it was
         raise
