@@ -31,7 +31,8 @@ COMMAND = ".venv/bin/python -m tests.reliability"
 # The new tests; the generator runs them with the EARLIER ones.
 FILES = ("tests/test_faults_download.py", "tests/test_faults_input.py",
          "tests/test_injection.py", "tests/test_faults_vm.py", "tests/test_overlay.py",
-         "tests/test_compression.py", "tests/test_checksum_lists.py")
+         "tests/test_compression.py", "tests/test_checksum_lists.py",
+         "tests/test_faults_lifecycle.py")
 
 # Categories, in the order the report lists them.
 FAULTS = {
@@ -49,6 +50,9 @@ FAULTS = {
     "reset-running": "reset while the VM runs (doit reset and PART-ctl reset)",
     "list-unreachable": "checksum list unreachable (refused connection, HTTP 404)",
     "list-changed": "checksum list changed on the server",
+    "vm-concurrent": "two operations on one part's VM at the same time (start and start, start and reset)",
+    "vm-killed": "kill -9 or Ctrl-C during a start, a suspend or a resume",
+    "state-damaged": "a suspended VM's state file truncated, or its record garbled",
 }
 BAD_INPUTS = {
     "config": "config values (hypothesis, every option)",
@@ -62,6 +66,7 @@ BAD_INPUTS = {
     "backing": "an image with a backing file of its own under an overlay",
     "compressed": "corrupt and truncated gzip, xz, zstd and bz2 streams",
     "checksum-list": "checksum lists without the file's entry, or with a wrong digest",
+    "suspended-snapshot": "a snapshot deleted under a suspended VM",
 }
 
 # Earlier tests (module::function, every parametrization) and the fault each injects.

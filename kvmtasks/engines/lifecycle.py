@@ -142,17 +142,28 @@ def start(machine: Machine, say: Say = print, *, loadvm: str | None = None) -> N
 
     A suspended VM resumes instead; loadvm names a snapshot of the boot disk to start from.
     """
-    with partlock.operation(machine.part, "start"):
+    part = machine.part
+    with partlock.operation(part, "start"):
         machine.recover(say)
-        _start(machine, say, loadvm)
+        was_running = current(part).running
+        try:
+            _start(machine, say, loadvm)
+        except OSError as error:  # the run directory full, or read-only: a file kvmtasks writes
+            if not was_running:
+                machine.force_off()  # nothing a failed start launched outlives it
+            where = f"{error.filename}: " if error.filename else ""
+            raise VmError(f"{part.name} could not start: {where}{error.strerror or error}") from None
 
 
 def _start(machine: Machine, say: Say, loadvm: str | None) -> None:
     part = machine.part
     status = current(part)
     if status.running:
-        if machine.uses_ssh_master and part.ssh_port is not None and not connection.is_open(part):
-            connection.open_master(part)
+        if part.ssh_port is not None and not _answers(machine):
+            # Started by a run that was killed while the guest booted: wait as that run would have.
+            say(f"{part.name} is running ({machine.where(status)}) but does not answer yet: "
+                f"waiting for it (kvm_boot_timeout = {part.kvm_boot_timeout:g} s)")
+            wait_until_ready(machine, Accel.TCG, time.monotonic() + part.kvm_boot_timeout)
         say(f"{part.name} is already running ({machine.where(status)})")
         return
     check_disks(part)
@@ -257,6 +268,8 @@ def _answers(machine: Machine) -> bool:
     part = machine.part
     assert part.ssh_port is not None
     if machine.uses_ssh_master:
+        if connection.is_open(part):
+            return True
         # The master's login is the proof that the guest answers; the banner spares a slow try.
         return ssh.banner(part.ssh_hostname, part.ssh_port) and connection.open_master(part)
     return ssh.can_log_in(part)
