@@ -11,6 +11,7 @@ primitives, so that both engines get it at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -187,7 +188,37 @@ def _start(machine: Machine, say: Say, loadvm: str | None) -> None:
         set_clock(part, say)
     if part.ssh_port is not None:
         readiness.wait(part, deadline, say)
+        _first_boot_done(part)
     say(f"{part.name} is running ({_where_and_accel(machine)})")
+
+
+def _disk_id(part: Part) -> str:
+    try:
+        info = part.boot_disk.stat()
+    except OSError:
+        return ""
+    return f"{part.boot_disk.absolute()} {info.st_dev} {info.st_ino}"
+
+
+def _first_boot_marker(part: Part) -> Path:
+    return part.state_directory / "first-boot-done"
+
+
+def _first_boot_done(part: Part) -> None:
+    """The guest answered on this disk: its first boot (cloud-init's keys and users) is behind it."""
+    with contextlib.suppress(OSError):  # only a stop during the first boot waits without it
+        _first_boot_marker(part).write_text(_disk_id(part))
+
+
+def in_first_boot(part: Part) -> bool:
+    """A cloud-init guest that never answered on this disk: a hard power-off now could leave it
+    half set up for good (no ssh host keys), so stop first lets it finish."""
+    if not part.cloud_init or part.kvm_snapshot or part.ssh_port is None:
+        return False  # with kvm_snapshot, every boot is a first boot and leaves nothing behind
+    try:
+        return _first_boot_marker(part).read_text() != _disk_id(part)
+    except OSError:
+        return True
 
 
 def _where_and_accel(machine: Machine) -> str:
@@ -315,6 +346,8 @@ def _stop(machine: Machine, say: Say) -> None:
         else:
             say(f"{part.name} is not running")
         return
+    if in_first_boot(part):
+        _finish_first_boot(machine, say)
     how = poweroff.power_off(part, part.kvm_shutdown_timeout, machine.press_power_button,
                              lambda seconds: gone_within(machine, seconds))
     machine.force_off()  # after a power-off, only its run files are left to forget
@@ -323,6 +356,21 @@ def _stop(machine: Machine, say: Say) -> None:
     else:
         say(f"{part.name} stopped (no power-off within kvm_shutdown_timeout = "
             f"{part.kvm_shutdown_timeout:g} s, so {machine.forced_off})")
+
+
+def _finish_first_boot(machine: Machine, say: Say) -> None:
+    part = machine.part
+    say(f"{part.name} is in its first boot (cloud-init sets it up): waiting for it to finish "
+        f"before powering it off (kvm_boot_timeout = {part.kvm_boot_timeout:g} s)")
+    deadline = time.monotonic() + part.kvm_boot_timeout
+    try:
+        wait_until_ready(machine, Accel.TCG, deadline)
+    except VmError as error:
+        say(f"{part.name}: {error}; powering it off all the same")
+        return
+    readiness.wait(part, deadline, say)
+    _first_boot_done(part)
+    connection.close(part)
 
 
 def suspend(machine: Machine, say: Say = print) -> None:
