@@ -91,6 +91,7 @@ EARLIER = {
     "tests/test_cache.py::test_an_interrupted_download_resumes_into_the_cache": "drop",
     "tests/test_parallel.py::"
     "test_two_parallel_starts_on_one_host_port_fail_in_one_line_naming_the_port_and_part": "port-clash",
+    "tests/test_cloudinit_guest.py::test_a_stop_during_the_first_boot_lets_cloud_init_finish": "vm-killed",
 }
 
 
