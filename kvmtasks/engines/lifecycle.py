@@ -393,9 +393,16 @@ def _suspend(machine: Machine, say: Say) -> None:
     connection.close(part)
     try:
         where = machine.save_state(status)
-    except (VmError, KeyboardInterrupt) as error:
-        if isinstance(error, KeyboardInterrupt):
+    except KeyboardInterrupt:
+        machine.recover(say)  # whatever the moment: the VM runs on, or its state is saved
+        if current(part).running:
             say(f"{part.name}: suspend interrupted; the save is cancelled and {part.name} runs on")
+            if machine.uses_ssh_master:
+                connection.open_master(part)
+        else:
+            say(f"{part.name}: suspend interrupted once the state was saved; start resumes it")
+        raise
+    except VmError:
         if machine.uses_ssh_master:
             connection.open_master(part)  # the VM runs on: keep it as fast to reach as it was
         raise

@@ -161,11 +161,13 @@ def save(part: Part, pid: int, accel: str) -> dict[str, Any]:
             client.execute("migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH})
             client.pass_fd(FD_NAME, fd)
             client.execute("migrate", uri=f"fd:{FD_NAME}")
-            try:
-                _wait_for_migration(client, "saving the VM's state")
-            except KeyboardInterrupt:
-                _cancel(client)
-                raise
+            _wait_for_migration(client, "saving the VM's state")
+    except KeyboardInterrupt:
+        # A new session: the interrupted one may hold half a reply.
+        with qmp.QmpClient(files.qmp_socket, timeout=30.0) as client:
+            _cancel(client)
+        partial.unlink(missing_ok=True)
+        raise
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
