@@ -52,7 +52,7 @@ FAULTS = {
     "list-changed": "checksum list changed on the server",
     "vm-concurrent": "two operations on one part's VM at the same time (start and start, start and reset)",
     "vm-killed": "kill -9 or Ctrl-C during a start, a suspend or a resume",
-    "state-damaged": "a suspended VM's state file truncated, or its record garbled",
+    "state-damaged": "a suspended VM's state record garbled",
 }
 BAD_INPUTS = {
     "config": "config values (hypothesis, every option)",

@@ -1,10 +1,10 @@
 """Faults in a VM's lifecycle, against the real tiny guest under TCG: two operations on one
 part at once, a start killed while the guest boots, a suspend and a resume killed half way
-(kill -9 and Ctrl-C), a state file truncated, a state record garbled, and a snapshot deleted
-under a suspended VM.
+(kill -9 and Ctrl-C), a state record garbled, and a snapshot deleted under a suspended VM
+(a truncated state file is test_warm.py's), then a start on a full run directory.
 
-One scenario, in the order they follow each other in real life: two cold boots in all (the
-first, and the one after the truncated state), the rest are resumes.
+One scenario, in the order they follow each other in real life: one cold boot, the rest are
+resumes; the full run directory fails before any boot.
 """
 
 from __future__ import annotations
@@ -131,9 +131,9 @@ def test_concurrent_operations_and_interrupted_suspends_and_resumes(
     resume.kill()
     resume.wait()
     reliability.fault("vm-killed")
-    run_state = qmp.query_status(state_dir / "qmp.sock") if pidfile.exists() else "gone"
-    expected = {"inmigrate": "resuming", "running": "running"}.get(run_state, "suspended")
-    assert_status(project, expected)
+    said = assert_status(project, "resuming", "running", "suspended")
+    if said.startswith("vm is running"):  # then the guest runs indeed (inmigrate only ever leads there)
+        assert qmp.query_status(state_dir / "qmp.sock") == "running", said
     started = ctl(project, "start")
     assert started.returncode == 0, started.stdout + started.stderr
     assert "vm resumed" in started.stdout or "already running" in started.stdout
@@ -151,19 +151,7 @@ def test_concurrent_operations_and_interrupted_suspends_and_resumes(
     assert "keep1" in ctl(project, "snapshot", "list").stdout
     assert_status(project, "suspended")
 
-    # A truncated state: one line naming the file, then a fresh boot.
-    with open(state, "r+b") as handle:
-        handle.truncate(state.stat().st_size // 2)
-    reliability.fault("state-damaged")
-    started = ctl(project, "start")
-    assert started.returncode == 0, started.stdout + started.stderr
-    assert f"the suspended state is discarded, QEMU could not load it: {state}" in started.stdout
-    assert "is damaged or truncated; booting afresh" in started.stdout
-    assert "Connection reset" not in started.stdout + started.stderr
-    assert hostname(project) != "kept"
-
     # A garbled record: status says so, the next operation deletes the state and says so.
-    assert ctl(project, "suspend").returncode == 0
     size = state.stat().st_size
     record.write_text("{garbage")
     reliability.fault("state-damaged")
