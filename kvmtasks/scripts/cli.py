@@ -85,6 +85,7 @@ def _snapshot(part: Part, operation: str, name: str | None) -> int:
         raise VmError(f"snapshot {operation} needs a NAME")
     step = {"save": snapshots.save, "restore": snapshots.restore, "delete": snapshots.delete}
     with partlock.operation(part, f"snapshot {operation}"):
+        engine.machine_of(part).recover(print)
         step[operation](part, name, print)
     return 0
 

@@ -223,6 +223,15 @@ def finish_interrupted(part: Part) -> bool:
     return True
 
 
+def saving(part: Part) -> bool:
+    """QEMU is writing a state out (a save whose kvmtasks was killed goes on without it)."""
+    try:
+        with qmp.QmpClient(RunFiles.of(part).qmp_socket, timeout=5.0) as client:
+            return (client.execute("query-migrate") or {}).get("status") in ACTIVE
+    except VmError:
+        return False
+
+
 def interrupted_save(part: Part, pid: int, accel: str) -> dict[str, Any] | None:
     """QEMU paused by a save whose kvmtasks was killed: wait for QEMU to finish writing, then
     keep the state as save() would have. The record, or None when no save was under way

@@ -188,7 +188,7 @@ class QemuMachine:
             self.force_off()
             say(f"{part.name}: an interrupted resume is undone (QEMU was still waiting for the "
                 "saved state); the saved state is kept")
-        elif run_state in SAVE_RUN_STATES:
+        elif run_state in SAVE_RUN_STATES or savestate.saving(part):
             record = savestate.interrupted_save(part, status.pid, status.accel or choose_accel(part).value)
             if record is None:
                 say(f"{part.name}: an interrupted suspend is undone; {part.name} runs on")
