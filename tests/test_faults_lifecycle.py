@@ -15,6 +15,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,14 @@ def wait_for(what: str, condition: Callable[[], bool], timeout: float = 120, eve
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} within {timeout} s")
         time.sleep(every)
+
+
+def writing(state: Path) -> bool:
+    """QEMU has begun to write the state (the file is made before QEMU is asked to)."""
+    try:
+        return state.with_suffix(".part").stat().st_size > 0
+    except OSError:
+        return False
 
 
 def ctl(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
@@ -78,6 +87,9 @@ def test_concurrent_operations_and_interrupted_suspends_and_resumes(
     wait_for("lock taken by the first start",
              lambda: lock.exists() and lock.read_text().startswith(f"{first.pid} start"))
     second, reset = spawn(project, "start"), spawn(project, "reset")
+    waiting = f"waits for another operation on vm (pid {first.pid} start, lock {lock})\n"
+    assert second.stderr is not None and second.stderr.readline() == f"vm: start {waiting}"
+    assert reset.stderr is not None and reset.stderr.readline() == f"vm: reset {waiting}"
     wait_for("QEMU started by the first start", pidfile.exists)
     first.kill()
     first.wait()
@@ -85,7 +97,6 @@ def test_concurrent_operations_and_interrupted_suspends_and_resumes(
     reliability.fault("vm-killed")
     out, err = second.communicate(timeout=300)
     assert second.returncode == 0, out + err
-    assert f"vm: start waits for another operation on vm (pid {first.pid} start, lock {lock})" in err
     qemu = int(pidfile.read_text())
     assert f"vm is already running (pid {qemu})" in out
     reset_out, reset_err = reset.communicate(timeout=300)
@@ -99,7 +110,7 @@ def test_concurrent_operations_and_interrupted_suspends_and_resumes(
     # kill -9 of a suspend once QEMU writes the state: QEMU finishes the save and stays paused.
     # status says so (not "running"), and start completes the suspend, then resumes it.
     suspend = spawn(project, "suspend")
-    wait_for("the state being written", state.with_suffix(".part").exists)
+    wait_for("the state being written", lambda: writing(state))
     suspend.kill()
     suspend.wait()
     reliability.fault("vm-killed")
@@ -114,7 +125,7 @@ def test_concurrent_operations_and_interrupted_suspends_and_resumes(
     # Ctrl-C during a suspend: either the save is cancelled and the VM runs on, or it is saved;
     # never frozen. start then brings back the same running guest.
     suspend = spawn(project, "suspend")
-    wait_for("the state being written", state.with_suffix(".part").exists)
+    wait_for("the state being written", lambda: writing(state))
     suspend.send_signal(signal.SIGINT)
     out, err = suspend.communicate(timeout=120)
     reliability.fault("vm-killed")
