@@ -31,7 +31,8 @@ COMMAND = ".venv/bin/python -m tests.reliability"
 # The new tests; the generator runs them with the EARLIER ones.
 FILES = ("tests/test_faults_download.py", "tests/test_faults_input.py",
          "tests/test_injection.py", "tests/test_faults_vm.py", "tests/test_overlay.py",
-         "tests/test_compression.py", "tests/test_checksum_lists.py", "tests/test_faults_data.py")
+         "tests/test_compression.py", "tests/test_checksum_lists.py", "tests/test_faults_data.py",
+         "tests/test_faults_lifecycle.py")
 
 # Categories, in the order the report lists them.
 FAULTS = {
@@ -52,6 +53,9 @@ FAULTS = {
     "reprovision": "download touched, fetched again or damaged under an overlay with snapshots",
     "cache-image": "decompressed image in the download cache damaged, its record stale",
     "cut-transfer": "a PART-getfile transfer cut mid-file",
+    "vm-concurrent": "two operations on one part's VM at the same time (start and start, start and reset)",
+    "vm-killed": "kill -9 or Ctrl-C during a start, a suspend or a resume",
+    "state-damaged": "a suspended VM's state file truncated, or its record garbled",
 }
 BAD_INPUTS = {
     "config": "config values (hypothesis, every option)",
@@ -68,6 +72,7 @@ BAD_INPUTS = {
     "endless": "input files without an end or a bound: a device, a FIFO, a file of 200 MB",
     "misleading": "inputs that got a misleading message: garbage part.json, file:// redirect, "
                   "relative KVMTASKS_CONFIG, a host port twice",
+    "suspended-snapshot": "a snapshot deleted under a suspended VM",
 }
 
 # Earlier tests (module::function, every parametrization) and the fault each injects.
@@ -92,6 +97,8 @@ EARLIER = {
     "tests/test_cache.py::test_an_interrupted_download_resumes_into_the_cache": "drop",
     "tests/test_parallel.py::"
     "test_two_parallel_starts_on_one_host_port_fail_in_one_line_naming_the_port_and_part": "port-clash",
+    "tests/test_cloudinit_guest.py::test_a_stop_during_the_first_boot_lets_cloud_init_finish": "vm-killed",
+    "tests/test_warm.py::test_suspend_resume_and_a_state_that_no_longer_fits": "state-damaged",
 }
 
 

@@ -57,3 +57,18 @@ def test_the_json_holds_every_fact_programs_read() -> None:
     }
     suspended = json.loads(as_json(replace(RUNNING, state=State.SUSPENDED, ssh_command=None)))
     assert (suspended["state"], suspended["ssh_command"]) == ("suspended", None)
+
+
+def test_a_frozen_guest_between_running_and_suspended_is_not_called_running() -> None:
+    for state, verb in ((State.SUSPENDING, "suspend"), (State.RESUMING, "resume")):
+        facts = replace(RUNNING, state=state)
+        assert not facts.running  # status exits 3: nothing answers
+        assert describe(facts) == [f"web is {state} (pid 4242): its guest is frozen by an interrupted "
+                                   f"{verb}; start or stop ends it"]
+        assert json.loads(as_json(facts))["state"] == state.value
+
+
+def test_a_state_that_cannot_be_resumed_is_said() -> None:
+    facts = replace(RUNNING, state=State.STOPPED, problem="its record /s/suspended.json is missing")
+    assert describe(facts) == ["web is stopped; its suspended state cannot be resumed, its record "
+                               "/s/suspended.json is missing"]

@@ -157,6 +157,9 @@ def test_suspend_resume_and_a_state_that_no_longer_fits(
     assert cold.returncode == 0, cold.stdout + cold.stderr
     notice = [line for line in cold.stdout.splitlines() if "discarded" in line]
     assert len(notice) == 1 and "QEMU could not load it" in notice[0], cold.stdout
+    # The file and what is wrong with it, not the QMP socket's error.
+    assert f"{state} (" in notice[0] and "is damaged or truncated" in notice[0], notice[0]
+    assert "Errno" not in cold.stdout + cold.stderr
     assert "vm is running" in cold.stdout and qemu_pids_under(project.root)
 
     # stop of a suspended VM drops the state and says so.

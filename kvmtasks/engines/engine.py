@@ -51,8 +51,11 @@ def stop(part: Part, say: Say = print) -> None:
 
 
 def restart(part: Part, say: Say = print) -> None:
-    stop(part, say)
-    start(part, say)
+    from kvmtasks.engines import partlock
+
+    with partlock.operation(part, "restart"):  # no other operation between the stop and the start
+        stop(part, say)
+        start(part, say)
 
 
 def suspend(part: Part, say: Say = print) -> None:

@@ -11,6 +11,7 @@ primitives, so that both engines get it at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from kvmtasks.config import seedrules
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles, Status
-from kvmtasks.engines import poweroff
+from kvmtasks.engines import partlock, poweroff
 from kvmtasks.engines.running import current
 from kvmtasks.engines.statusreport import Facts
 from kvmtasks.errors import VmError
@@ -101,6 +102,9 @@ class Machine(Protocol):
 
     def facts(self) -> Facts: ...
 
+    def recover(self, say: Say) -> None:
+        """Finish or undo what a suspend or resume killed half way left behind."""
+
 
 def details(console_log: Path | None, stderr: str = "") -> str:
     """What helps to see why a boot failed: the console's last lines, QEMU's stderr."""
@@ -140,10 +144,27 @@ def start(machine: Machine, say: Say = print, *, loadvm: str | None = None) -> N
     A suspended VM resumes instead; loadvm names a snapshot of the boot disk to start from.
     """
     part = machine.part
+    with partlock.operation(part, "start"):
+        machine.recover(say)
+        was_running = current(part).running
+        try:
+            _start(machine, say, loadvm)
+        except OSError as error:  # the run directory full, or read-only: a file kvmtasks writes
+            if not was_running:
+                machine.force_off()  # nothing a failed start launched outlives it
+            where = f"{error.filename}: " if error.filename else ""
+            raise VmError(f"{part.name} could not start: {where}{error.strerror or error}") from None
+
+
+def _start(machine: Machine, say: Say, loadvm: str | None) -> None:
+    part = machine.part
     status = current(part)
     if status.running:
-        if machine.uses_ssh_master and part.ssh_port is not None and not connection.is_open(part):
-            connection.open_master(part)
+        if part.ssh_port is not None and not _answers(machine):
+            # Started by a run that was killed while the guest booted: wait as that run would have.
+            say(f"{part.name} is running ({machine.where(status)}) but does not answer yet: "
+                f"waiting for it (kvm_boot_timeout = {part.kvm_boot_timeout:g} s)")
+            wait_until_ready(machine, Accel.TCG, time.monotonic() + part.kvm_boot_timeout)
         say(f"{part.name} is already running ({machine.where(status)})")
         return
     check_disks(part)
@@ -167,7 +188,37 @@ def start(machine: Machine, say: Say = print, *, loadvm: str | None = None) -> N
         set_clock(part, say)
     if part.ssh_port is not None:
         readiness.wait(part, deadline, say)
+        _first_boot_done(part)
     say(f"{part.name} is running ({_where_and_accel(machine)})")
+
+
+def _disk_id(part: Part) -> str:
+    try:
+        info = part.boot_disk.stat()
+    except OSError:
+        return ""
+    return f"{part.boot_disk.absolute()} {info.st_dev} {info.st_ino}"
+
+
+def _first_boot_marker(part: Part) -> Path:
+    return part.state_directory / "first-boot-done"
+
+
+def _first_boot_done(part: Part) -> None:
+    """The guest answered on this disk: its first boot (cloud-init's keys and users) is behind it."""
+    with contextlib.suppress(OSError):  # only a stop during the first boot waits without it
+        _first_boot_marker(part).write_text(_disk_id(part))
+
+
+def in_first_boot(part: Part) -> bool:
+    """A cloud-init guest that never answered on this disk: a hard power-off now could leave it
+    half set up for good (no ssh host keys), so stop first lets it finish."""
+    if not part.cloud_init or part.kvm_snapshot or part.ssh_port is None:
+        return False  # with kvm_snapshot, every boot is a first boot and leaves nothing behind
+    try:
+        return _first_boot_marker(part).read_text() != _disk_id(part)
+    except OSError:
+        return True
 
 
 def _where_and_accel(machine: Machine) -> str:
@@ -184,15 +235,23 @@ def _resume(machine: Machine, say: Say) -> bool:
         started_at = time.monotonic()
         try:
             accel = machine.load_saved()
-            wait_until_ready(machine, accel, started_at + part.kvm_boot_timeout)
         except VmError as error:
             machine.force_off()
             reason = f"{machine.engine} could not load it: {error}"
             _keep_previous_console_log(machine)
         except KeyboardInterrupt:
+            machine.force_off()  # the guest never ran: the state on disk still fits
+            raise
+    machine.discard_saved()  # a loaded state is used up (the guest runs on from it); one that failed goes too
+    if reason is None:
+        try:
+            wait_until_ready(machine, accel, started_at + part.kvm_boot_timeout)
+        except VmError as error:
+            machine.force_off()
+            reason = f"the guest did not answer once resumed: {error}"
+        except KeyboardInterrupt:
             machine.force_off()
             raise
-    machine.discard_saved()  # a loaded state is used up; one that failed goes too
     if reason is not None:
         say(f"{part.name}: the suspended state is discarded, {reason}; booting afresh")
         return False
@@ -240,6 +299,8 @@ def _answers(machine: Machine) -> bool:
     part = machine.part
     assert part.ssh_port is not None
     if machine.uses_ssh_master:
+        if connection.is_open(part):
+            return True
         # The master's login is the proof that the guest answers; the banner spares a slow try.
         return ssh.banner(part.ssh_hostname, part.ssh_port) and connection.open_master(part)
     return ssh.can_log_in(part)
@@ -270,6 +331,12 @@ def gone_within(machine: Machine, seconds: float) -> bool:
 
 def stop(machine: Machine, say: Say = print) -> None:
     """Power the VM off (poweroff.py's policy), else end it; a suspended VM's state is discarded."""
+    with partlock.operation(machine.part, "stop"):
+        machine.recover(say)
+        _stop(machine, say)
+
+
+def _stop(machine: Machine, say: Say) -> None:
     part = machine.part
     connection.close(part)
     if not current(part).running:
@@ -279,6 +346,8 @@ def stop(machine: Machine, say: Say = print) -> None:
         else:
             say(f"{part.name} is not running")
         return
+    if in_first_boot(part):
+        _finish_first_boot(machine, say)
     how = poweroff.power_off(part, part.kvm_shutdown_timeout, machine.press_power_button,
                              lambda seconds: gone_within(machine, seconds))
     machine.force_off()  # after a power-off, only its run files are left to forget
@@ -289,8 +358,29 @@ def stop(machine: Machine, say: Say = print) -> None:
             f"{part.kvm_shutdown_timeout:g} s, so {machine.forced_off})")
 
 
+def _finish_first_boot(machine: Machine, say: Say) -> None:
+    part = machine.part
+    say(f"{part.name} is in its first boot (cloud-init sets it up): waiting for it to finish "
+        f"before powering it off (kvm_boot_timeout = {part.kvm_boot_timeout:g} s)")
+    deadline = time.monotonic() + part.kvm_boot_timeout
+    try:
+        wait_until_ready(machine, Accel.TCG, deadline)
+    except VmError as error:
+        say(f"{part.name}: {error}; powering it off all the same")
+        return
+    readiness.wait(part, deadline, say)
+    _first_boot_done(part)
+    connection.close(part)
+
+
 def suspend(machine: Machine, say: Say = print) -> None:
     """Save the running VM's state and stop it; start resumes it."""
+    with partlock.operation(machine.part, "suspend"):
+        machine.recover(say)
+        _suspend(machine, say)
+
+
+def _suspend(machine: Machine, say: Say) -> None:
     part = machine.part
     status = current(part)
     if not status.running:
@@ -303,6 +393,15 @@ def suspend(machine: Machine, say: Say = print) -> None:
     connection.close(part)
     try:
         where = machine.save_state(status)
+    except KeyboardInterrupt:
+        machine.recover(say)  # whatever the moment: the VM runs on, or its state is saved
+        if current(part).running:
+            say(f"{part.name}: suspend interrupted; the save is cancelled and {part.name} runs on")
+            if machine.uses_ssh_master:
+                connection.open_master(part)
+        else:
+            say(f"{part.name}: suspend interrupted once the state was saved; start resumes it")
+        raise
     except VmError:
         if machine.uses_ssh_master:
             connection.open_master(part)  # the VM runs on: keep it as fast to reach as it was

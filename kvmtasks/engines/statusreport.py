@@ -20,6 +20,9 @@ class State(StrEnum):
     RUNNING = "running"
     STOPPED = "stopped"
     SUSPENDED = "suspended"  # not running, with a saved state that start resumes
+    # QEMU runs, the guest is frozen: a suspend or resume was interrupted (start or stop ends it)
+    SUSPENDING = "suspending"
+    RESUMING = "resuming"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Facts:
     ssh_key: Path | None = None  # the identity file ssh logs in with
     ssh_key_made: bool = False  # made by kvmtasks for a cloud_init part
     pinned_known_hosts: Path | None = None  # known_hosts kvmtasks writes from the host key it made
+    problem: str | None = None  # why a state left on disk cannot be resumed
 
     @property
     def running(self) -> bool:
@@ -56,14 +60,16 @@ class Facts:
 
 
 def gather(part: Part, *, address: str, console_log: Path | None,
-           libvirt_uri: str | None = None, suspended: bool = False) -> Facts:
+           libvirt_uri: str | None = None, suspended: bool = False, between: State | None = None,
+           problem: str | None = None) -> Facts:
     """The facts of a part; an engine says where its forwards listen, where its console is,
-    and whether a stopped VM has a saved state."""
+    whether a stopped VM has a saved state, whether a running one is frozen between running
+    and suspended, and why a state on disk cannot be resumed."""
     status = current(part)
     stopped = State.SUSPENDED if suspended else State.STOPPED
     return Facts(
         part=part.name,
-        state=State.RUNNING if status.running else stopped,
+        state=(between or State.RUNNING) if status.running else stopped,
         engine=part.kvm_engine.value,
         libvirt_uri=libvirt_uri,
         pid=status.pid,
@@ -79,6 +85,7 @@ def gather(part: Part, *, address: str, console_log: Path | None,
         ssh_key=seedrules.identity_file(part),
         ssh_key_made=part.ssh_key_path is None and part.cloud_init,
         pinned_known_hosts=RunFiles.of(part).known_hosts if seedrules.pins_host_key(part) else None,
+        problem=problem,
     )
 
 
@@ -86,7 +93,13 @@ def describe(facts: Facts) -> list[str]:
     """The lines ``status`` prints."""
     if facts.state is State.SUSPENDED:
         return [f"{facts.part} is suspended; start resumes it"]
+    if facts.state in (State.SUSPENDING, State.RESUMING):
+        verb = "suspend" if facts.state is State.SUSPENDING else "resume"
+        return [f"{facts.part} is {facts.state} (pid {facts.pid}): its guest is frozen by an interrupted "
+                f"{verb}; start or stop ends it"]
     if not facts.running:
+        if facts.problem is not None:
+            return [f"{facts.part} is stopped; its suspended state cannot be resumed, {facts.problem}"]
         return [f"{facts.part} is {facts.state}"]
     accel = f"accel {facts.accelerator or 'unknown'}"
     if facts.libvirt_uri is not None:

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from doit.dependency import FileChangedChecker
+from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from kvmtasks.config import seedrules
 from kvmtasks.config.annotate import print_annotation
 from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
-from kvmtasks.engines import engine, ports
+from kvmtasks.engines import engine, partlock, ports
 from kvmtasks.engines.running import current
 from kvmtasks.graph.actions import clean_unless_running, guarded
 from kvmtasks.graph.report import Reporter
@@ -50,9 +51,14 @@ STEP_DOCS = {
 }
 
 
-def _refusing_a_running_vm(step: Callable[..., None]) -> Callable[[Part], None]:
-    """A provisioning step handed the engines' "is it running" (provision sits below them)."""
-    return partial(step, vm_status=current)
+def _refusing_a_running_vm(step: Callable[..., None], doing: str) -> Callable[[Part], None]:
+    """A provisioning step handed the engines' "is it running" (provision sits below them),
+    run under the part's VM lock: no start can launch QEMU between its check and its work."""
+    return partlock.locked(doing, partial(step, vm_status=current))
+
+
+def _disk_step(step: Callable[..., None], part: Part, name: str) -> Callable[[], TaskFailed | None]:
+    return guarded(_refusing_a_running_vm(step, name), part, name)
 
 
 def step_doc(step: str, part: Part | None = None) -> str:
@@ -96,7 +102,7 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
         yield {
             "basename": "download",
             "name": part.name,
-            "actions": [guarded(_refusing_a_running_vm(provision.download), part, "download")],
+            "actions": [_disk_step(provision.download, part, "download")],
             "targets": [str(part.download_path), str(provision.download_record(part))],
             "uptodate": [config_changed({"url": part.image}), lambda: cache.placed_safely(part)],
             # An unreachable list or a missing entry fails before gigabytes are fetched.
@@ -107,7 +113,7 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
         yield {
             "basename": "verify-download",
             "name": part.name,
-            "actions": [guarded(_refusing_a_running_vm(provision.verify_download), part, "verify-download")],
+            "actions": [_disk_step(provision.verify_download, part, "verify-download")],
             "file_dep": [str(provision.download_record(part)), *_expected_files(part, "download")],
             "uptodate": [config_changed(dict(part.download_digests))],
             "task_dep": [f"download:{part.name}"],
@@ -161,7 +167,7 @@ def _decompress_task(part: Part) -> Task:
     task: Task = {
         "basename": "decompress",
         "name": part.name,
-        "actions": [guarded(_refusing_a_running_vm(provision.decompress), part, "decompress")],
+        "actions": [_disk_step(provision.decompress, part, "decompress")],
         "file_dep": [str(part.download_path)],
         "targets": [str(part.image_path), str(provision.image_record(part))],
         "task_dep": [f"verify-download:{part.name}"],
@@ -185,7 +191,7 @@ def _overlay_task(part: Part) -> Task:
     return {
         "basename": "overlay",
         "name": part.name,
-        "actions": [guarded(_refusing_a_running_vm(overlay.create), part, "overlay")],
+        "actions": [_disk_step(overlay.create, part, "overlay")],
         # A new image (its size and mtime) or a new disk_size makes a new overlay; nothing else
         # does, so the guest's changes outlive a changed checksum, stop and start.
         "targets": [str(part.overlay_path), str(overlay.record_path(part))],
@@ -200,7 +206,7 @@ def _reset_task(part: Part) -> Task:
     return {
         "basename": "reset",
         "name": part.name,
-        "actions": [guarded(_refusing_a_running_vm(overlay.reset), part, "reset")],
+        "actions": [_disk_step(overlay.reset, part, "reset")],
         "task_dep": [f"overlay:{part.name}"] if part.overlay else [],
         "uptodate": [False],
         "verbosity": 2,
@@ -212,7 +218,7 @@ def _verify_image_task(part: Part, earlier: list[str]) -> Task:
     task: Task = {
         "basename": "verify-image",
         "name": part.name,
-        "actions": [guarded(_refusing_a_running_vm(provision.verify_image), part, "verify-image")],
+        "actions": [_disk_step(provision.verify_image, part, "verify-image")],
         "file_dep": _expected_files(part, "image"),
         "uptodate": [config_changed(dict(part.image_digests))],
         "task_dep": [f"{step}:{part.name}" for step in earlier[-1:]],

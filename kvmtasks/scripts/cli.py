@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kvmtasks.config import bounded, partjson
 from kvmtasks.config.part import Part
-from kvmtasks.engines import engine, statusreport
+from kvmtasks.engines import engine, partlock, statusreport
 from kvmtasks.engines.running import current
 from kvmtasks.errors import KvmTasksError, VmError
 from kvmtasks.guest import ssh
@@ -84,7 +84,9 @@ def _snapshot(part: Part, operation: str, name: str | None) -> int:
     if name is None:
         raise VmError(f"snapshot {operation} needs a NAME")
     step = {"save": snapshots.save, "restore": snapshots.restore, "delete": snapshots.delete}
-    step[operation](part, name, print)
+    with partlock.operation(part, f"snapshot {operation}"):
+        engine.machine_of(part).recover(print)
+        step[operation](part, name, print)
     return 0
 
 
@@ -99,7 +101,8 @@ def _ctl(part: Part, options: argparse.Namespace) -> int:
         return _snapshot(part, options.operation, options.name)
     steps: dict[str, Callable[[Part, engine.Say], None]] = {
         "start": engine.start, "stop": engine.stop, "restart": engine.restart,
-        "reset": partial(overlay.reset, vm_status=current), "suspend": engine.suspend}
+        "reset": partlock.locked("reset", partial(overlay.reset, vm_status=current)),
+        "suspend": engine.suspend}
     steps[options.action](part, print)
     return 0
 

@@ -199,6 +199,9 @@ class LibvirtMachine:
         RunFiles.of(self.part).domain.unlink(missing_ok=True)
         return f"libvirt managed save on {self.part.libvirt_uri}"
 
+    def recover(self, say: Say) -> None:
+        pass  # libvirtd, not kvmtasks, carries a managed save or its restore to the end
+
     def facts(self) -> statusreport.Facts:
         return statusreport.gather(
             self.part, address=_listen_address(self.part), console_log=self.console_log(),

@@ -98,6 +98,10 @@ def delete(part: Part, name: str, say: lifecycle.Say = print) -> None:
     _existing(part, name)
     if current(part).running:
         _hmp(part, f"delvm {name}")
+    elif savestate.saved(part) is not None:
+        # The suspended state belongs to the disk as it is: a rewritten disk would not fit it.
+        raise VmError(f"{part.name} is suspended: deleting snapshot {name} would change its disk and "
+                      f"lose the suspended state; start it first, then delete {name}")
     else:
         disk = boot_disk(part)
         # qemu-img snapshot has no -f: the format goes in image options, so it never probes.

@@ -7,20 +7,28 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from kvmtasks import command
 from kvmtasks.config.diskformat import boot_disk_format
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, forwards, listen_address
-from kvmtasks.config.runfiles import RunFiles, Status, clean_run_files, is_our_qemu, read_pid
+from kvmtasks.config.runfiles import RunFiles, Status, clean_run_files, command_line, is_our_qemu, read_pid
 from kvmtasks.engines import lifecycle, portprobe, statusreport
 from kvmtasks.engines.lifecycle import KvmUnusable, Say, Seen
 from kvmtasks.engines.qemu import machine, qmp, savestate
 from kvmtasks.engines.qemu.argv import qemu_argv
 from kvmtasks.engines.running import current
+from kvmtasks.engines.statusreport import State
 from kvmtasks.errors import CommandFailed, VmError
 
 QUIT_WAIT = 5.0
+# QEMU's run states while or after it saves a VM's state: the guest is frozen.
+SAVE_RUN_STATES = frozenset({"finish-migrate", "postmigrate", "paused"})
+# What status says of a VM frozen between running and suspended.
+BETWEEN = {
+    "finish-migrate": State.SUSPENDING, "postmigrate": State.SUSPENDING, "inmigrate": State.RESUMING,
+}
 SOCKET_PATH_MAX = 107
 
 
@@ -150,14 +158,59 @@ class QemuMachine:
     def save_state(self, status: Status) -> str:
         assert status.pid is not None
         record = savestate.save(self.part, status.pid, status.accel or choose_accel(self.part).value)
+        return self._end_saved(record)
+
+    def _end_saved(self, record: dict[str, Any]) -> str:
         self.force_off()
         savestate.finish(self.part, record)
         state = savestate.state_file(self.part)
         return f"{state.stat().st_size / 1e6:.0f} MB state in {state}"
 
+    def recover(self, say: Say) -> None:
+        """Finish or undo what a killed suspend or resume left (savestate.py says how)."""
+        part = self.part
+        status = current(part)
+        if not status.running:
+            if savestate.finish_interrupted(part):
+                say(f"{part.name}: an interrupted suspend is completed; start resumes it")
+            savestate.state_file(part).with_suffix(".part").unlink(missing_ok=True)
+            problem = savestate.unusable(part)
+            if problem is not None:
+                state = savestate.state_file(part)
+                size = state.stat().st_size / 1e6
+                savestate.discard(part)
+                say(f"{part.name}: the suspended state {state} ({size:.0f} MB) cannot be resumed, "
+                    f"{problem}: it is deleted")
+            return
+        assert status.pid is not None
+        run_state = self._run_state()
+        if run_state == "inmigrate":
+            self.force_off()
+            say(f"{part.name}: an interrupted resume is undone (QEMU was still waiting for the "
+                "saved state); the saved state is kept")
+        elif run_state in SAVE_RUN_STATES or savestate.saving(part):
+            record = savestate.interrupted_save(part, status.pid, status.accel or choose_accel(part).value)
+            if record is None:
+                say(f"{part.name}: an interrupted suspend is undone; {part.name} runs on")
+            else:
+                where = self._end_saved(record)
+                say(f"{part.name}: an interrupted suspend is completed ({where})")
+        elif tuple(command_line(status.pid)[-2:]) == savestate.INCOMING:
+            savestate.discard(part)  # QEMU runs from the state: a killed resume had loaded it
+
+    def _run_state(self) -> str | None:
+        try:
+            return qmp.query_status(self.files.qmp_socket, timeout=5.0)
+        except VmError:
+            return None
+
     def facts(self) -> statusreport.Facts:
-        return statusreport.gather(self.part, address=self.address, console_log=self.files.console_log,
-                                   suspended=savestate.saved(self.part) is not None)
+        status = current(self.part)
+        run_state = self._run_state() if status.running else None
+        return statusreport.gather(
+            self.part, address=self.address, console_log=self.files.console_log,
+            suspended=savestate.saved(self.part) is not None, between=BETWEEN.get(run_state or ""),
+            problem=None if status.running else savestate.unusable(self.part))
 
 
 def machine_of(part: Part) -> lifecycle.Machine:
