@@ -14,9 +14,10 @@ from kvmtasks.engines import partlock
 
 HOLD = """
 import sys, time
+from pathlib import Path
 from kvmtasks.config.loader import load_file
 from kvmtasks.engines import partlock
-(part,) = load_file(sys.argv[1], sys.argv[2])
+(part,) = load_file(Path(sys.argv[1]), Path(sys.argv[2]))
 with partlock.operation(part, sys.argv[3]):
     print("held", flush=True)
     time.sleep(float(sys.argv[4]))
