@@ -29,7 +29,7 @@ from kvmtasks.config.part import Part
 from kvmtasks.config.remote import RemoteHost, remote_host
 from kvmtasks.engines.libvirt import hostports
 from kvmtasks.engines.libvirt.domain import KVMTASKS_NS, QEMU_NS, Disk, domain_xml, made_by_kvmtasks
-from kvmtasks.guest.ssh import jump_config
+from kvmtasks.guest.sshconfig import jump_entry
 from kvmtasks.provision import keys
 from tests.conftest import Project
 from tests.debian_guest import CLOUD_INIT, DebianGuest
@@ -131,7 +131,7 @@ def test_remote_uris_and_the_jump_config(tmp_path: Path) -> None:
     assert remote_host("qemu:///system") is None
     remote = remote_host("qemu+ssh://root@host.example:2222/system?keyfile=/k/id&no_verify=1")
     assert remote == RemoteHost("host.example", "root", 2222, Path("/k/id"), verify_host_key=False)
-    text = jump_config(remote, tmp_path / "known hosts")
+    text = "\n".join(jump_entry("vm-libvirt-host", remote, tmp_path / "known hosts"))
     assert "HostName host.example" in text and "Port 2222" in text and "User root" in text
     assert 'IdentityFile "/k/id"' in text and "StrictHostKeyChecking no" in text
     assert f'UserKnownHostsFile "{tmp_path}/known hosts"' in text

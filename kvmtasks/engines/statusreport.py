@@ -12,7 +12,7 @@ from typing import Any
 from kvmtasks.config import seedrules
 from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.runfiles import RunFiles, current
-from kvmtasks.guest import ssh
+from kvmtasks.guest import ssh, sshconfig
 
 
 class State(StrEnum):
@@ -48,6 +48,7 @@ class Facts:
     ssh_key: Path | None = None  # the identity file ssh logs in with
     ssh_key_made: bool = False  # made by kvmtasks for a cloud_init part
     pinned_known_hosts: Path | None = None  # known_hosts kvmtasks writes from the host key it made
+    ssh_config: Path | None = None  # the part's ssh config file, for any ssh tool
 
     @property
     def running(self) -> bool:
@@ -78,6 +79,7 @@ def gather(part: Part, *, address: str, console_log: Path | None,
         ssh_key=seedrules.identity_file(part),
         ssh_key_made=part.ssh_key_path is None and part.cloud_init,
         pinned_known_hosts=RunFiles.of(part).known_hosts if seedrules.pins_host_key(part) else None,
+        ssh_config=sshconfig.path(part) if part.ssh_port is not None else None,
     )
 
 
@@ -99,6 +101,8 @@ def describe(facts: Facts) -> list[str]:
         lines.append(f"  vnc {facts.vnc}")
     if facts.console_log is not None:
         lines.append(f"  console log {facts.console_log}")
+    if facts.ssh_config is not None:
+        lines.append(f"  ssh config {facts.ssh_config} (ssh -F {facts.ssh_config} {facts.part})")
     if facts.ssh_key is not None:
         lines.append(f"  ssh key {facts.ssh_key}" + (" (made by kvmtasks)" if facts.ssh_key_made else ""))
     if facts.pinned_known_hosts is not None:
@@ -119,5 +123,6 @@ def as_json(facts: Facts) -> str:
         "ssh_command": list(facts.ssh_command) if facts.ssh_command is not None else None,
         "console_log": str(facts.console_log) if facts.console_log is not None else None,
         "disks": {role: str(path) for role, path in facts.disks.items()},
+        "ssh_config": str(facts.ssh_config) if facts.ssh_config is not None else None,
     }
     return json.dumps(data, indent=1)

@@ -20,6 +20,7 @@ from kvmtasks.config.part import Part
 from kvmtasks.engines import engine, ports
 from kvmtasks.graph.actions import clean_unless_running, guarded
 from kvmtasks.graph.report import Reporter
+from kvmtasks.guest import sshconfig
 from kvmtasks.provision import cache, checksums, overlay, seedstep
 from kvmtasks.provision import steps as provision
 from kvmtasks.scripts import render
@@ -35,7 +36,8 @@ STEP_DOCS = {
     "verify-image": "verify-image {part}: check the image against md5/sha256/sha512_image",
     "overlay": "overlay {part}: create the copy-on-write overlay the VM boots, over the verified image",
     "reset": "reset {part}: throw the guest's changes away (a new overlay over the verified image)",
-    "render": "render {part}: write the control scripts {name}-ctl, -ssh, -sendfile, -getfile, -runscript",
+    "render": "render {part}: write the control scripts {name}-ctl, -ssh, -sendfile, -getfile, -runscript "
+              "and its ssh config file",
     "cloud-init": "cloud-init {part}: write its cloud-init seed (and make its keys, once)",
     "provision": "provision {part}: download, verify and decompress the image, make its overlay, "
                  "write the control scripts",
@@ -224,7 +226,8 @@ def _render_task(part: Part) -> Task:
         "basename": "render",
         "name": part.name,
         "actions": [guarded(render.render, part, "render")],
-        "targets": [str(render.snapshot_path(part)), *map(str, scripts)],
+        "targets": [str(render.snapshot_path(part)), *map(str, scripts),
+                    *([str(sshconfig.path(part))] if sshconfig.needed(part) else [])],
         "uptodate": [config_changed({"part": render.runtime_snapshot(part), "scripts": texts})],
         "clean": [clean_unless_running(part)],
         "doc": step_doc("render", part),

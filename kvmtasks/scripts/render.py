@@ -1,4 +1,5 @@
-"""Write a part's control scripts: PART-ctl, -ssh, -sendfile, -getfile, -runscript.
+"""Write a part's control scripts: PART-ctl, -ssh, -sendfile, -getfile, -runscript, and its
+ssh config file (guest/sshconfig.py), which the scripts use.
 
 A script holds no config value in shell code: it is a few lines of Python
 that load the part's JSON snapshot and call kvmtasks.scripts.cli.
@@ -14,6 +15,7 @@ from pathlib import Path
 import kvmtasks
 from kvmtasks.config import partjson
 from kvmtasks.config.part import Part
+from kvmtasks.guest import sshconfig
 
 SCRIPTS = ("ctl", "ssh", "sendfile", "getfile", "runscript")
 PACKAGE_ROOT = Path(kvmtasks.__file__).resolve().parent.parent
@@ -54,5 +56,6 @@ def runtime_snapshot(part: Part) -> str:
 
 def render(part: Part) -> None:
     _write(snapshot_path(part), runtime_snapshot(part), 0o644)
+    sshconfig.write(part)
     for kind in SCRIPTS:
         _write(script_path(part, kind), script_text(part.name, kind, snapshot_path(part)), 0o755)

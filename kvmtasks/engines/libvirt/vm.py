@@ -27,7 +27,7 @@ from kvmtasks.engines.libvirt.domain import domain_xml, made_by_kvmtasks
 from kvmtasks.engines.qemu import qmp
 from kvmtasks.engines.qemu.savestate import KVM_SNAPSHOT_SUSPEND
 from kvmtasks.errors import VmError
-from kvmtasks.guest import clock, hostkeys, readiness, ssh
+from kvmtasks.guest import clock, hostkeys, readiness, ssh, sshconfig
 
 Say = Callable[[str], None]
 POLL = 0.5
@@ -114,10 +114,8 @@ def start(part: Part, say: Say = print) -> None:
     for disk in disks:
         if not disk.exists():
             raise VmError(f"{disk} not found; run: doit provision:{part.name}")
-    if part.ssh_port is not None:
-        ssh.common_options(part)  # a path ssh cannot take is refused before anything starts
     part.state_directory.mkdir(parents=True, exist_ok=True)
-    ssh.write_jump_config(part)
+    sshconfig.write(part)  # a path ssh cannot take is refused before anything starts
     check_ports(part)
     hostkeys.prepare(part)
     uuid = _our_domain_uuid(part)

@@ -17,7 +17,7 @@ from kvmtasks.engines import portprobe, poweroff, statusreport
 from kvmtasks.engines.qemu import machine, qmp, savestate
 from kvmtasks.engines.qemu.argv import qemu_argv
 from kvmtasks.errors import VmError
-from kvmtasks.guest import clock, connection, hostkeys, readiness, ssh
+from kvmtasks.guest import clock, connection, hostkeys, readiness, ssh, sshconfig
 
 Say = Callable[[str], None]
 CONSOLE_TAIL_LINES = 20
@@ -70,8 +70,8 @@ def _preflight(part: Part) -> str:
         raise VmError(
             f"kvm_run_directory path is too long for a unix socket: {files.qmp_socket}"
         )
-    if part.ssh_port is not None:
-        ssh.common_options(part)  # a path ssh cannot take is refused before qemu starts
+    part.state_directory.mkdir(parents=True, exist_ok=True)
+    sshconfig.write(part)  # a path ssh cannot take is refused before qemu starts
     address = listen_address(part.ssh_hostname)
     for forward in forwards(part):
         portprobe.check_free(forward.protocol, address, forward.host_port)
