@@ -221,7 +221,7 @@ def _verify_image_task(part: Part, earlier: list[str]) -> Task:
 
 def _render_task(part: Part) -> Task:
     scripts = [render.script_path(part, kind) for kind in render.SCRIPTS]
-    texts = [render.script_text(part.name, kind, render.snapshot_path(part)) for kind in render.SCRIPTS]
+    texts = [render.script_text(part, kind, render.snapshot_path(part)) for kind in render.SCRIPTS]
     return {
         "basename": "render",
         "name": part.name,

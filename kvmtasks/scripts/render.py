@@ -16,6 +16,7 @@ import kvmtasks
 from kvmtasks.config import partjson
 from kvmtasks.config.part import Part
 from kvmtasks.guest import sshconfig
+from kvmtasks.scripts import leanscript
 
 SCRIPTS = ("ctl", "ssh", "sendfile", "getfile", "runscript")
 PACKAGE_ROOT = Path(kvmtasks.__file__).resolve().parent.parent
@@ -29,7 +30,11 @@ def snapshot_path(part: Part) -> Path:
     return part.state_directory / "part.json"
 
 
-def script_text(part_name: str, kind: str, snapshot_file: Path) -> str:
+def script_text(part: Part, kind: str, snapshot_file: Path) -> str:
+    """PART-ssh and -runscript only exec ssh (leanscript.py); the others load kvmtasks."""
+    if leanscript.applies(part, kind):
+        return leanscript.text(part, kind, snapshot_file, PACKAGE_ROOT)
+    part_name = part.name
     return (
         f"#!{sys.executable}\n"
         f"# {part_name}-{kind}: written by kvmtasks (doit render:{part_name}); edits are overwritten.\n"
@@ -58,4 +63,4 @@ def render(part: Part) -> None:
     _write(snapshot_path(part), runtime_snapshot(part), 0o644)
     sshconfig.write(part)
     for kind in SCRIPTS:
-        _write(script_path(part, kind), script_text(part.name, kind, snapshot_path(part)), 0o755)
+        _write(script_path(part, kind), script_text(part, kind, snapshot_path(part)), 0o755)
