@@ -17,7 +17,7 @@ from doit.tools import config_changed
 from kvmtasks.config import seedrules
 from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
-from kvmtasks.engines import engine, ports
+from kvmtasks.engines import destroy, engine, ports
 from kvmtasks.graph.actions import clean_unless_running, guarded
 from kvmtasks.graph.report import Reporter
 from kvmtasks.guest import sshconfig
@@ -45,6 +45,8 @@ STEP_DOCS = {
     "stop": "stop {part}: power its VM off (ACPI button, then poweroff over ssh), else end QEMU",
     "status": "status {part}: show whether its VM runs, and how to reach it",
     "suspend": "suspend {part}: save its running VM's state and stop it; start resumes it",
+    "destroy": "destroy {part}: stop its VM, then remove what it made for its machine (overlay, seed, "
+               "state, keys, ssh config, libvirt domain and volumes); never the image",
 }
 
 
@@ -260,6 +262,7 @@ def _vm_tasks(part: Part, shared_ports: tuple[ports.Clash, ...]) -> Iterator[Tas
         ("stop", engine.stop, []),
         ("status", status, []),
         ("suspend", engine.suspend, []),
+        ("destroy", destroy.destroy, []),
     ):
         yield {
             "basename": name,
