@@ -92,3 +92,15 @@ def test_a_part_without_ssh_port_has_no_ssh_config(project: Project) -> None:
     project.write(f"[vm]\nfile = {project.root / 'disk.img'}\n")
     assert project.run("render:vm").returncode == 0
     assert not (project.var / "vm" / "ssh_config").exists()
+
+
+def test_a_remote_key_ssh_cannot_carry_is_refused_when_the_config_is_read(project: Project) -> None:
+    (project.root / "disk.img").write_bytes(bytes(4096))
+    uri = "qemu+ssh://root@host.example/system?keyfile=/k/$${HOME}/id"
+    config = project.write(f"[vm]\nfile = {project.root / 'disk.img'}\nssh_port = 2222\n"
+                           f"kvm_engine = libvirt\nlibvirt_uri = {uri}\n")
+    result = project.run("render:vm")
+    assert result.returncode != 0 and "Traceback" not in result.output
+    shown = uri.replace("$$", "$")
+    lines = result.error_lines(f"{config}: [vm] libvirt_uri = '{shown}': keyfile '/k/${{HOME}}/id'")
+    assert len(lines) == 1 and "environment variable" in lines[0], result.describe()
