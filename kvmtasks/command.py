@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from kvmtasks.errors import CommandError
+from kvmtasks.errors import CommandFailed, CommandNotFound, CommandTimedOut
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,18 @@ class Result:
 
 
 def find(program: str) -> str:
-    """The program's full path, or a CommandError that says what to install."""
+    """The program's full path, or a CommandNotFound that says what to install."""
     path = shutil.which(program)
     if path is None:
         package = PACKAGES.get(program.rsplit("/", 1)[-1])
         hint = f"; install the {package} package" if package else ""
-        raise CommandError(f"{program} not found{hint}")
+        raise CommandNotFound(f"{program} not found{hint}")
     return path
 
 
 def run(argv: Sequence[str], *, timeout: float | None = None) -> Result:
-    """Run argv to completion, capturing its output; never raises on exit status."""
+    """Run argv to completion, capturing its output; CommandNotFound, CommandTimedOut, but
+    never an error for its exit status (checked() is the run for which one is a failure)."""
     import sh  # here, not at the top: doit runs that start nothing should not pay for loading it
 
     command = sh.Command(find(argv[0]))
@@ -67,7 +68,7 @@ def run(argv: Sequence[str], *, timeout: float | None = None) -> Result:
     except sh.SignalException:
         if timer is None or not timer.fired:
             raise
-        raise CommandError(f"{argv[0]} did not finish within {timeout:g} s") from None
+        raise CommandTimedOut(f"{argv[0]} did not finish within {timeout:g} s") from None
     finally:
         if timer is not None:
             timer.cancel()
@@ -76,6 +77,25 @@ def run(argv: Sequence[str], *, timeout: float | None = None) -> Result:
         running.stdout.decode(errors="replace"),
         running.stderr.decode(errors="replace"),
     )
+
+
+def checked(argv: Sequence[str], *, timeout: float | None = None, doing: str | None = None) -> Result:
+    """Run argv as run() does; a non-zero exit status is a CommandFailed that says what was being
+    done (doing), which program exited with which status, and the program's last error line."""
+    result = run(argv, timeout=timeout)
+    if result.exit_code != 0:
+        reason = last_error_line(result.stderr)
+        program = os.path.basename(argv[0])
+        message = (f"{doing}: " if doing else "") + f"{program} exited {result.exit_code}"
+        raise CommandFailed(message + (f": {reason}" if reason else ""), result.exit_code, result.stderr,
+                            reason)
+    return result
+
+
+def last_error_line(stderr: str) -> str:
+    """A program's reason, as most say it: the last line they wrote to stderr, without "error: "."""
+    lines = [line.strip().removeprefix("error: ") for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 class _Deadline:

@@ -158,9 +158,14 @@ class DebianGuest:
     def kernel_release(self) -> str:
         return str(self.info["kernel_release"])
 
-    def kvm_extra_args(self) -> list[str]:
-        """Boot the kernel directly: one QEMU argument per item, as kvm_extra_args wants them."""
-        return ["-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", KERNEL_COMMAND_LINE]
+    def kvm_extra_args(self, boot: Path | None = None) -> list[str]:
+        """Boot the kernel directly: one QEMU argument per item, as kvm_extra_args wants them.
+
+        boot: a folder holding copies of the kernel and initramfs, to boot those instead.
+        """
+        folder = self.folder if boot is None else boot
+        return ["-kernel", str(folder / "vmlinuz"), "-initrd", str(folder / "initrd.img"),
+                "-append", KERNEL_COMMAND_LINE]
 
 
 def apt_mirror(apt_dir: Path = Path("/etc/apt")) -> str:

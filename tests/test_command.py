@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvmtasks import command
-from kvmtasks.errors import CommandError
+from kvmtasks.errors import CommandError, CommandFailed, CommandNotFound, CommandTimedOut
 
 
 @pytest.mark.parametrize("timeout", [None, 30.0])
@@ -37,3 +37,27 @@ def test_a_program_past_its_timeout_is_killed_and_named(tmp_path: Path) -> None:
 def test_a_missing_program_says_what_to_install() -> None:
     with pytest.raises(CommandError, match=r"^qemu-img-missing not found$"):
         command.run(["qemu-img-missing"], timeout=1)
+
+
+def test_checked_names_the_work_the_status_and_the_last_error_line() -> None:
+    program = ("import sys; print('trying', file=sys.stderr); "
+               "print('error: disk full', file=sys.stderr); sys.exit(4)")
+    with pytest.raises(CommandFailed) as raised:
+        command.checked([sys.executable, "-c", program], doing="writing x")
+    name = Path(sys.executable).name
+    assert str(raised.value) == f"writing x: {name} exited 4: disk full"
+    assert (raised.value.exit_code, raised.value.reason) == (4, "disk full")
+    assert "trying" in raised.value.stderr
+
+
+def test_checked_returns_the_output_of_a_success() -> None:
+    assert command.checked([sys.executable, "-c", "print('fine')"]).stdout == "fine\n"
+
+
+def test_the_three_failures_are_told_apart(tmp_path: Path) -> None:
+    with pytest.raises(CommandNotFound):
+        command.checked(["qemu-img-missing"])
+    with pytest.raises(CommandTimedOut):
+        command.checked([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.3)
+    with pytest.raises(CommandFailed, match=r"exited 1$"):
+        command.checked([sys.executable, "-c", "raise SystemExit(1)"])

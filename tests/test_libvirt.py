@@ -15,10 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,14 +29,16 @@ from kvmtasks.config import seedrules
 from kvmtasks.config.loader import load_file
 from kvmtasks.config.part import Part
 from kvmtasks.config.remote import RemoteHost, remote_host
-from kvmtasks.engines.libvirt import hostports
+from kvmtasks.engines.libvirt import hostports, qemufiles
 from kvmtasks.engines.libvirt.domain import KVMTASKS_NS, QEMU_NS, Disk, domain_xml, made_by_kvmtasks
+from kvmtasks.engines.libvirt.fileaccess import User
 from kvmtasks.guest.sshconfig import jump_entry
 from kvmtasks.provision import keys
 from tests.conftest import Project
 from tests.debian_guest import CLOUD_INIT, DebianGuest
 from tests.httpserver import FileServer
 from tests.test_debian_guest import debian_guest_or_skip
+from tests.test_fileaccess import grant_search
 from tests.test_vm_e2e import script
 from tests.vmfixtures import Guest, free_port, needs_qemu
 
@@ -146,6 +150,28 @@ def test_a_bad_libvirt_uri_is_one_line(project: Project, value: str, message: st
     project.write(f"[vm]\nfile = /srv/disk.img\nkvm_engine = libvirt\nlibvirt_uri = {value}\n")
     done = project.run("list")
     assert done.returncode == 3 and message in done.stderr and "Traceback" not in done.output
+
+
+def test_the_host_paths_among_qemu_arguments() -> None:
+    assert qemufiles.host_paths([
+        "-kernel", "/boot/vmlinuz", "-initrd", "/boot/initrd.img", "-append", "root=/dev/vda console=/x",
+        "-drive", "file=/srv/a,,b.img,format=raw,if=virtio", "-fw_cfg", "name=opt/x,file=/srv/blob",
+        "-rtc", "base=utc", "-kernel", "/boot/vmlinuz", "relative/file",
+    ]) == [Path("/boot/vmlinuz"), Path("/boot/initrd.img"), Path("/srv/a,b.img"), Path("/srv/blob")]
+    assert qemufiles.host_paths(["-append", "/boot/not-a-host-path"]) == []
+
+
+def test_the_users_libvirt_runs_qemu_as() -> None:
+    capabilities = """<capabilities><host>
+      <secmodel><model>none</model><doi>0</doi></secmodel>
+      <secmodel><model>dac</model><doi>0</doi>
+        <baselabel type='kvm'>+65534:+65534</baselabel><baselabel type='qemu'>+65534:+65534</baselabel>
+      </secmodel></host></capabilities>"""
+    (nobody,) = qemufiles.qemu_users(capabilities)
+    assert (nobody.name, nobody.uid) == ("nobody", 65534) and 65534 in nobody.gids
+    (unnamed,) = qemufiles.qemu_users(capabilities.replace("+65534:+65534", "+4000000:+4000001"))
+    assert unnamed == User("uid 4000000", 4000000, frozenset({4000001}))
+    assert qemufiles.qemu_users("<capabilities><host/></capabilities>") == []
 
 
 # ---- real libvirtd ----
@@ -489,6 +515,43 @@ def test_a_libvirt_guest_that_ignores_acpi_is_powered_off_over_ssh(
     assert _virsh("domstate", domain_name).stdout.strip() == "shut off"
 
 
+@needs_qemu
+@pytest.mark.vm
+@pytest.mark.usefixtures("no_vm_left")
+def test_a_file_libvirts_qemu_cannot_read_is_one_line_before_anything_is_defined(
+    project: Project, guest: Guest, pool: str, domain_name: str, shared_folder: Path,
+) -> None:
+    """QEMU opens the files in kvm_extra_args itself, as libvirt's user for it: one it cannot
+    reach is refused first, naming it; the ACL the message suggests lets QEMU in."""
+    private = shared_folder / "private"
+    private.mkdir(mode=0o700)
+    blob = private / "blob.bin"
+    blob.write_bytes(b"kvmtasks\n")
+    blob.chmod(0o644)
+    extra = f"kvm_extra_args =\n  -fw_cfg\n  name=opt/kvmtasks/blob,file={blob}\n"
+    project.write(libvirt_config(guest, domain_name, f"file = {guest.image.path}", pool, free_port(), extra))
+    (user,) = qemufiles.qemu_users(_virsh("capabilities").stdout)
+
+    refused = project.run(f"start:{domain_name}", timeout=120)
+
+    assert refused.returncode != 0
+    (line,) = refused.error_lines(f"start:{domain_name}:")
+    assert line == (
+        f"ERROR: start:{domain_name}: kvm_extra_args names {blob}, which libvirt's QEMU cannot read: "
+        f"it runs as {user.name} on qemu:///system and lacks x permission on the folder {private}; "
+        f"grant it (say, setfacl -m u:{user.name}:x {private}) or move the file where {user.name} "
+        "can read it"), refused.describe()
+    assert "uploading" not in refused.stdout and "Traceback" not in refused.output
+    assert domain_name not in _virsh("list", "--all", "--name").stdout.split()
+
+    # The grant the message suggests: QEMU, which refuses to start without the file, reads it.
+    grant_search(private, user.uid)
+    started = project.run(f"start:{domain_name}", timeout=400)
+    assert started.returncode == 0, started.describe()
+    assert _virsh("domstate", domain_name).stdout.strip() == "running"
+    assert script(project, f"{domain_name}-ctl", "stop").returncode == 0
+
+
 def test_the_seed_is_a_read_only_ide_cdrom(tmp_path: Path) -> None:
     part = load(tmp_path, "ssh_port = 2222\n")
     domain = xml_of(part, seed=Disk("pool", "vm-seed.iso", "raw"))
@@ -503,11 +566,42 @@ def test_the_seed_is_a_read_only_ide_cdrom(tmp_path: Path) -> None:
     assert len(xml_of(part).findall("devices/disk")) == 1
 
 
-def cloud_part(cloud: DebianGuest, name: str, pool: str, extra: str) -> str:
+@dataclass(frozen=True)
+class CloudGuest:
+    """The cloud-init Debian guest, and the folder its kernel and initramfs are read from."""
+
+    guest: DebianGuest
+    boot: Path
+
+
+@pytest.fixture
+def shared_folder() -> Iterator[Path]:
+    """A folder of the test's own that every user may enter (libvirt's QEMU runs as its own user,
+    and the checkout may lie in a folder only its owner may enter, as under /root); removed after."""
+    folder = Path(tempfile.mkdtemp(prefix="kvmtasks-shared-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.fixture
+def cloud(shared_folder: Path) -> CloudGuest:
+    """The cloud-init Debian guest, its kernel and initramfs copied where libvirt's QEMU can read
+    them: QEMU opens the -kernel and -initrd files itself, not through libvirt."""
+    built = debian_guest_or_skip(CLOUD_INIT)
+    for file in (built.kernel, built.initrd):
+        shutil.copyfile(file, shared_folder / file.name)
+        (shared_folder / file.name).chmod(0o644)
+    return CloudGuest(built, shared_folder)
+
+
+def cloud_part(cloud: CloudGuest, name: str, pool: str, extra: str) -> str:
     """A libvirt part booting the cloud-init Debian guest with a seed, reached by 127.0.0.1 only."""
-    extra_args = "".join(f"  {arg}\n" for arg in cloud.kvm_extra_args())
+    extra_args = "".join(f"  {arg}\n" for arg in cloud.guest.kvm_extra_args(cloud.boot))
     return (
-        f"[{name}]\nfile = {cloud.image}\nkvm_engine = libvirt\nlibvirt_pool = {pool}\n"
+        f"[{name}]\nfile = {cloud.guest.image}\nkvm_engine = libvirt\nlibvirt_pool = {pool}\n"
         f"ssh_port = {free_port()}\ncloud_init = true\n{extra}"
         "kvm_memory = 1G\nkvm_accel = tcg\nkvm_boot_timeout = 400\nkvm_shutdown_timeout = 10\n"
         f"kvm_net =\n  user,restrict=on\n  nic,model=virtio\nkvm_extra_args =\n{extra_args}"
@@ -518,10 +612,10 @@ def cloud_part(cloud: DebianGuest, name: str, pool: str, extra: str) -> str:
 @pytest.mark.vm
 @pytest.mark.usefixtures("no_vm_left")
 @pytest.mark.timeout(1800)  # a cold image build (~4 min) and a cloud-init boot under TCG
-def test_a_cloud_image_gets_its_seed_on_libvirt(project: Project, pool: str, domain_name: str) -> None:
+def test_a_cloud_image_gets_its_seed_on_libvirt(project: Project, pool: str, domain_name: str,
+                                                 cloud: CloudGuest) -> None:
     """The cloud-init Debian guest (no key, no host key inside) on libvirt: its seed is uploaded
     as a volume, the guest is reached with the key kvmtasks made and the host key it pinned."""
-    cloud = debian_guest_or_skip(CLOUD_INIT)
     name = domain_name
     (project.root / "user-data").write_text("#cloud-config\nruncmd:\n  - [touch, /root/from-user-data]\n")
     config_file = project.write(
@@ -727,10 +821,10 @@ def test_kvm_accel_auto_on_libvirt_starts_a_guest_that_answers(
 @pytest.mark.timeout(1800)
 def test_a_cloud_image_gets_its_seed_on_a_remote_libvirt_host(
     project: Project, pool: str, domain_name: str, loopback_sshd: tuple[int, Path, Path],
+    cloud: CloudGuest,
 ) -> None:
     """The same seed through qemu+ssh: uploaded over the libvirt connection, the guest reached
     through the host with the pinned host key; a second start uploads nothing."""
-    cloud = debian_guest_or_skip(CLOUD_INIT)
     port, key, _ = loopback_sshd
     uri = f"qemu+ssh://root@127.0.0.1:{port}/system?keyfile={key}&no_verify=1"
     name = domain_name

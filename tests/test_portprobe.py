@@ -14,6 +14,7 @@ import pytest
 
 from kvmtasks.engines import portprobe
 from kvmtasks.errors import VmError
+from tests.otheruser import run_as
 
 
 def time_wait_entries(port: int) -> list[str]:
@@ -110,12 +111,14 @@ def test_a_holder_this_user_cannot_see_is_said_so(
     if os.geteuid() != 0:
         pytest.skip("needs root to check as another user (nobody)")
     _, port = listener_process
-    check = ("import sys; from kvmtasks.engines import portprobe\n"
-             f"try: portprobe.check_free('tcp', '127.0.0.1', {port})\n"
-             "except Exception as error: print(error)")
-    as_nobody = subprocess.run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c", check],
-        capture_output=True, text=True, check=False, cwd=Path(__file__).parent.parent)
-    assert as_nobody.stdout.strip() == (
+
+    def check() -> str:
+        try:
+            portprobe.check_free("tcp", "127.0.0.1", port)
+        except VmError as error:
+            return str(error)
+        return "free"
+
+    assert run_as("nobody", check) == (
         f"host port {port} (tcp on 127.0.0.1) is already in use by a process this user cannot see "
-        "(another user's or another namespace's)"), as_nobody.stderr
+        "(another user's or another namespace's)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvmtasks.config.part import Part, path_is_block_device
-from kvmtasks.errors import KvmTasksError
+from kvmtasks.errors import ConfigError
 
 # Magic numbers of the formats QEMU is most often given; anything else is raw.
 _MAGIC = ((b"QFI\xfb", "qcow2"), (b"KDMV", "vmdk"), (b"QED\x00", "qed"), (b"conectix", "vpc"))
@@ -18,7 +18,7 @@ def disk_format(path: Path) -> str:
         with open(path, "rb") as handle:
             header = handle.read(512)
     except OSError as error:
-        raise KvmTasksError(f"cannot read image {path}: {error.strerror or error}") from None
+        raise ConfigError(f"cannot read image {path}: {error.strerror or error}") from None
     for magic, name in _MAGIC:
         if header.startswith(magic):
             return name

@@ -1,4 +1,5 @@
-"""A part's run files, and whether its VM runs: what provisioning, the engine and ssh all need."""
+"""A part's run files and the facts read from them (pid, accelerator): what provisioning, the
+engines and ssh all need. Nothing here runs a program; "is it running" is engines/running.py."""
 
 from __future__ import annotations
 
@@ -8,13 +9,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmtasks import command
-from kvmtasks.config.options import Engine
 from kvmtasks.config.part import Part
-from kvmtasks.errors import VmError
-
-# virsh domstate words for a domain whose QEMU process lives.
-LIVE_DOMAIN_STATES = frozenset({"running", "paused", "in shutdown", "pmsuspended", "blocked", "idle"})
 
 
 @dataclass(frozen=True)
@@ -73,6 +68,8 @@ def control_socket(part: Part) -> Path:
 
 @dataclass(frozen=True)
 class Status:
+    """Whether the VM runs (engines.running.current says), with its pid and accelerator."""
+
     running: bool
     pid: int | None = None
     accel: str | None = None
@@ -103,55 +100,3 @@ def read_pid(files: RunFiles) -> int | None:
 def clean_run_files(files: RunFiles) -> None:
     for path in (files.pidfile, files.qmp_socket, files.accel):
         path.unlink(missing_ok=True)
-
-
-def current(part: Part) -> Status:
-    """The VM's state; a stale pid file is removed on the way."""
-    if part.kvm_engine is Engine.LIBVIRT:
-        return _domain_state(part)
-    files = RunFiles.of(part)
-    pid = read_pid(files)
-    if pid is not None and is_our_qemu(pid, files):
-        accel = files.accel.read_text().strip() if files.accel.exists() else None
-        return Status(True, pid, accel)
-    if files.pidfile.exists():
-        clean_run_files(files)
-    return Status(False)
-
-
-
-
-def virsh_argv(part: Part, *args: str) -> list[str]:
-    return ["virsh", "-q", "-c", part.libvirt_uri, *args]
-
-
-def virsh(part: Part, *args: str, timeout: float = 120) -> str:
-    """Run virsh against the part's libvirt host; its first error line becomes a VmError."""
-    result = command.run(virsh_argv(part, *args), timeout=timeout)
-    if result.exit_code != 0:
-        # virsh says what it tried, then why: the last line is the reason.
-        lines = [line.removeprefix("error: ").strip() for line in result.stderr.splitlines()]
-        reason = next((line for line in reversed(lines) if line), f"exit status {result.exit_code}")
-        raise VmError(f"virsh {args[0]} on {part.libvirt_uri}: {reason}")
-    return result.stdout
-
-
-def _domain_state(part: Part) -> Status:
-    """A libvirt part runs when kvmtasks started its domain and libvirt says it lives.
-
-    Only a part kvmtasks started is asked about, so a no-op doit run never calls virsh.
-    """
-    files = RunFiles.of(part)
-    if not files.domain.exists():
-        return Status(False)
-    try:
-        state = virsh(part, "domstate", part.name, timeout=60).strip()
-    except VmError as error:
-        if "not found" not in str(error).lower():
-            raise
-        state = "undefined"
-    if state in LIVE_DOMAIN_STATES:
-        accel = files.accel.read_text().strip() if files.accel.exists() else None
-        return Status(True, None, accel)
-    files.domain.unlink(missing_ok=True)
-    return Status(False)

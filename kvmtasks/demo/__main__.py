@@ -19,7 +19,7 @@ from pathlib import Path
 from kvmtasks import command
 from kvmtasks.demo import guestimage
 from kvmtasks.demo.guestimage import GuestImageError, build_guest_image
-from kvmtasks.errors import KvmTasksError
+from kvmtasks.errors import DemoError, KvmTasksError
 from kvmtasks.provision.digest import CHUNK, MultiHasher, hash_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,10 +38,8 @@ def ensure_key() -> Path:
     key = DEMO / "id_ed25519"
     if not key.exists():
         DEMO.mkdir(parents=True, exist_ok=True)
-        result = command.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kvmtasks-demo",
-                              "-f", str(key)])
-        if result.exit_code != 0:
-            raise KvmTasksError(f"ssh-keygen failed: {result.stderr.strip()}")
+        command.checked(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kvmtasks-demo",
+                         "-f", str(key)], doing=f"making the demo's key {key}")
     return key
 
 
@@ -94,7 +92,7 @@ def doit(*tasks: str) -> None:
     argv = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *tasks]
     say(" ".join(["doit", *tasks]))
     if subprocess.run(argv, env=env, check=False).returncode != 0:
-        raise KvmTasksError(f"doit {' '.join(tasks)} failed (see above)")
+        raise DemoError(f"doit {' '.join(tasks)} failed (see above)")
 
 
 def use_vm() -> None:
@@ -102,9 +100,7 @@ def use_vm() -> None:
         str(BIN / f"demo-{kind}") for kind in ("runscript", "sendfile", "getfile")
     )
     say("demo-runscript uname -a")
-    result = command.run([runscript, "uname", "-a"])
-    if result.exit_code != 0:
-        raise KvmTasksError(f"demo-runscript failed: {result.stderr.strip()}")
+    result = command.checked([runscript, "uname", "-a"])
     print(f"    the guest says: {result.stdout.strip()}")
     with tempfile.TemporaryDirectory() as scratch:
         outbound, inbound = Path(scratch) / "hello.txt", Path(scratch) / "back.txt"
@@ -112,19 +108,17 @@ def use_vm() -> None:
         say("demo-sendfile /root/hello.txt hello.txt, then demo-getfile it back")
         remote = "/root/hello.txt"
         for argv in ([sendfile, remote, str(outbound)], [getfile, remote, str(inbound)]):
-            copied = command.run(argv)
-            if copied.exit_code != 0:
-                raise KvmTasksError(f"{Path(argv[0]).name} failed: {copied.stderr.strip()}")
+            command.checked(argv)
         same = inbound.read_text() == outbound.read_text()
         print(f"    the file came back {'unchanged' if same else 'CHANGED'}")
         if not same:
-            raise KvmTasksError("the file copied through the guest came back changed")
+            raise DemoError("the file copied through the guest came back changed")
 
 
 def main() -> int:
     try:
         if shutil.which("qemu-system-x86_64") is None:
-            raise KvmTasksError("qemu-system-x86_64 not found; install the qemu-system-x86 package")
+            raise DemoError("qemu-system-x86_64 not found; install the qemu-system-x86 package")
         key = ensure_key()
         ensure_image(key)
         doit("start:demo")

@@ -1,9 +1,8 @@
 """The engine seam: what runs a part's VM, chosen by ``kvm_engine``.
 
-An engine is a module with start, stop, suspend and facts (what status reports), and a
-module of named snapshots; both engines share
-config.runfiles.current for "is it running", so provisioning, ``doit clean``
-and the scripts ask the same question whatever the engine.
+Each engine gives its primitives as a lifecycle.Machine (its ``vm`` module's ``machine_of``)
+and has a module of named snapshots; lifecycle.py runs start, stop and suspend over the
+machine, the same for both. "Is it running" is engines/running.py, whatever the engine.
 """
 
 from __future__ import annotations
@@ -11,24 +10,17 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from types import ModuleType
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from kvmtasks.config.options import Engine as EngineName
 from kvmtasks.config.part import Part
 from kvmtasks.engines import statusreport
 from kvmtasks.engines.statusreport import Facts
 
+if TYPE_CHECKING:  # the lifecycle is loaded by what starts or stops a VM, not by every script
+    from kvmtasks.engines.lifecycle import Machine
+
 Say = Callable[[str], None]
-
-
-class Engine(Protocol):
-    def start(self, part: Part, say: Say = ...) -> None: ...
-
-    def stop(self, part: Part, say: Say = ...) -> None: ...
-
-    def facts(self, part: Part) -> Facts: ...
-
-    def suspend(self, part: Part, say: Say = ...) -> None: ...
 
 
 class Snapshots(Protocol):
@@ -41,16 +33,21 @@ class Snapshots(Protocol):
     def describe(self, part: Part) -> list[str]: ...
 
 
-def engine_for(part: Part) -> Engine:
-    return cast(Engine, _engine_module(part, "vm"))
+def machine_of(part: Part) -> Machine:
+    """The part's VM as its engine runs it."""
+    return cast("Machine", _engine_module(part, "vm").machine_of(part))
 
 
 def start(part: Part, say: Say = print) -> None:
-    engine_for(part).start(part, say)
+    from kvmtasks.engines import lifecycle
+
+    lifecycle.start(machine_of(part), say)
 
 
 def stop(part: Part, say: Say = print) -> None:
-    engine_for(part).stop(part, say)
+    from kvmtasks.engines import lifecycle
+
+    lifecycle.stop(machine_of(part), say)
 
 
 def restart(part: Part, say: Say = print) -> None:
@@ -58,17 +55,19 @@ def restart(part: Part, say: Say = print) -> None:
     start(part, say)
 
 
+def suspend(part: Part, say: Say = print) -> None:
+    from kvmtasks.engines import lifecycle
+
+    lifecycle.suspend(machine_of(part), say)
+
+
 def facts(part: Part) -> Facts:
     """What status reports, gathered once: describe() and ``status --json`` format it."""
-    return engine_for(part).facts(part)
+    return machine_of(part).facts()
 
 
 def describe(part: Part) -> list[str]:
     return statusreport.describe(facts(part))
-
-
-def suspend(part: Part, say: Say = print) -> None:
-    engine_for(part).suspend(part, say)
 
 
 def snapshots(part: Part) -> Snapshots:

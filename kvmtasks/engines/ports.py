@@ -15,10 +15,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.remote import remote_of
-from kvmtasks.config.runfiles import current
+from kvmtasks.engines.running import current
 from kvmtasks.errors import VmError
 from kvmtasks.provision.locking import held
 
@@ -55,13 +56,20 @@ def clashes(parts: Sequence[Part]) -> dict[str, tuple[Clash, ...]]:
     return {name: tuple(items) for name, items in found.items()}
 
 
+def _open_lock(path: Path) -> TextIO:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a+")
+    except OSError as error:
+        raise VmError(f"cannot open the shared port's lock {path}: {error.strerror or error}") from None
+
+
 @contextmanager
 def claimed(part: Part, shared: Sequence[Clash]) -> Iterator[None]:
     """Hold the locks of part's shared ports; fail in one line if another part holding one runs."""
     with ExitStack() as stack:
         for clash in shared:  # sorted by (host, protocol, port): every start takes them in one order
-            clash.lock.parent.mkdir(parents=True, exist_ok=True)
-            handle = stack.enter_context(open(clash.lock, "a+"))
+            handle = stack.enter_context(_open_lock(clash.lock))
             stack.enter_context(held(handle, f"start:{part.name}: waiting for another start "
                                              f"forwarding {clash.protocol} port {clash.port}"))
             for other in clash.others:

@@ -11,7 +11,8 @@ from typing import Any
 
 from kvmtasks.config import seedrules
 from kvmtasks.config.part import Part, forwards
-from kvmtasks.config.runfiles import RunFiles, current
+from kvmtasks.config.runfiles import RunFiles
+from kvmtasks.engines.running import current
 from kvmtasks.guest import ssh, sshconfig
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from doit.exceptions import TaskFailed
 
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import current
+from kvmtasks.engines.running import current
 from kvmtasks.errors import KvmTasksError
 
 
@@ -52,8 +52,7 @@ def guarded(step: Callable[[Part], None], part: Part, name: str) -> Callable[[],
             with _sigterm_interrupts():
                 step(part)
         except KvmTasksError as error:
-            details = getattr(error, "details", "")
-            return TaskFailed(f"{name}:{part.name}: {error}" + (f"\n{details}" if details else ""))
+            return TaskFailed(error.report(f"{name}:{part.name}"))
         except KeyboardInterrupt as interrupt:
             signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
         else:

@@ -7,7 +7,8 @@ running anything.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from kvmtasks.config import seedrules
 from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
 from kvmtasks.engines import destroy, engine, ports
+from kvmtasks.engines.running import current
 from kvmtasks.graph.actions import clean_unless_running, guarded
 from kvmtasks.graph.report import Reporter
 from kvmtasks.guest import sshconfig
@@ -48,6 +50,11 @@ STEP_DOCS = {
     "destroy": "destroy {part}: stop its VM, then remove what it made for its machine (overlay, seed, "
                "state, keys, ssh config, libvirt domain and volumes); never the image",
 }
+
+
+def _refusing_a_running_vm(step: Callable[..., None]) -> Callable[[Part], None]:
+    """A provisioning step handed the engines' "is it running" (provision sits below them)."""
+    return partial(step, vm_status=current)
 
 
 def step_doc(step: str, part: Part | None = None) -> str:
@@ -91,7 +98,7 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
         yield {
             "basename": "download",
             "name": part.name,
-            "actions": [guarded(provision.download, part, "download")],
+            "actions": [guarded(_refusing_a_running_vm(provision.download), part, "download")],
             "targets": [str(part.download_path), str(provision.download_record(part))],
             "uptodate": [config_changed({"url": part.image}), lambda: cache.placed_safely(part)],
             # An unreachable list or a missing entry fails before gigabytes are fetched.
@@ -102,7 +109,7 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
         yield {
             "basename": "verify-download",
             "name": part.name,
-            "actions": [guarded(provision.verify_download, part, "verify-download")],
+            "actions": [guarded(_refusing_a_running_vm(provision.verify_download), part, "verify-download")],
             "file_dep": [str(provision.download_record(part)), *_expected_files(part, "download")],
             "uptodate": [config_changed(dict(part.download_digests))],
             "task_dep": [f"download:{part.name}"],
@@ -156,7 +163,7 @@ def _decompress_task(part: Part) -> Task:
     task: Task = {
         "basename": "decompress",
         "name": part.name,
-        "actions": [guarded(provision.decompress, part, "decompress")],
+        "actions": [guarded(_refusing_a_running_vm(provision.decompress), part, "decompress")],
         "file_dep": [str(part.download_path)],
         "targets": [str(part.image_path), str(provision.image_record(part))],
         "task_dep": [f"verify-download:{part.name}"],
@@ -180,7 +187,7 @@ def _overlay_task(part: Part) -> Task:
     return {
         "basename": "overlay",
         "name": part.name,
-        "actions": [guarded(overlay.create, part, "overlay")],
+        "actions": [guarded(_refusing_a_running_vm(overlay.create), part, "overlay")],
         # A new image (its size and mtime) or a new disk_size makes a new overlay; nothing else
         # does, so the guest's changes outlive a changed checksum, stop and start.
         "targets": [str(part.overlay_path), str(overlay.record_path(part))],
@@ -195,7 +202,7 @@ def _reset_task(part: Part) -> Task:
     return {
         "basename": "reset",
         "name": part.name,
-        "actions": [guarded(overlay.reset, part, "reset")],
+        "actions": [guarded(_refusing_a_running_vm(overlay.reset), part, "reset")],
         "task_dep": [f"overlay:{part.name}"] if part.overlay else [],
         "uptodate": [False],
         "verbosity": 2,
@@ -207,7 +214,7 @@ def _verify_image_task(part: Part, earlier: list[str]) -> Task:
     task: Task = {
         "basename": "verify-image",
         "name": part.name,
-        "actions": [guarded(provision.verify_image, part, "verify-image")],
+        "actions": [guarded(_refusing_a_running_vm(provision.verify_image), part, "verify-image")],
         "file_dep": _expected_files(part, "image"),
         "uptodate": [config_changed(dict(part.image_digests))],
         "task_dep": [f"{step}:{part.name}" for step in earlier[-1:]],

@@ -10,6 +10,7 @@ import time
 
 from kvmtasks import command
 from kvmtasks.config.part import Part
+from kvmtasks.errors import CommandError
 from kvmtasks.guest import ssh
 
 TIMEOUT = ssh.CONNECT_TIMEOUT + 20
@@ -20,7 +21,8 @@ def set_from_host(part: Part) -> str | None:
     if part.ssh_port is None:
         return "no ssh_port to reach the guest"
     argv = ssh.ssh_argv(part, ["date", "-u", "-s", f"@{round(time.time())}"])
-    result = command.run(argv, timeout=TIMEOUT)
-    if result.exit_code != 0:
-        return " ".join(result.stderr.split()) or f"date exited with {result.exit_code}"
+    try:
+        command.checked(argv, timeout=TIMEOUT, doing="date -s")
+    except CommandError as error:
+        return str(error)
     return None

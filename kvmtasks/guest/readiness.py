@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from kvmtasks import command
 from kvmtasks.config.part import Part
-from kvmtasks.errors import CommandError
+from kvmtasks.errors import CommandTimedOut
 from kvmtasks.guest import ssh
 
 OUTPUT_LOG = "/var/log/cloud-init-output.log"
@@ -21,7 +21,7 @@ def wait(part: Part, deadline: float, say: Callable[[str], None]) -> None:
     remaining = max(deadline - time.monotonic(), 10.0)
     try:
         result = command.run(ssh.ssh_argv(part, ["cloud-init", "status", "--wait"]), timeout=remaining)
-    except CommandError:
+    except CommandTimedOut:
         say(f"{part.name}: warning: cloud-init had not finished within kvm_boot_timeout = "
             f"{part.kvm_boot_timeout:g} s; in the guest, `cloud-init status --long` says where it is")
         return

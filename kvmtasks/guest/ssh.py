@@ -11,7 +11,7 @@ from kvmtasks import command
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.config.seedrules import pins_host_key
-from kvmtasks.errors import CommandError, VmError
+from kvmtasks.errors import CommandFailed, CommandTimedOut, VmError
 from kvmtasks.guest import sshconfig
 
 CONNECT_TIMEOUT = sshconfig.CONNECT_TIMEOUT
@@ -102,7 +102,7 @@ def request_poweroff(part: Part) -> bool:
         return False
     try:
         result = command.run(ssh_argv(part, [POWEROFF]), timeout=CONNECT_TIMEOUT + 10)
-    except CommandError:
+    except CommandTimedOut:
         return True  # still connected as the guest goes down
     if result.exit_code == 255:  # ssh's own failure, or the guest closed the connection going down
         return not any(failure in result.stderr for failure in LOGIN_FAILURES)
@@ -118,12 +118,18 @@ def copy_argv(part: Part, remote_file: str, local_file: Path, *, upload: bool, l
 
 def copy(part: Part, remote_file: str, local_file: Path, *, upload: bool) -> None:
     """scp, falling back to the legacy protocol for guests without an SFTP server."""
-    result = command.run(copy_argv(part, remote_file, local_file, upload=upload, legacy=False))
-    if result.exit_code != 0 and any(m in result.stderr for m in NO_SFTP_MARKERS):
-        result = command.run(copy_argv(part, remote_file, local_file, upload=upload, legacy=True))
-    if result.exit_code != 0:
+    try:
+        try:
+            command.checked(copy_argv(part, remote_file, local_file, upload=upload, legacy=False))
+        except CommandFailed as error:
+            if not any(marker in error.stderr for marker in NO_SFTP_MARKERS):
+                raise
+            command.checked(copy_argv(part, remote_file, local_file, upload=upload, legacy=True))
+    except CommandFailed as error:
+        # scp's last line ("lost connection") is no reason: ssh's, on the lines before, is.
         source, target = (local_file, remote_file) if upload else (remote_file, local_file)
-        raise VmError(f"scp {source} {target} failed: {' '.join(result.stderr.split()) or result.exit_code}")
+        reason = " ".join(error.stderr.split()) or error.exit_code
+        raise VmError(f"scp {source} {target} failed: {reason}") from None
 
 
 def sendfile(part: Part, remote_file: str, local_file: Path) -> None:

@@ -32,7 +32,7 @@ from typing import TextIO
 
 from kvmtasks.config.options import Compression
 from kvmtasks.config.part import SAFE_FILE_NAME, Part
-from kvmtasks.errors import FetchError, KvmTasksError
+from kvmtasks.errors import FetchError, ProvisionError
 from kvmtasks.provision import checksums, digest, fetch
 from kvmtasks.provision.locking import held
 
@@ -145,7 +145,7 @@ def _open_lock(entry: Entry) -> TextIO:
         entry.folder.mkdir(parents=True, exist_ok=True)
         return open(entry.lock, "a+")
     except OSError as error:
-        raise KvmTasksError(
+        raise ProvisionError(
             f"download cache: cannot create {entry.lock}: {error.strerror or error}; set "
             "[buildout] download-cache to a folder you can write, or empty to turn it off"
         ) from None

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from kvmtasks.config.options import Compression
-from kvmtasks.errors import KvmTasksError, VerifyError
+from kvmtasks.errors import KvmTasksError, ProvisionError, VerifyError
 from kvmtasks.provision.digest import CHUNK, Buffers, MultiHasher
 from kvmtasks.provision.inflate import INFLATERS, BadStream, Inflater
 from kvmtasks.provision.zstdframes import ZstdFrames
@@ -51,7 +51,7 @@ def detect(path: Path) -> Compression | None:
         with open(path, "rb") as handle:
             head = handle.read(_MAGIC_LENGTH)
     except OSError as error:
-        raise KvmTasksError(f"cannot read {path}: {error.strerror or error}") from None
+        raise ProvisionError(f"cannot read {path}: {error.strerror or error}") from None
     return _kind_of(head)
 
 
@@ -83,7 +83,7 @@ def decompress(source: Path, dest: Path, compression: Compression,
         raise VerifyError(f"{source} is not a valid {compression.value} file ({error})") from None
     except OSError as error:
         partial.unlink(missing_ok=True)
-        raise KvmTasksError(f"decompressing {source} to {partial}: {error.strerror or error}") from None
+        raise ProvisionError(f"decompressing {source} to {partial}: {error.strerror or error}") from None
     os.replace(partial, dest)
     return hasher.hexdigests()
 
@@ -153,7 +153,7 @@ class StreamedImage:
             try:
                 self._writer = open(self.partial, "wb", buffering=0)  # noqa: SIM115  # closed by finish/abandon
             except OSError as error:
-                failure = KvmTasksError(f"writing {self.partial}: {error.strerror or error}")
+                failure = ProvisionError(f"writing {self.partial}: {error.strerror or error}")
             else:
                 return
         self._fail(failure)
@@ -179,7 +179,7 @@ class StreamedImage:
         except (OSError, ValueError) as error:
             if self._writer is None:
                 return  # abandoned by the download's thread while writing: nothing to report
-            self._fail(KvmTasksError(f"decompressing {self._source} to {self.partial}: "
+            self._fail(ProvisionError(f"decompressing {self._source} to {self.partial}: "
                                      f"{getattr(error, 'strerror', None) or error}"))
 
     def _sniff(self, chunk: bytes | bytearray | memoryview, end: bool = False) -> bytes:
@@ -220,7 +220,7 @@ class StreamedImage:
         except BadStream as error:
             self._fail(VerifyError(f"{self._source} is not a valid {self._kind} file ({error})"))
         except OSError as error:
-            self._fail(KvmTasksError(f"writing {self.partial}: {error.strerror or error}"))
+            self._fail(ProvisionError(f"writing {self.partial}: {error.strerror or error}"))
         self.check()
         self._close()
         self._digests = self._hasher.hexdigests()

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from kvmtasks import command
-from kvmtasks.errors import KvmTasksError
+from kvmtasks.errors import ProvisionError
 
 
 def public_path(private: Path) -> Path:
@@ -23,11 +23,8 @@ def ensure_pair(private: Path, comment: str) -> None:
     temporary = private.with_name(f".{private.name}.new")
     for path in (temporary, public_path(temporary)):
         path.unlink(missing_ok=True)
-    result = command.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment,
-                          "-f", str(temporary)], timeout=60)
-    if result.exit_code != 0:
-        reason = " ".join(result.stderr.split()) or f"exit status {result.exit_code}"
-        raise KvmTasksError(f"ssh-keygen could not make {private}: {reason}")
+    command.checked(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(temporary)],
+                    timeout=60, doing=f"making the key pair {private}")
     temporary.chmod(0o600)
     os.replace(public_path(temporary), public)
     os.replace(temporary, private)
@@ -39,7 +36,7 @@ def read_public(private: Path) -> str:
     try:
         text = public.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as error:
-        raise KvmTasksError(f"cannot read the public key {public}: {error}") from None
+        raise ProvisionError(f"cannot read the public key {public}: {error}") from None
     if not text or "\n" in text:
-        raise KvmTasksError(f"{public} does not hold one public key line")
+        raise ProvisionError(f"{public} does not hold one public key line")
     return text

@@ -17,29 +17,29 @@ from kvmtasks import command
 from kvmtasks.config.diskformat import disk_format
 from kvmtasks.config.options import size_bytes
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import RunFiles, current
-from kvmtasks.errors import KvmTasksError, VerifyError, VmError
-from kvmtasks.provision.steps import exclusive, record_directory
+from kvmtasks.config.runfiles import RunFiles
+from kvmtasks.errors import CommandError, CommandFailed, ProvisionError, VerifyError, VmError
+from kvmtasks.provision.steps import VmStatus, exclusive, record_directory
 
 QEMU_IMG_TIMEOUT = 60.0
 
 
-def create(part: Part) -> None:
+def create(part: Part, vm_status: VmStatus) -> None:
     """The overlay step: a fresh overlay over the verified image (the base changed, or disk_size)."""
     with exclusive(part, "overlay"):
-        if current(part).running:
+        if vm_status(part).running:
             raise VmError(f"{part.name} is running; its disk is not replaced under it: "
                           f"stop it first: doit stop:{part.name}")
         _make(part)
 
 
-def reset(part: Part, say: Callable[[str], None] = print) -> None:
+def reset(part: Part, say: Callable[[str], None] = print, *, vm_status: VmStatus) -> None:
     """Bring the disk back to the verified image: a new overlay, and a new host key to accept."""
     if not part.overlay:
-        raise KvmTasksError(f"reset needs overlay = true; {part.name} boots {part.image_path} itself, "
+        raise ProvisionError(f"reset needs overlay = true; {part.name} boots {part.image_path} itself, "
                             "so there is nothing to throw away")
     with exclusive(part, "reset"):
-        status = current(part)
+        status = vm_status(part)
         if status.running:
             raise VmError(f"{part.name} is running (pid {status.pid}); stop it first, then reset")
         _make(part)
@@ -79,7 +79,7 @@ def base_format(part: Part) -> str:
 def _make(part: Part) -> None:
     base = part.image_path.absolute()
     if not base.exists():
-        raise KvmTasksError(f"image {base} not found; run: doit provision:{part.name}")
+        raise ProvisionError(f"image {base} not found; run: doit provision:{part.name}")
     fmt = base_format(part)
     # A raw image has no backing file; only disk_size needs its size: reset stays one qemu-img run.
     info = image_info(base, fmt) if fmt != "raw" or part.disk_size is not None else {}
@@ -91,17 +91,18 @@ def _make(part: Part) -> None:
     if part.disk_size is not None:
         wanted, virtual = size_bytes(part.disk_size), int(info["virtual-size"])
         if wanted < virtual:
-            raise KvmTasksError(f"disk_size = {part.disk_size} ({wanted} bytes) is smaller than the "
+            raise ProvisionError(f"disk_size = {part.disk_size} ({wanted} bytes) is smaller than the "
                                 f"image {base} ({virtual} bytes); a disk is never shrunk")
         size = [str(wanted)]
     overlay = part.overlay_path.absolute()
     partial = overlay.with_name(overlay.name + ".part")
     # -F always: QEMU never probes the base's format (a raw image could pass for anything).
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base), str(partial), *size]
-    result = command.run(argv, timeout=QEMU_IMG_TIMEOUT)
-    if result.exit_code != 0:
+    try:
+        command.checked(argv, timeout=QEMU_IMG_TIMEOUT, doing=f"creating the overlay {partial}")
+    except CommandError:
         partial.unlink(missing_ok=True)
-        raise KvmTasksError(f"qemu-img create {partial} failed: {_last_line(result.stderr)}")
+        raise
     os.replace(partial, overlay)
     record = record_path(part)
     record.write_text(json.dumps(_made_on(part)))
@@ -111,14 +112,11 @@ def _make(part: Part) -> None:
 
 def image_info(path: Path, fmt: str) -> dict[str, Any]:
     """qemu-img's view of an image (virtual size, backing file); shared lock, format given."""
-    result = command.run(["qemu-img", "info", "-U", "--output=json", "-f", fmt, str(path)],
-                         timeout=QEMU_IMG_TIMEOUT)
-    if result.exit_code != 0:
-        raise VerifyError(f"qemu-img cannot read {path} as {fmt}: {_last_line(result.stderr)}")
+    argv = ["qemu-img", "info", "-U", "--output=json", "-f", fmt, str(path)]
+    try:
+        result = command.checked(argv, timeout=QEMU_IMG_TIMEOUT)
+    except CommandFailed as error:
+        # An image qemu-img cannot read is a provisioning result to refuse, not a broken tool.
+        raise VerifyError(f"qemu-img cannot read {path} as {fmt}: {error.reason or 'no message'}") from None
     info: dict[str, Any] = json.loads(result.stdout)
     return info
-
-
-def _last_line(stderr: str) -> str:
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else "no message"

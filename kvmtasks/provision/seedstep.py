@@ -7,7 +7,7 @@ from typing import Any
 
 from kvmtasks.config import seedrules
 from kvmtasks.config.part import Part
-from kvmtasks.errors import KvmTasksError
+from kvmtasks.errors import ProvisionError
 from kvmtasks.provision import keys
 from kvmtasks.provision.seed import SeedInput, seed_files, write_iso
 
@@ -16,7 +16,7 @@ def _read(path: Path, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise KvmTasksError(f"{what} {path}: cannot read it ({error})") from None
+        raise ProvisionError(f"{what} {path}: cannot read it ({error})") from None
 
 
 def user_inputs(part: Part) -> dict[str, Any]:
@@ -76,4 +76,4 @@ def write_seed(part: Part) -> None:
     try:
         write_iso(seedrules.seed_path(part), files)
     except OSError as error:
-        raise KvmTasksError(f"writing {seedrules.seed_path(part)}: {error.strerror or error}") from None
+        raise ProvisionError(f"writing {seedrules.seed_path(part)}: {error.strerror or error}") from None

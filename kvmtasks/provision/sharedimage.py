@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
-from kvmtasks.errors import KvmTasksError
+from kvmtasks.errors import ProvisionError
 from kvmtasks.provision import digest
 from kvmtasks.provision.cache import READ_ONLY, Entry, caches, is_read_only, link
 
@@ -46,7 +46,7 @@ def take(entry: Entry, part: Part, label: str) -> dict[str, str] | None:
             digests |= digest.hash_file(entry.image, missing)
             _record(entry, digests)
     except OSError as error:
-        raise KvmTasksError(f"download cache: cannot use {entry.image} as {part.image_path}: "
+        raise ProvisionError(f"download cache: cannot use {entry.image} as {part.image_path}: "
                             f"{error.strerror or error}") from None
     print(f"{label}: the image of {entry.url} is in the download cache ({entry.folder}); "
           "not decompressing it", file=sys.stderr, flush=True)

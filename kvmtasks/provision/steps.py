@@ -8,19 +8,24 @@ re-runs only a comparison and no image is ever read twice.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TextIO
 
 from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import RunFiles, current
-from kvmtasks.errors import KvmTasksError, VerifyError, VmError
+from kvmtasks.config.runfiles import RunFiles, Status
+from kvmtasks.errors import ProvisionError, VerifyError, VmError
 from kvmtasks.provision import cache, checksums, digest, fetch, sharedimage
 from kvmtasks.provision.decompress import StreamedImage, detect
 from kvmtasks.provision.decompress import decompress as decompress_file
 from kvmtasks.provision.locking import held
+
+# "Is its VM running?" is the engines' question (engines.running.current), and they sit above
+# provisioning: the steps that must not replace a running VM's disk are handed the check by
+# their caller (the doit boundary, the ctl script), so every import still points down.
+VmStatus = Callable[[Part], Status]
 
 
 def record_directory(part: Part) -> Path:
@@ -52,39 +57,39 @@ def exclusive(part: Part, step: str) -> Iterator[None]:
 
 def _open_lock(part: Part, path: Path) -> TextIO:
     if part.location.exists() and not part.location.is_dir():
-        raise KvmTasksError(f"location = {str(part.location)!r} is not a folder")
+        raise ProvisionError(f"location = {str(part.location)!r} is not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return open(path, "a+")
     except OSError as error:
-        raise KvmTasksError(f"cannot create {path}: {error.strerror or error}") from None
+        raise ProvisionError(f"cannot create {path}: {error.strerror or error}") from None
 
 
 def _write_record(record_path: Path, file_path: Path, digests: Mapping[str, str],
-                  made_from: tuple[int, int] | None = None) -> None:
+                  made_from: tuple[int, int] | None = None) -> digest.Record:
     try:
-        digest.write_record(record_path, file_path, digests, made_from)
+        return digest.write_record(record_path, file_path, digests, made_from)
     except OSError as error:
-        raise KvmTasksError(f"writing {record_path}: {error.strerror or error}") from None
+        raise ProvisionError(f"writing {record_path}: {error.strerror or error}") from None
 
 
-def _refuse_if_running(part: Part) -> None:
+def _refuse_if_running(part: Part, vm_status: VmStatus) -> None:
     """Never replace the disk under a running VM; a new image also has new host keys, and
     an overlay over the old one would show the new one corrupt: it goes too."""
-    if current(part).running:
+    if vm_status(part).running:
         raise VmError(f"{part.name} is running; stop it first: doit stop:{part.name}")
     RunFiles.of(part).known_hosts.unlink(missing_ok=True)
     part.overlay_path.unlink(missing_ok=True)
 
 
-def download(part: Part) -> None:
+def download(part: Part, vm_status: VmStatus) -> None:
     """Download the image; a compressed one is inflated into the image as its bytes arrive, so
     that decompress finds its work done (the image's record names the download it came from).
     Through the download cache, the image is also shared with the other parts of the URL."""
     assert part.image is not None
     label = f"download:{part.name}"
     with exclusive(part, "download"):
-        _refuse_if_running(part)
+        _refuse_if_running(part, vm_status)
         algorithms = set(part.download_digests)
         if part.compression in (Compression.NONE, Compression.AUTO):
             algorithms |= set(part.image_digests)  # it may well be the image
@@ -124,7 +129,7 @@ def _keep_streamed(part: Part, image: StreamedImage, entry: cache.Entry | None) 
     try:
         digests = image.commit()
     except OSError as error:
-        raise KvmTasksError(f"renaming {image.partial}: {error.strerror or error}") from None
+        raise ProvisionError(f"renaming {image.partial}: {error.strerror or error}") from None
     _write_record(image_record(part), part.image_path, digests, made_from)
     if entry is not None and sharedimage.shares(part):
         sharedimage.share(entry, part, digests)
@@ -139,14 +144,14 @@ def _take_shared(part: Part, entry: cache.Entry, label: str) -> bool:
     return True
 
 
-def decompress(part: Part) -> None:
+def decompress(part: Part, vm_status: VmStatus) -> None:
     """The download, decompressed into the image; with compression = auto, a download that is
     not compressed is the image itself (a second name for it, never a copy). A part under an
     overlay takes the image another part of the URL left in the download cache, or leaves its
     own there; the entry's lock makes the parts of one URL decompress it once."""
     label = f"decompress:{part.name}"
     with exclusive(part, "decompress"):
-        _refuse_if_running(part)
+        _refuse_if_running(part, vm_status)
         shared = sharedimage.shares(part)
         with cache.held_entry(part, label, "decompressing") if shared else nullcontext() as entry:
             if entry is not None and _take_shared(part, entry, label):
@@ -178,7 +183,7 @@ def _as_image(part: Part) -> dict[str, str]:
         try:
             os.link(download, partial)
         except OSError as error:
-            raise KvmTasksError(f"linking {download} as {image}: {error.strerror or error}") from None
+            raise ProvisionError(f"linking {download} as {image}: {error.strerror or error}") from None
         os.replace(partial, image)
     record = digest.read_record(download_record(part))
     known = dict(record.digests) if record is not None and record.matches(download) else {}
@@ -209,14 +214,14 @@ def image_made_from_download(part: Part) -> bool:
     return record.source == download
 
 
-def verify_download(part: Part) -> None:
-    _verify(part, "download", part.download_path, download_record(part))
+def verify_download(part: Part, vm_status: VmStatus) -> None:
+    _verify(part, "download", part.download_path, download_record(part), vm_status)
 
 
-def verify_image(part: Part) -> None:
+def verify_image(part: Part, vm_status: VmStatus) -> None:
     if part.file is not None and part.image_digests:
         _hash_local_file(part)
-    _verify(part, "image", part.image_path, image_record(part))
+    _verify(part, "image", part.image_path, image_record(part), vm_status)
 
 
 def local_file_verified(part: Part) -> bool:
@@ -238,7 +243,7 @@ def _hash_local_file(part: Part) -> None:
     _write_record(image_record(part), part.image_path, digests)
 
 
-def _verify(part: Part, what: str, path: Path, record_path: Path) -> None:
+def _verify(part: Part, what: str, path: Path, record_path: Path, vm_status: VmStatus) -> None:
     expected, sources = checksums.expected(part, what)
     if not expected:
         return
@@ -254,9 +259,11 @@ def _verify(part: Part, what: str, path: Path, record_path: Path) -> None:
                 f"checked against {', '.join(f'{a}_{what}' for a in sorted(missing))}; "
                 "delete it to provision again"
             )
-        record = digest.write_record(
-            record_path, path, {**record.digests, **digest.hash_file(path, missing)}, record.source
-        )
+        try:
+            added = digest.hash_file(path, missing)
+        except OSError as error:
+            raise VerifyError(f"cannot read {path}: {error.strerror or error}") from None
+        record = _write_record(record_path, path, {**record.digests, **added}, record.source)
     try:
         digest.compare(what, expected, record.digests, sources)
     except VerifyError as error:
@@ -268,7 +275,7 @@ def _verify(part: Part, what: str, path: Path, record_path: Path) -> None:
                 f"{error}; {path} was used by a VM since it was provisioned, so it is kept: "
                 "fix the checksum, or delete the file to provision again"
             ) from None
-        if current(part).running:
+        if vm_status(part).running:
             # Deleted, the disk would take every later write of the guest with it.
             raise VerifyError(
                 f"{error}; {path} is the disk of the running VM, so it is kept: stop it, "

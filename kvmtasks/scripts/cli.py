@@ -6,12 +6,14 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from kvmtasks.config import partjson
 from kvmtasks.config.part import Part
 from kvmtasks.engines import destroy, engine, statusreport
+from kvmtasks.engines.running import current
 from kvmtasks.errors import KvmTasksError, VmError
 from kvmtasks.guest import ssh
 from kvmtasks.provision import overlay
@@ -99,8 +101,10 @@ def _ctl(part: Part, options: argparse.Namespace) -> int:
         return console.show(part, follow=options.follow)
     if options.action == "snapshot":
         return _snapshot(part, options.operation, options.name)
-    steps = {"start": engine.start, "stop": engine.stop, "restart": engine.restart,
-             "reset": overlay.reset, "suspend": engine.suspend, "destroy": destroy.destroy}
+    steps: dict[str, Callable[[Part, engine.Say], None]] = {
+        "start": engine.start, "stop": engine.stop, "restart": engine.restart,
+        "reset": partial(overlay.reset, vm_status=current), "suspend": engine.suspend,
+        "destroy": destroy.destroy}
     steps[options.action](part, print)
     return 0
 
@@ -147,9 +151,7 @@ def main(kind: str, snapshot_file: str, args: Sequence[str] | None = None) -> in
     try:
         return run(part, kind, sys.argv[1:] if args is None else args)
     except KvmTasksError as error:
-        print(f"{part.name}-{kind}: {error}", file=sys.stderr)
-        if isinstance(error, VmError) and error.details:
-            print(error.details, file=sys.stderr)
+        print(error.report(f"{part.name}-{kind}"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -12,10 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import RunFiles, virsh
+from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.engines import destroy
 from kvmtasks.engines.libvirt import managedsave, storage
 from kvmtasks.engines.libvirt.domain import made_by_kvmtasks
+from kvmtasks.engines.libvirt.virsh import virsh
 from kvmtasks.errors import VmError
 
 Say = Callable[[str], None]

@@ -15,7 +15,7 @@ from kvmtasks import command
 from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.remote import remote_of
 from kvmtasks.engines import portprobe
-from kvmtasks.errors import VmError
+from kvmtasks.errors import CommandFailed, VmError
 from kvmtasks.guest import ssh, sshconfig
 
 SS_ARGV = ("ss", "-H", "-l", "-n", "-t", "-u", "-p")
@@ -67,8 +67,9 @@ def check_free(part: Part, address: str) -> None:
             portprobe.check_free(forward.protocol, address, forward.host_port)
         return
     argv = ["ssh", "-F", str(sshconfig.path(part)), sshconfig.jump_host(part), *SS_ARGV]
-    result = command.run(argv, timeout=ssh.CONNECT_TIMEOUT + 20)
-    if result.exit_code != 0:
+    try:
+        result = command.checked(argv, timeout=ssh.CONNECT_TIMEOUT + 20)
+    except CommandFailed:
         return  # no ss there, or no login: libvirt's own start reports what is wrong
     listeners = parse_ss(result.stdout)
     for forward in wanted:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from kvmtasks.config import seedrules
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import virsh
-from kvmtasks.errors import VmError
+from kvmtasks.engines.libvirt.virsh import VirshError, virsh
 
 # managedsave under TCG writes the whole guest memory: give a large guest its time.
 SAVE_TIMEOUT = 600.0
@@ -45,8 +44,8 @@ def recorded(part: Part) -> dict[str, str]:
 def has_managed_save(part: Part) -> bool:
     try:
         info = virsh(part, "dominfo", part.name, timeout=60)
-    except VmError as error:
-        if "not found" in str(error).lower():
+    except VirshError as error:
+        if error.not_found:
             return False
         raise
     return any(line.split(":", 1)[0].strip() == "Managed save" and line.split(":", 1)[1].strip() == "yes"
@@ -74,7 +73,7 @@ def save(part: Part, domain_type: str, state_fit: str) -> None:
 def discard(part: Part) -> None:
     try:
         virsh(part, "managedsave-remove", part.name, timeout=60)
-    except VmError as error:
-        if "not found" not in str(error).lower():
+    except VirshError as error:
+        if not error.not_found:
             raise
     record_file(part).unlink(missing_ok=True)

@@ -14,10 +14,23 @@ import time
 
 from kvmtasks.config.diskformat import boot_disk
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import RunFiles, current, virsh
+from kvmtasks.config.runfiles import RunFiles
+from kvmtasks.engines import lifecycle
 from kvmtasks.engines.libvirt import managedsave, vm
-from kvmtasks.engines.qemu.snapshots import HMP_TIMEOUT, Snapshot, check_name, check_supported, listing_lines
-from kvmtasks.errors import VmError
+from kvmtasks.engines.libvirt.virsh import virsh
+from kvmtasks.engines.running import current
+from kvmtasks.engines.snapshotrules import (
+    Snapshot,
+    check_request,
+    check_supported,
+    listing_lines,
+    not_found,
+    not_running,
+    saved_line,
+)
+
+# libvirt saves or reverts a running domain's memory in one virsh call: as long as savevm takes.
+SNAPSHOT_TIMEOUT = 600.0
 
 
 def listing(part: Part) -> list[Snapshot]:
@@ -37,27 +50,23 @@ def listing(part: Part) -> list[Snapshot]:
 
 def _existing(part: Part, name: str) -> None:
     if not any(snapshot.name == name for snapshot in listing(part)):
-        raise VmError(f"no snapshot {name} of libvirt domain {part.name} "
-                      f"(see: {part.name}-ctl snapshot list)")
+        raise not_found(part, name, f"of libvirt domain {part.name}")
 
 
-def save(part: Part, name: str, say: vm.Say = print) -> None:
-    check_supported(part)
-    check_name(name)
+def save(part: Part, name: str, say: lifecycle.Say = print) -> None:
+    check_request(part, name)
     if not current(part).running:
-        raise VmError(f"{part.name} is not running: a snapshot saves a running VM; start it first")
+        raise not_running(part)
     replaced = any(snapshot.name == name for snapshot in listing(part))
     if replaced:
-        virsh(part, "snapshot-delete", part.name, name, timeout=HMP_TIMEOUT)
-    virsh(part, "snapshot-create-as", part.name, name, timeout=HMP_TIMEOUT)
-    say(f"{part.name}: snapshot {name} {'replaced' if replaced else 'saved'} "
-        f"(libvirt domain {part.name} on {part.libvirt_uri})")
+        virsh(part, "snapshot-delete", part.name, name, timeout=SNAPSHOT_TIMEOUT)
+    virsh(part, "snapshot-create-as", part.name, name, timeout=SNAPSHOT_TIMEOUT)
+    say(saved_line(part, name, replaced, f"libvirt domain {part.name} on {part.libvirt_uri}"))
 
 
-def restore(part: Part, name: str, say: vm.Say = print) -> None:
+def restore(part: Part, name: str, say: lifecycle.Say = print) -> None:
     """A running domain jumps back to the snapshot; a stopped (or suspended) one starts from it."""
-    check_supported(part)
-    check_name(name)
+    check_request(part, name)
     _existing(part, name)
     running = current(part).running
     if not running:
@@ -65,24 +74,23 @@ def restore(part: Part, name: str, say: vm.Say = print) -> None:
     if not running and managedsave.suspended(part):
         managedsave.discard(part)
         say(f"{part.name}: the suspended state is discarded, snapshot {name} replaces it")
-    virsh(part, "snapshot-revert", part.name, name, "--running", timeout=HMP_TIMEOUT)
+    virsh(part, "snapshot-revert", part.name, name, "--running", timeout=SNAPSHOT_TIMEOUT)
     files = RunFiles.of(part)
     if not running:
         vm.mark_started(part, "kvm" if "type='kvm'" in virsh(part, "dumpxml", part.name) else "qemu")
     if part.ssh_port is not None:
         vm.wait_for_login(part)
-    vm.set_clock(part, say)
+    lifecycle.set_clock(part, say)
     if running:
         say(f"{part.name}: restored snapshot {name}")
     else:
         say(f"{part.name}: started from snapshot {name} (accel {files.accel.read_text()})")
 
 
-def delete(part: Part, name: str, say: vm.Say = print) -> None:
-    check_supported(part)
-    check_name(name)
+def delete(part: Part, name: str, say: lifecycle.Say = print) -> None:
+    check_request(part, name)
     _existing(part, name)
-    virsh(part, "snapshot-delete", part.name, name, timeout=HMP_TIMEOUT)
+    virsh(part, "snapshot-delete", part.name, name, timeout=SNAPSHOT_TIMEOUT)
     say(f"{part.name}: snapshot {name} deleted")
 
 

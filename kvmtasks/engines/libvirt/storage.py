@@ -9,9 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import virsh
 from kvmtasks.engines.libvirt.domain import Disk
-from kvmtasks.errors import VmError
+from kvmtasks.engines.libvirt.virsh import VirshError, virsh
 from kvmtasks.provision.digest import hash_file
 from kvmtasks.provision.overlay import base_format, image_info
 
@@ -138,8 +137,8 @@ def boot_volume(part: Part) -> Disk:
 def volume_exists(part: Part, name: str) -> bool:
     try:
         virsh(part, "vol-info", "--pool", part.libvirt_pool, name)
-    except VmError as error:
-        if "not found" in str(error).lower():
+    except VirshError as error:
+        if error.not_found:
             return False
         raise
     return True

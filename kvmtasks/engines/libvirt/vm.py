@@ -1,7 +1,9 @@
-"""Run a part's VM as a libvirt domain named after the part, on a local or remote host.
+"""The libvirt engine's primitives for the lifecycle (engines/lifecycle.py): the part's VM as a
+libvirt domain named after the part, on a local or remote host.
 
 Everything goes through ``virsh`` (one argv per call, through command.run):
 the forwarded ports are checked free on the host (hostports.py), the
+files QEMU opens itself readable by its user (qemufiles.py), the
 volumes are made ready (storage.py), the domain is defined
 from domain.py and started (or resumed from its managed save,
 managedsave.py), and the guest is reached over ssh as with the
@@ -13,29 +15,20 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from kvmtasks.config import seedrules
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.remote import remote_of
-from kvmtasks.config.runfiles import RunFiles, current, virsh
-from kvmtasks.engines import poweroff, statusreport
-from kvmtasks.engines.libvirt import hostports, managedsave, storage
+from kvmtasks.config.runfiles import RunFiles, Status
+from kvmtasks.engines import lifecycle, statusreport
+from kvmtasks.engines.libvirt import hostports, managedsave, qemufiles, storage
 from kvmtasks.engines.libvirt.domain import domain_xml, made_by_kvmtasks
-from kvmtasks.engines.qemu import qmp
-from kvmtasks.engines.qemu.savestate import KVM_SNAPSHOT_SUSPEND
+from kvmtasks.engines.libvirt.virsh import STOPPED_DOMAIN_STATES, VirshError, virsh
+from kvmtasks.engines.lifecycle import Say, Seen
+from kvmtasks.engines.running import current
 from kvmtasks.errors import VmError
-from kvmtasks.guest import clock, hostkeys, readiness, ssh, sshconfig
-
-Say = Callable[[str], None]
-POLL = 0.5
-STOPPED_STATES = frozenset({"shut off", "crashed"})
-
-
-class KvmUnusable(VmError):
-    """The host offers KVM, yet the guest died under it (nested virtualisation)."""
 
 
 def _our_domain_uuid(part: Part) -> str | None:
@@ -51,18 +44,21 @@ def _our_domain_uuid(part: Part) -> str | None:
     return virsh(part, "domuuid", part.name).strip()
 
 
-def _domain_type(part: Part) -> str:
+def _first_accel(part: Part) -> Accel:
+    """kvm_accel = auto: KVM when the libvirt host offers it for the domain."""
     accel = part.effective_accel
-    if accel is Accel.TCG:
-        return "qemu"
-    if accel is Accel.KVM:
-        return "kvm"
-    probe = ["domcapabilities", "--virttype", "kvm"]
+    if accel is not Accel.AUTO:
+        return accel
     try:
-        virsh(part, *probe, timeout=60)
+        virsh(part, "domcapabilities", "--virttype", "kvm", timeout=60)
     except VmError:
-        return "qemu"
-    return "kvm"
+        return Accel.TCG
+    return Accel.KVM
+
+
+def domain_type(accel: Accel | str) -> str:
+    """libvirt's name for the accelerator: a "kvm" or a "qemu" (TCG) domain."""
+    return "kvm" if accel in (Accel.KVM, "kvm") else "qemu"
 
 
 def _listen_address(part: Part) -> str:
@@ -105,90 +101,112 @@ def _define(part: Part, domain_type: str, uuid: str | None) -> None:
     _defined_xml(part).write_text(_xml(part, domain_type, None))
 
 
-def start(part: Part, say: Say = print) -> None:
-    status = current(part)
-    if status.running:
-        say(f"{part.name} is already running (libvirt domain {part.name} on {part.libvirt_uri})")
-        return
-    disks = [part.image_path, part.boot_disk, *([seedrules.seed_path(part)] if part.cloud_init else [])]
-    for disk in disks:
-        if not disk.exists():
-            raise VmError(f"{disk} not found; run: doit provision:{part.name}")
-    part.state_directory.mkdir(parents=True, exist_ok=True)
-    sshconfig.write(part)  # a path ssh cannot take is refused before anything starts
-    check_ports(part)
-    hostkeys.prepare(part)
-    uuid = _our_domain_uuid(part)
-    if uuid is not None and managedsave.has_managed_save(part) and _resume(part, say):
-        return
-    storage.ensure_pool(part)
-    storage.upload(part, part.image_path, storage.volume_name(part),
-                           storage.volume_record(part), say)
-    if part.cloud_init:
-        # The seed travels like the image: uploaded again only when its bytes changed.
-        storage.upload(part, seedrules.seed_path(part), storage.seed_volume_name(part),
-                               storage.seed_record(part), say)
-    if part.overlay:
-        storage.ensure_overlay_volume(part)
-    domain_type = _domain_type(part)
-    deadline = time.monotonic() + part.kvm_boot_timeout  # for cloud-init, after the login
-    try:
-        _boot(part, domain_type, uuid)
-    except KvmUnusable as error:
-        if part.effective_accel is not Accel.AUTO:
-            raise VmError(f"{error}; set kvm_accel = tcg or auto") from None
-        say(f"{part.name}: {error}; starting again under TCG (software emulation, slower)")
-        _boot(part, "qemu", virsh(part, "domuuid", part.name).strip())
-    if part.ssh_port is not None:
-        readiness.wait(part, deadline, say)
-    accel = RunFiles.of(part).accel.read_text()
-    say(f"{part.name} is running (libvirt domain {part.name} on {part.libvirt_uri}, accel {accel})")
+class LibvirtMachine:
+    engine = "libvirt"
+    uses_ssh_master = False  # every ssh logs in on its own, as this engine always did
+    forced_off = "the domain was destroyed"
+    poll_seconds = 0.5  # each look is a virsh call
+
+    def __init__(self, part: Part) -> None:
+        self.part = part
+        self.uuid: str | None = None
+
+    def where(self, status: Status) -> str:
+        return f"libvirt domain {self.part.name} on {self.part.libvirt_uri}"
+
+    def prepare(self) -> None:
+        """The forwards free on the libvirt host (reached through the part's ssh config, which
+        lifecycle.start has written), the files QEMU opens readable, our domain's uuid."""
+        check_ports(self.part)
+        qemufiles.check_readable(self.part)
+        self.uuid = _our_domain_uuid(self.part)
+
+    def console_log(self) -> Path | None:
+        # A remote host keeps the console log: QEMU writes it there.
+        return RunFiles.of(self.part).console_log if remote_of(self.part) is None else None
+
+    def has_saved_state(self) -> bool:
+        # libvirt's own word, not kvmtasks' record: a state saved behind its back is discarded too.
+        return self.uuid is not None and managedsave.has_managed_save(self.part)
+
+    def suspended(self) -> bool:
+        return managedsave.suspended(self.part)
+
+    def misfit(self) -> str | None:
+        record = managedsave.recorded(self.part)
+        if not record:
+            return "kvmtasks did not save it"
+        saved_fit = managedsave.fit(self.part, _xml(self.part, record.get("domain_type", "qemu"), None))
+        if record.get("fit") != saved_fit:
+            return "the part changed since (re-provisioned, reset, or kvm_* options)"
+        return None
+
+    def load_saved(self) -> Accel:
+        saved_type = managedsave.recorded(self.part).get("domain_type", "qemu")
+        virsh(self.part, "start", self.part.name, timeout=managedsave.SAVE_TIMEOUT)
+        mark_started(self.part, saved_type)
+        return Accel.KVM if saved_type == "kvm" else Accel.TCG
+
+    def discard_saved(self) -> None:
+        managedsave.discard(self.part)
+
+    def provide(self, say: Say) -> None:
+        """The pool and the volumes on the libvirt host, uploaded only when their bytes changed."""
+        part = self.part
+        storage.ensure_pool(part)
+        storage.upload(part, part.image_path, storage.volume_name(part), storage.volume_record(part), say)
+        if part.cloud_init:
+            storage.upload(part, seedrules.seed_path(part), storage.seed_volume_name(part),
+                           storage.seed_record(part), say)
+        if part.overlay:
+            storage.ensure_overlay_volume(part)
+
+    def first_accel(self) -> Accel:
+        return _first_accel(self.part)
+
+    def launch(self, accel: Accel, loadvm: str | None) -> None:
+        """Define the domain for the accelerator and start it."""
+        if loadvm is not None:
+            raise VmError("libvirt starts from a snapshot by reverting to it (snapshot restore)")
+        _define(self.part, domain_type(accel), self.uuid)
+        if self.uuid is None:
+            self.uuid = virsh(self.part, "domuuid", self.part.name).strip()
+        virsh(self.part, "start", self.part.name)
+        mark_started(self.part, domain_type(accel))
+
+    def seen(self) -> Seen:
+        state = virsh(self.part, "domstate", self.part.name).strip()
+        if state in STOPPED_DOMAIN_STATES:
+            return Seen(ended=f"libvirt domain {state}")
+        if state == "paused":
+            # libvirt 9.0 shows QEMU's internal-error (KVM failing a nested guest) as
+            # "paused (unknown)": QEMU's own run state tells it from a pause.
+            run_state = _qemu_run_state(self.part)
+            if run_state in lifecycle.DEAD_RUN_STATES:
+                return Seen(ended=f"QEMU status {run_state}")
+        return Seen(running=state == "running")
+
+    def press_power_button(self) -> None:
+        virsh(self.part, "shutdown", self.part.name)
+
+    def force_off(self) -> None:
+        _destroy(self.part)
+
+    def save_state(self, status: Status) -> str:
+        managedsave.save(self.part, domain_type(status.accel or "qemu"),
+                         managedsave.fit(self.part, _defined_xml(self.part).read_text()))
+        RunFiles.of(self.part).domain.unlink(missing_ok=True)
+        return f"libvirt managed save on {self.part.libvirt_uri}"
+
+    def facts(self) -> statusreport.Facts:
+        return statusreport.gather(
+            self.part, address=_listen_address(self.part), console_log=self.console_log(),
+            libvirt_uri=self.part.libvirt_uri,
+            suspended=not current(self.part).running and managedsave.suspended(self.part))
 
 
-def _resume(part: Part, say: Say) -> bool:
-    """Start the domain from its managed save; False (state discarded) when it cannot."""
-    record = managedsave.recorded(part)
-    domain_type = record.get("domain_type", "qemu")
-    reason = None
-    if not record:
-        reason = "kvmtasks did not save it"
-    elif record.get("fit") != managedsave.fit(part, _xml(part, domain_type, None)):
-        reason = "the part changed since (re-provisioned, reset, or kvm_* options)"
-    else:
-        try:
-            virsh(part, "start", part.name, timeout=managedsave.SAVE_TIMEOUT)
-            mark_started(part, domain_type)
-            _wait_until_ready(part, "qemu", time.monotonic() + part.kvm_boot_timeout)
-        except VmError as error:
-            reason = f"libvirt could not load it: {error}"
-            _destroy(part)
-    managedsave.discard(part)  # libvirt drops the state it loaded; a failed one goes too
-    if reason is not None:
-        say(f"{part.name}: the suspended state is discarded, {reason}; booting afresh")
-        return False
-    set_clock(part, say)
-    say(f"{part.name} resumed (libvirt domain {part.name} on {part.libvirt_uri}, "
-        f"accel {RunFiles.of(part).accel.read_text()})")
-    return True
-
-
-def set_clock(part: Part, say: Say) -> None:
-    """The guest's clock stood still while its state was saved: set it from the host's."""
-    problem = clock.set_from_host(part)
-    if problem is not None:
-        say(f"{part.name}: the guest's clock could not be set from the host's ({problem})")
-
-
-def _boot(part: Part, domain_type: str, uuid: str | None) -> None:
-    """Define and start the domain, wait for ssh; KvmUnusable when the guest died under KVM."""
-    _define(part, domain_type, uuid)
-    virsh(part, "start", part.name)
-    mark_started(part, domain_type)
-    try:
-        _wait_until_ready(part, domain_type, time.monotonic() + part.kvm_boot_timeout)
-    except (VmError, KeyboardInterrupt):
-        _destroy(part)
-        raise
+def machine_of(part: Part) -> lifecycle.Machine:
+    return LibvirtMachine(part)
 
 
 def mark_started(part: Part, domain_type: str) -> None:
@@ -200,33 +218,7 @@ def mark_started(part: Part, domain_type: str) -> None:
 
 def wait_for_login(part: Part) -> None:
     """After a revert: the guest runs on from its saved memory, so only ssh needs to answer."""
-    _wait_until_ready(part, "qemu", time.monotonic() + part.kvm_boot_timeout)
-
-
-def _wait_until_ready(part: Part, domain_type: str, deadline: float) -> None:
-    while True:
-        state = virsh(part, "domstate", part.name).strip()
-        if state in STOPPED_STATES:
-            RunFiles.of(part).domain.unlink(missing_ok=True)
-            if domain_type == "kvm":
-                raise KvmUnusable(f"the guest stopped under KVM (libvirt domain {state})")
-            raise VmError(f"the guest stopped while booting (libvirt domain {state})")
-        if state == "paused" and domain_type == "kvm":
-            # libvirt 9.0 shows QEMU's internal-error (KVM failing a nested guest) as
-            # "paused (unknown)": QEMU's own run state tells it from a pause.
-            run_state = _qemu_run_state(part)
-            if run_state in qmp.DEAD_RUN_STATES:
-                raise KvmUnusable(f"the guest stopped under KVM (QEMU status {run_state})")
-        if part.ssh_port is None:
-            if state == "running":
-                return
-        elif ssh.can_log_in(part):
-            return
-        if time.monotonic() > deadline:
-            waited = "answered on ssh" if part.ssh_port is not None else "ran"
-            raise VmError(f"the guest never {waited} within kvm_boot_timeout = "
-                          f"{part.kvm_boot_timeout:g} s")
-        time.sleep(POLL)
+    lifecycle.wait_until_ready(LibvirtMachine(part), Accel.TCG, time.monotonic() + part.kvm_boot_timeout)
 
 
 def _qemu_run_state(part: Part) -> str | None:
@@ -241,59 +233,7 @@ def _qemu_run_state(part: Part) -> str | None:
 def _destroy(part: Part) -> None:
     try:
         virsh(part, "destroy", part.name)
-    except VmError as error:
-        if "not running" not in str(error) and "not found" not in str(error).lower():
+    except VirshError as error:
+        if not (error.not_running or error.not_found):
             raise
     RunFiles.of(part).domain.unlink(missing_ok=True)
-
-
-def _gone_within(part: Part, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not current(part).running:
-            return True
-        time.sleep(POLL)
-    return not current(part).running
-
-
-def stop(part: Part, say: Say = print) -> None:
-    if not current(part).running:
-        if managedsave.suspended(part):
-            managedsave.discard(part)
-            say(f"{part.name} was suspended: its saved state is discarded, {part.name} is stopped")
-        else:
-            say(f"{part.name} is not running")
-        return
-    how = poweroff.power_off(part, part.kvm_shutdown_timeout, lambda: virsh(part, "shutdown", part.name),
-                             lambda seconds: _gone_within(part, seconds))
-    if how is not None:
-        say(f"{part.name} stopped ({poweroff.STOPPED_HOW[how]})")
-        return
-    _destroy(part)
-    say(f"{part.name} stopped (no power-off within kvm_shutdown_timeout = "
-        f"{part.kvm_shutdown_timeout:g} s, so the domain was destroyed)")
-
-
-def facts(part: Part) -> statusreport.Facts:
-    # A remote host keeps the console log: QEMU writes it there.
-    local = remote_of(part) is None
-    return statusreport.gather(part, address=_listen_address(part),
-                         console_log=RunFiles.of(part).console_log if local else None,
-                         libvirt_uri=part.libvirt_uri,
-                         suspended=not current(part).running and managedsave.suspended(part))
-
-
-def suspend(part: Part, say: Say = print) -> None:
-    """Save the running domain's state on its host (managed save) and stop it; start resumes it."""
-    status = current(part)
-    if not status.running:
-        if managedsave.suspended(part):
-            say(f"{part.name} is already suspended")
-            return
-        raise VmError(f"{part.name} is not running: there is nothing to suspend")
-    if part.kvm_snapshot:
-        raise VmError(KVM_SNAPSHOT_SUSPEND)
-    domain_type = "kvm" if status.accel == "kvm" else "qemu"
-    managedsave.save(part, domain_type, managedsave.fit(part, _defined_xml(part).read_text()))
-    RunFiles.of(part).domain.unlink(missing_ok=True)
-    say(f"{part.name} suspended (libvirt managed save on {part.libvirt_uri}); start resumes it")

@@ -9,9 +9,6 @@ from typing import Any
 
 from kvmtasks.errors import VmError
 
-# Run states after which the guest will never answer.
-DEAD_RUN_STATES = frozenset({"internal-error", "guest-panicked", "shutdown", "io-error"})
-
 
 class QmpClient:
     """One QMP session over the VM's unix socket."""

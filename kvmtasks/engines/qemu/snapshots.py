@@ -8,61 +8,37 @@ A running VM saves, restores and deletes them through QEMU (HMP ``savevm``/``loa
 from __future__ import annotations
 
 import json
-import re
-import time
-from dataclasses import dataclass
 
 from kvmtasks import command
-from kvmtasks.config.diskformat import boot_disk, boot_disk_format
-from kvmtasks.config.part import Part, path_is_block_device
-from kvmtasks.config.runfiles import RunFiles, current
+from kvmtasks.config.diskformat import boot_disk
+from kvmtasks.config.part import Part
+from kvmtasks.config.runfiles import RunFiles
+from kvmtasks.engines import lifecycle
 from kvmtasks.engines.qemu import qmp, savestate, vm
 from kvmtasks.engines.qemu.argv import escape
+from kvmtasks.engines.running import current
+from kvmtasks.engines.snapshotrules import (
+    Snapshot,
+    check_request,
+    check_supported,
+    listing_lines,
+    not_found,
+    not_running,
+    saved_line,
+)
 from kvmtasks.errors import VmError
 from kvmtasks.guest import connection
 
-# A letter first: QEMU reads an all-digit name as a snapshot's numeric id.
-NAME = re.compile(r"[A-Za-z][A-Za-z0-9._+-]{0,63}")
 # savevm of a large guest under TCG takes a while; QEMU answers nothing else meanwhile.
 HMP_TIMEOUT = 600.0
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    name: str
-    saved_at: float
-    state_size: int | None  # bytes of memory state; None where libvirt does not say
-
-
-def check_name(name: str) -> None:
-    if not NAME.fullmatch(name):
-        raise VmError(f"snapshot name {name!r}: a letter, then letters, digits, '.', '_', '+' or '-' "
-                      "(64 characters at most)")
-
-
-def check_supported(part: Part) -> None:
-    """Refuse, with the reason, a part whose boot disk cannot hold snapshots."""
-    if part.kvm_snapshot:
-        raise VmError("no snapshots with kvm_snapshot = true: the guest's writes go to a temporary "
-                      "file QEMU drops, so a snapshot could not be kept")
-    disk = boot_disk(part)
-    if path_is_block_device(disk):
-        raise VmError(f"no snapshots on {disk}: it is a block device, and snapshots live in a "
-                      "qcow2 boot disk")
-    disk_format = boot_disk_format(part)
-    if disk_format != "qcow2":
-        raise VmError(f"no snapshots on {disk}: it is {disk_format}, and snapshots live in a qcow2 "
-                      "boot disk (overlay = true gives one; or qemu-img convert -O qcow2)")
 
 
 def listing(part: Part) -> list[Snapshot]:
     """The boot disk's snapshots, oldest first (read while QEMU runs too: --force-share)."""
     check_supported(part)
     disk = boot_disk(part)
-    result = command.run(["qemu-img", "info", "--force-share", "--output=json", "-f", "qcow2",
-                          "--", str(disk)], timeout=60)
-    if result.exit_code != 0:
-        raise VmError(f"qemu-img cannot read {disk}: {' '.join(result.stderr.split())}")
+    result = command.checked(["qemu-img", "info", "--force-share", "--output=json", "-f", "qcow2",
+                              "--", str(disk)], timeout=60, doing=f"reading the snapshots of {disk}")
     found = json.loads(result.stdout).get("snapshots", [])
     return [Snapshot(item["name"], item["date-sec"] + item["date-nsec"] / 1e9, item["vm-state-size"])
             for item in found]
@@ -80,14 +56,13 @@ def _existing(part: Part, name: str) -> Snapshot:
     for snapshot in listing(part):
         if snapshot.name == name:
             return snapshot
-    raise VmError(f"no snapshot {name} in {boot_disk(part)} (see: {part.name}-ctl snapshot list)")
+    raise not_found(part, name, f"in {boot_disk(part)}")
 
 
-def save(part: Part, name: str, say: vm.Say = print) -> None:
-    check_supported(part)
-    check_name(name)
+def save(part: Part, name: str, say: lifecycle.Say = print) -> None:
+    check_request(part, name)
     if not current(part).running:
-        raise VmError(f"{part.name} is not running: a snapshot saves a running VM; start it first")
+        raise not_running(part)
     replaced = any(snapshot.name == name for snapshot in listing(part))
     connection.close(part)  # its TCP connection would come back half-open from a restore
     try:
@@ -95,20 +70,18 @@ def save(part: Part, name: str, say: vm.Say = print) -> None:
     finally:
         connection.open_master(part)
     saved = _existing(part, name)
-    say(f"{part.name}: snapshot {name} {'replaced' if replaced else 'saved'} "
-        f"({(saved.state_size or 0) / 1e6:.0f} MB of memory state)")
+    say(saved_line(part, name, replaced, f"{(saved.state_size or 0) / 1e6:.0f} MB of memory state"))
 
 
-def restore(part: Part, name: str, say: vm.Say = print) -> None:
+def restore(part: Part, name: str, say: lifecycle.Say = print) -> None:
     """A running VM jumps back to the snapshot; a stopped (or suspended) one starts from it."""
-    check_supported(part)
-    check_name(name)
+    check_request(part, name)
     _existing(part, name)
     if not current(part).running:
         if savestate.saved(part) is not None:
             savestate.discard(part)
             say(f"{part.name}: the suspended state is discarded, snapshot {name} replaces it")
-        vm.start(part, say, loadvm=name)
+        lifecycle.start(vm.QemuMachine(part), say, loadvm=name)
         say(f"{part.name}: started from snapshot {name}")
         return
     connection.close(part)
@@ -116,13 +89,12 @@ def restore(part: Part, name: str, say: vm.Say = print) -> None:
         _hmp(part, f"loadvm {name}")
     finally:
         connection.open_master(part)
-    vm.set_clock(part, say)
+    lifecycle.set_clock(part, say)
     say(f"{part.name}: restored snapshot {name}")
 
 
-def delete(part: Part, name: str, say: vm.Say = print) -> None:
-    check_supported(part)
-    check_name(name)
+def delete(part: Part, name: str, say: lifecycle.Say = print) -> None:
+    check_request(part, name)
     _existing(part, name)
     if current(part).running:
         _hmp(part, f"delvm {name}")
@@ -130,26 +102,11 @@ def delete(part: Part, name: str, say: vm.Say = print) -> None:
         disk = boot_disk(part)
         # qemu-img snapshot has no -f: the format goes in image options, so it never probes.
         image = f"driver=qcow2,file.driver=file,file.filename={escape(disk)}"
-        result = command.run(["qemu-img", "snapshot", "--image-opts", "-d", name, "--", image],
-                             timeout=120)
-        if result.exit_code != 0:
-            raise VmError(f"qemu-img cannot delete snapshot {name} from {disk}: "
-                          f"{' '.join(result.stderr.split())}")
+        command.checked(["qemu-img", "snapshot", "--image-opts", "-d", name, "--", image],
+                        timeout=120, doing=f"deleting snapshot {name} from {disk}")
     say(f"{part.name}: snapshot {name} deleted")
 
 
 def describe(part: Part) -> list[str]:
     """The lines ``snapshot list`` prints: name, date, size of the memory state."""
     return listing_lines(listing(part), f"no snapshots in {boot_disk(part)}")
-
-
-def listing_lines(found: list[Snapshot], none: str) -> list[str]:
-    if not found:
-        return [none]
-    width = max(len("NAME"), *(len(snapshot.name) for snapshot in found))
-    lines = [f"{'NAME':<{width}}  {'DATE':<19}  SIZE"]
-    for snapshot in found:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snapshot.saved_at))
-        size = "-" if snapshot.state_size is None else f"{snapshot.state_size / 1e6:.0f} MB"
-        lines.append(f"{snapshot.name:<{width}}  {when}  {size}")
-    return lines
