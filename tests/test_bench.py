@@ -107,6 +107,20 @@ def test_boot_benchmark_runs_and_reports(tmp_path: Path) -> None:
 
 @pytest.mark.vm
 @needs_qemu
+def test_boot_benchmark_of_commands_runs_and_reports(tmp_path: Path) -> None:
+    output = tmp_path / "benchmarks.md"
+    done = run_script("boot.py", "--commands", "--repeat", "1", "--output", str(output), "--patience", "0",
+                      timeout=600)
+
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"runscript/ssh=\d+\.\d\d runscript_ms=\d+ ssh_ms=\d+", last), last
+    text = output.read_text()
+    assert "## A command in the running guest" in text and "runs each of `boot-runscript true`" in text
+
+
+@pytest.mark.vm
+@needs_qemu
 def test_starts_benchmark_runs_and_reports(tmp_path: Path) -> None:
     output = tmp_path / "benchmarks.md"
     done = run_script("starts.py", "--repeat", "1", "--output", str(output), "--patience", "0",

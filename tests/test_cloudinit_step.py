@@ -15,7 +15,7 @@ from kvmtasks.config.loader import load_file
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.graph.tasks import part_tasks
-from kvmtasks.guest import hostkeys, ssh
+from kvmtasks.guest import hostkeys, ssh, sshconfig
 from kvmtasks.provision import keys
 from kvmtasks.provision.seedstep import write_seed
 from tests.conftest import Project
@@ -113,14 +113,17 @@ def test_the_seed_step_comes_before_provision_and_needs_no_vm(tmp_path: Path) ->
 
 # -- ssh and known_hosts ----------------------------------------------------------------------------
 
-def options_of(argv: list[str]) -> dict[str, str]:
-    pairs = [argv[i + 1] for i, word in enumerate(argv) if word == "-o"]
-    return dict(pair.split("=", 1) for pair in pairs)
+def options_of(part: Part) -> dict[str, str]:
+    """The options of the part's Host entry in its ssh config, which the scripts run ssh with."""
+    argv = ssh.ssh_argv(part, ["true"])
+    assert argv[1:3] == ["-F", str(sshconfig.path(part))]
+    lines = sshconfig.host_entry(part)[1:]
+    return dict(line.strip().split(" ", 1) for line in lines)
 
 
 def test_with_a_seed_ssh_checks_strictly_with_the_made_key(project: Project) -> None:
     vm = seeded_project(project)
-    options = options_of(ssh.ssh_argv(vm, ["true"]))
+    options = options_of(vm)
     assert options["StrictHostKeyChecking"] == "yes"
     assert options["IdentityFile"] == f'"{seedrules.generated_key_path(vm)}"'
     assert options["IdentitiesOnly"] == "yes"
@@ -157,4 +160,4 @@ def test_without_a_seed_a_pristine_disk_forgets_known_hosts(tmp_path: Path) -> N
         known_hosts.write_text("[localhost]:2222 ssh-ed25519 AAAAold\n")
         hostkeys.prepare(vm)
         assert known_hosts.exists() is kept
-        assert options_of(ssh.ssh_argv(vm, ["true"]))["StrictHostKeyChecking"] == "accept-new"
+        assert options_of(vm)["StrictHostKeyChecking"] == "accept-new"

@@ -24,7 +24,7 @@ from tests.conftest import Project
 from tests.vmfixtures import free_port
 
 STATUS_KEYS = {"part", "state", "engine", "libvirt_uri", "pid", "accelerator", "forwards", "vnc",
-               "ssh_command", "console_log", "disks"}
+               "ssh_command", "console_log", "disks", "ssh_config"}
 
 
 def run(project: Project, name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -43,8 +43,10 @@ def check_status_json(text: str, project: Project, *, state: str, ssh_port: int)
     assert {"protocol": "tcp", "host_address": "127.0.0.1", "host_port": ssh_port,
             "guest_address": "", "guest_port": 22} in data["forwards"]
     command = data["ssh_command"]
-    assert isinstance(command, list) and command[0] == "ssh" and command[-1] == "localhost"
-    assert f"UserKnownHostsFile=\"{run_dir / 'known_hosts'}\"" in command
+    assert isinstance(command, list) and command[0] == "ssh" and command[-1] == "vm"
+    assert data["ssh_config"] == str(run_dir / "ssh_config")
+    assert command[1:3] == ["-F", data["ssh_config"]]
+    assert f"  UserKnownHostsFile \"{run_dir / 'known_hosts'}\"" in (run_dir / "ssh_config").read_text()
     if state == "running":
         assert data["pid"] == int((run_dir / "qemu.pid").read_text())
         assert data["accelerator"] == "tcg"
@@ -159,14 +161,13 @@ def test_remote_names_starting_with_a_dash_are_names(rendered: tuple[Project, in
 
 
 def test_ssh_script_uses_the_options_of_every_other_script(rendered: tuple[Project, int]) -> None:
-    project, port = rendered
+    project, _port = rendered
     (part,) = load_file(project.configs[0], project.root)
     common = ssh.common_options(part)
     for tty in (False, True):
         argv = ssh.login_argv(part, ["-L", "8080:localhost:80", "uname"], tty=tty)
         assert argv[1:1 + len(common)] == common  # whatever common_options holds, now or later
-        assert argv[len(common) + 1:] == [*(["-t"] if tty else []), "-p", str(port), "-l", "root",
-                                          "localhost", "-L", "8080:localhost:80", "uname"]
+        assert argv[len(common) + 1:] == [*(["-t"] if tty else []), "vm", "-L", "8080:localhost:80", "uname"]
 
 
 def test_ssh_script_help_and_a_part_without_ssh_port(project: Project) -> None:

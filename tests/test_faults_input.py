@@ -86,7 +86,7 @@ def test_several_hostile_options_parse_or_fail_in_one_line_and_stay_data(
     (part_,) = parts
     assert partjson.from_json(partjson.to_json(part_)) == part_
     for kind in render.SCRIPTS:
-        compile(render.script_text(part_.name, kind, render.snapshot_path(part_)), kind, "exec")
+        compile(render.script_text(part_, kind, render.snapshot_path(part_)), kind, "exec")
     argv = qemu_argv(part_, accel="tcg", disk_format="raw", listen_address="127.0.0.1")
     assert all(isinstance(arg, str) and "\x00" not in arg for arg in argv)
     if part_.kvm_extra_args:
@@ -95,7 +95,7 @@ def test_several_hostile_options_parse_or_fail_in_one_line_and_stay_data(
         command = ssh.ssh_argv(part_, ["true"])
     except KvmTasksError:
         return  # no ssh_port, or a path ssh cannot take: refused with a message
-    assert command[command.index("--") + 1:] == [part_.ssh_hostname, "true"]
+    assert command[command.index("--") + 1:] == [part_.name, "true"]
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -26,7 +26,7 @@ from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.engines.qemu.argv import qemu_argv
 from kvmtasks.errors import VmError
-from kvmtasks.guest import ssh
+from kvmtasks.guest import ssh, sshconfig
 from tests.conftest import Project
 from tests.reliability import Recorder
 from tests.test_provision_pipeline import assert_ok
@@ -130,12 +130,12 @@ def test_a_path_reaches_ssh_as_one_file_whatever_its_characters(
         pytest.skip("ssh is not installed")
     reliability.bad_input("ssh-path")
     path = Path("/" + text)
-    if "${" in str(path):
-        with pytest.raises(VmError, match=r"ssh would read the \$\{\.\.\.\}"):
-            ssh.config_path(path)
+    if "${" in str(path) or any(c in str(path) for c in "\n\r\0"):
+        with pytest.raises(VmError, match=r"ssh would read the \$\{\.\.\.\}|cannot hold a line break"):
+            sshconfig.quoted(path)
         return
 
-    shown = subprocess.run(["ssh", "-G", "-o", f"UserKnownHostsFile={ssh.config_path(path)}", "localhost"],
+    shown = subprocess.run(["ssh", "-G", "-o", f"UserKnownHostsFile={sshconfig.quoted(path)}", "localhost"],
                            capture_output=True, check=False).stdout.decode(errors="surrogateescape")
 
     assert [line for line in shown.split("\n") if line.startswith("userknownhostsfile ")] == [
@@ -185,7 +185,7 @@ def test_ssh_words_follow_a_double_dash(base_part: Part) -> None:
 
     argv = ssh.ssh_argv(part, words)
 
-    assert argv[argv.index("--"):] == ["--", "localhost", *words]
+    assert argv[argv.index("--"):] == ["--", "vm", *words]
     assert "-oProxyCommand=x" not in argv[:argv.index("--")]
 
 
@@ -309,7 +309,7 @@ def test_hostile_names_against_a_real_guest_over_sftp_then_legacy_scp(
     # Without its SFTP server the guest speaks only the legacy protocol, which uses its shell.
     assert run_script(root, "vm-runscript", "rm /usr/lib/sftp-server").returncode == 0
     sftp_only = subprocess.run(["scp", *ssh.common_options(load_file(project.configs[0], root)[0]),
-                                "-P", str(port), "--", "root@localhost:-rf", str(tmp_path / "x")],
+                                "--", "vm:-rf", str(tmp_path / "x")],
                                capture_output=True, text=True, check=False)
     assert sftp_only.returncode != 0 and any(m in sftp_only.stderr for m in ssh.NO_SFTP_MARKERS)
     send_and_get_back(root, tmp_path, reliability, "legacy")

@@ -32,7 +32,7 @@ from kvmtasks.config.remote import RemoteHost, remote_host
 from kvmtasks.engines.libvirt import hostports, qemufiles
 from kvmtasks.engines.libvirt.domain import KVMTASKS_NS, QEMU_NS, Disk, domain_xml, made_by_kvmtasks
 from kvmtasks.engines.libvirt.fileaccess import User
-from kvmtasks.guest.ssh import jump_config
+from kvmtasks.guest.sshconfig import jump_entry
 from kvmtasks.provision import keys
 from tests.conftest import Project
 from tests.debian_guest import CLOUD_INIT, DebianGuest
@@ -135,7 +135,7 @@ def test_remote_uris_and_the_jump_config(tmp_path: Path) -> None:
     assert remote_host("qemu:///system") is None
     remote = remote_host("qemu+ssh://root@host.example:2222/system?keyfile=/k/id&no_verify=1")
     assert remote == RemoteHost("host.example", "root", 2222, Path("/k/id"), verify_host_key=False)
-    text = jump_config(remote, tmp_path / "known hosts")
+    text = "\n".join(jump_entry("vm-libvirt-host", remote, tmp_path / "known hosts"))
     assert "HostName host.example" in text and "Port 2222" in text and "User root" in text
     assert 'IdentityFile "/k/id"' in text and "StrictHostKeyChecking no" in text
     assert f'UserKnownHostsFile "{tmp_path}/known hosts"' in text
@@ -313,6 +313,28 @@ def test_a_part_runs_on_local_libvirt(project: Project, guest: Guest, http_serve
     assert script(project, f"{name}-ctl", "status").returncode == 3
     assert script(project, f"{name}-ctl", "stop").stdout.strip() == f"{name} is not running"
 
+    # destroy: the domain and the part's volumes go, and the local files of its machine;
+    # the download and the verified image stay. A start after it builds the machine again.
+    (part,) = load_file(project.configs[0], project.root)
+    image = (part.image_path.stat().st_ino, part.image_path.read_bytes())
+    destroyed = script(project, f"{name}-ctl", "destroy")
+    assert destroyed.returncode == 0, destroyed.stdout + destroyed.stderr
+    assert f"removed libvirt domain {name} on qemu:///system" in destroyed.stdout
+    for volume in (f"{name}.overlay.qcow2", f"{name}-guest.img"):
+        assert f"removed volume {volume} of pool {pool}" in destroyed.stdout
+    assert name not in _virsh("list", "--all", "--name").stdout.split()
+    assert _virsh("vol-list", pool).stdout.split() == []
+    assert sorted(p.name for p in (project.var / name).iterdir()) == ["part.json"]
+    assert not part.overlay_path.exists()
+    assert (part.image_path.stat().st_ino, part.image_path.read_bytes()) == image
+    rebuilt = project.run(f"start:{name}", timeout=400)
+    assert rebuilt.returncode == 0, rebuilt.describe()
+    assert "uploading guest.img" in rebuilt.stdout
+    assert script(project, f"{name}-runscript", "test -e /mnt/kept.txt").returncode == 1
+    by_doit = project.run(f"destroy:{name}", timeout=200)
+    assert by_doit.returncode == 0 and f"removed libvirt domain {name}" in by_doit.stdout, by_doit.describe()
+    assert name not in _virsh("list", "--all", "--name").stdout.split()
+
 
 @pytest.mark.usefixtures("libvirtd")
 def test_a_foreign_domain_of_the_same_name_is_left_alone(
@@ -332,6 +354,13 @@ def test_a_foreign_domain_of_the_same_name_is_left_alone(
         in refused.stderr
     assert "Traceback" not in refused.output
     assert _virsh("dumpxml", domain_name).stdout == before
+    # destroy leaves a domain kvmtasks did not define, and everything else, alone.
+    assert project.run(f"render:{domain_name}").returncode == 0
+    files = sorted(p.name for p in (project.var / domain_name).iterdir())
+    kept = script(project, f"{domain_name}-ctl", "destroy")
+    assert kept.returncode == 1 and "was not made by kvmtasks; it is left alone" in kept.stderr
+    assert _virsh("dumpxml", domain_name).stdout == before
+    assert sorted(p.name for p in (project.var / domain_name).iterdir()) == files
 
 
 def test_an_unreachable_libvirt_host_is_one_line(project: Project, guest: Guest) -> None:
@@ -437,9 +466,30 @@ def test_a_part_runs_on_a_remote_libvirt_host_through_ssh(
         1, f"{domain_name}-ctl: the serial console of {domain_name} is logged on its libvirt host "
            f"({uri}), not here\n")
 
+    # Any ssh tool reaches the guest through the part's ssh config, by the same jump.
+    config = project.var / domain_name / "ssh_config"
+    assert facts["ssh_config"] == str(config)
+    logins = log.read_text().count("Accepted publickey")
+    assert script(project, f"{domain_name}-ctl", "status").returncode == 0
+    through = subprocess.run(["ssh", "-F", str(config), domain_name, "uname", "-r"], capture_output=True,
+                             text=True, timeout=120, check=False)
+    assert (through.returncode, through.stdout.strip()) == (0, guest.image.kernel_release), through.stderr
+    assert log.read_text().count("Accepted publickey") > logins
+    copied = tmp_path / "copied"
+    assert subprocess.run(["scp", "-F", str(config), f"{domain_name}:/proc/version", str(copied)],
+                          capture_output=True, timeout=120, check=False).returncode == 0
+    assert guest.image.kernel_release in copied.read_text()
+
     stopped = script(project, f"{domain_name}-ctl", "stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert script(project, f"{domain_name}-ctl", "status").returncode == 3
+    # destroy on the remote host: the domain and the volumes there go, the file stays.
+    destroyed = script(project, f"{domain_name}-ctl", "destroy")
+    assert destroyed.returncode == 0, destroyed.stdout + destroyed.stderr
+    assert f"removed libvirt domain {domain_name} on {uri}" in destroyed.stdout
+    assert domain_name not in _virsh("list", "--all", "--name").stdout.split()
+    assert _virsh("vol-list", pool).stdout.split() == []
+    assert image.read_bytes() == guest.image.path.read_bytes()
 
 
 @needs_qemu

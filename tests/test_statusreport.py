@@ -14,6 +14,7 @@ RUNNING = Facts(
     vnc="127.0.0.1:3", ssh_command=("ssh", "-p", "2222", "root@localhost"),
     console_log=Path("/state/console.log"), disks={"image": Path("/i.img"), "overlay": Path("/o.qcow2")},
     ssh_key=Path("/keys/id"), ssh_key_made=True, pinned_known_hosts=Path("/state/known_hosts"),
+    ssh_config=Path("/state/ssh_config"),
 )
 
 
@@ -24,6 +25,7 @@ def test_a_running_vm_says_how_to_reach_it() -> None:
         "  forward udp 127.0.0.1:5353 -> 10.0.2.3:53",
         "  vnc 127.0.0.1:3",
         "  console log /state/console.log",
+        "  ssh config /state/ssh_config (ssh -F /state/ssh_config web)",
         "  ssh key /keys/id (made by kvmtasks)",
         "  host key pinned in /state/known_hosts",
     ]
@@ -32,7 +34,7 @@ def test_a_running_vm_says_how_to_reach_it() -> None:
 def test_a_libvirt_domain_is_named_with_its_host_and_a_remote_console_is_left_out() -> None:
     facts = replace(RUNNING, engine="libvirt", libvirt_uri="qemu+ssh://h/system", pid=None,
                     accelerator=None, forwards=(), vnc=None, console_log=None, ssh_key=None,
-                    pinned_known_hosts=None)
+                    pinned_known_hosts=None, ssh_config=None)
     assert describe(facts) == ["web is running (libvirt domain web on qemu+ssh://h/system, accel unknown)"]
 
 
@@ -54,6 +56,7 @@ def test_the_json_holds_every_fact_programs_read() -> None:
         ],
         "vnc": "127.0.0.1:3", "ssh_command": ["ssh", "-p", "2222", "root@localhost"],
         "console_log": "/state/console.log", "disks": {"image": "/i.img", "overlay": "/o.qcow2"},
+        "ssh_config": "/state/ssh_config",
     }
     suspended = json.loads(as_json(replace(RUNNING, state=State.SUSPENDED, ssh_command=None)))
     assert (suspended["state"], suspended["ssh_command"]) == ("suspended", None)

@@ -43,11 +43,11 @@ def guest_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, key: Path, *, with_sftp_server: bool = True,
-           with_acpi: bool = True) -> Guest:
+           with_acpi: bool = True, with_rsync: bool = False) -> Guest:
     """A fresh image per test session: built from the current builder, it cannot be stale."""
     folder = tmp_path_factory.mktemp("guest")
     image = build_guest_image(folder / "guest.img", key.with_suffix(".pub"), PACKAGE_CACHE,
-                              with_sftp_server=with_sftp_server, with_acpi=with_acpi)
+                              with_sftp_server=with_sftp_server, with_acpi=with_acpi, with_rsync=with_rsync)
     return Guest(image, key)
 
 
@@ -65,6 +65,12 @@ def guest_without_sftp(tmp_path_factory: pytest.TempPathFactory, guest_key: Path
 def guest_without_acpi(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Guest:
     """A guest that ignores the ACPI power button (no acpid, no button driver)."""
     return _build(tmp_path_factory, guest_key, with_acpi=False)
+
+
+@pytest.fixture(scope="session")
+def guest_with_rsync(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Guest:
+    """The tiny guest with rsync in it (Debian's, unpacked like the rest), for rsync over ssh."""
+    return _build(tmp_path_factory, guest_key, with_rsync=True)
 
 
 def free_port() -> int:

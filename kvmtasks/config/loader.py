@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kvmtasks.config import bounded, extends, seedrules
+from kvmtasks.config import bounded, extends, seedrules, sshvalue
 from kvmtasks.config.buildout import Config, Key, references
 from kvmtasks.config.cfgfile import DEPENDENCIES
 from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Compression, Engine, closest
@@ -274,6 +274,8 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
             "(kvmtasks never resizes a file or device of yours)"
         )
     key = local_path("ssh_key_path")
+    run_directory = local_path("kvm_run_directory") or buildout.var_directory
+    _check_ssh_paths(where, {"ssh_key_path": key, "kvm_run_directory": run_directory})
     user_data, network_config = local_path("cloud_init_user_data"), local_path("cloud_init_network_config")
     _check_cloud_init(values, where, key, user_data, network_config)
     return Part(
@@ -302,7 +304,7 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         kvm_snapshot=values["kvm_snapshot"],
         kvm_extra_args=values.get("kvm_extra_args", ()),
         kvm_bin_directory=local_path("kvm_bin_directory") or buildout.bin_directory,
-        kvm_run_directory=local_path("kvm_run_directory") or buildout.var_directory,
+        kvm_run_directory=run_directory,
         ssh_port=values.get("ssh_port"),
         ssh_hostname=values["ssh_hostname"],
         ssh_key_path=key,
@@ -315,6 +317,14 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         cloud_init_user_data=user_data,
         cloud_init_network_config=network_config,
     )
+
+
+def _check_ssh_paths(where: str, paths: Mapping[str, Path | None]) -> None:
+    """Paths the part's ssh_config names (its key; its known_hosts under the run directory)."""
+    for option, path in paths.items():
+        reason = None if path is None else sshvalue.problem(path)
+        if reason is not None:
+            raise ConfigError(f"{where} {option} = {str(path)!r}: {reason}")
 
 
 def _compression(values: Mapping[str, Any], where: str) -> Compression:

@@ -11,6 +11,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmtasks.config import sshvalue
 from kvmtasks.config.options import Engine
 from kvmtasks.config.part import Part
 from kvmtasks.errors import ConfigError
@@ -44,6 +45,9 @@ def remote_host(uri: str) -> RemoteHost | None:
         raise ConfigError(f"{where}: not a port number") from None
     query = urllib.parse.parse_qs(parts.query)
     keyfile = query.get("keyfile", [None])[0]
+    reason = None if keyfile is None else sshvalue.problem(keyfile)
+    if reason is not None:
+        raise ConfigError(f"{where}: keyfile {keyfile!r}: {reason}")
     return RemoteHost(
         host=parts.hostname,
         user=parts.username,

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GUEST_PACKAGES = ("busybox-static", "dropbear-bin", "libtomcrypt1", "libtommath1", "openssh-sftp-server")
+# rsync and the libraries it needs that a minimal host may lack (a build flag adds them).
+RSYNC_PACKAGES = ("rsync", "libpopt0", "libxxhash0", "liblz4-1", "libacl1")
 # Drivers for the QEMU devices tests use; dependencies are added from each module's modinfo.
 # The crc ones are soft dependencies of sd_mod's t10-pi that modinfo "depends=" does not list.
 # fmt: off
@@ -230,7 +232,8 @@ def _host_key(root: Path) -> bytes:
 
 
 def _initramfs(
-    root: Path, release: str, authorized_key: Path, with_sftp_server: bool, with_acpi: bool
+    root: Path, release: str, authorized_key: Path, with_sftp_server: bool, with_acpi: bool,
+    with_rsync: bool = False,
 ) -> bytes:
     entries: dict[str, tuple[int, bytes]] = {}
 
@@ -273,6 +276,9 @@ def _initramfs(
     if with_sftp_server:
         # dropbear runs the SFTP subsystem from this path; modern scp needs it
         binaries["usr/lib/sftp-server"] = root / "usr/lib/openssh/sftp-server"
+    if with_rsync:
+        # rsync over ssh runs `rsync --server` in the guest
+        binaries["usr/bin/rsync"] = root / "usr/bin/rsync"
     for name, host in binaries.items():
         add(name, host.read_bytes(), 0o755)
         for lib, lib_host in _needed_libs(host, root).items():
@@ -282,7 +288,7 @@ def _initramfs(
 
 def build_guest_image(
     dest: Path, authorized_key: Path, cache_dir: Path, *, with_sftp_server: bool = True,
-    with_acpi: bool = True,
+    with_acpi: bool = True, with_rsync: bool = False,
 ) -> GuestImage:
     """Build the image at dest (atomically: write to dest.part then rename).
 
@@ -296,7 +302,8 @@ def build_guest_image(
     with open(cache_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test workers share one cache
         kernel_pkg = _kernel_package(cache_dir / "debs")
-        root = _fetch_and_unpack(cache_dir, (kernel_pkg, *GUEST_PACKAGES))
+        root = _fetch_and_unpack(cache_dir, (kernel_pkg, *GUEST_PACKAGES,
+                                             *(RSYNC_PACKAGES if with_rsync else ())))
     release = kernel_pkg.removeprefix("linux-image-").removesuffix("-unsigned")
     kernel = root / "boot" / f"vmlinuz-{release}"
     if not kernel.is_file():
@@ -306,7 +313,7 @@ def build_guest_image(
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         shutil.copyfile(kernel, tmp / "vmlinuz")
-        initrd = _initramfs(root, release, authorized_key, with_sftp_server, with_acpi)
+        initrd = _initramfs(root, release, authorized_key, with_sftp_server, with_acpi, with_rsync)
         (tmp / "initrd.gz").write_bytes(initrd)
         (tmp / "syslinux.cfg").write_text(SYSLINUX_CFG)
         payload = [tmp / "vmlinuz", tmp / "initrd.gz", tmp / "syslinux.cfg"]
@@ -331,10 +338,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-sftp-server", action="store_true", help="leave out /usr/lib/sftp-server")
     parser.add_argument("--no-acpi", action="store_true",
                         help="leave out acpid: the guest ignores the ACPI power button")
+    parser.add_argument("--rsync", action="store_true", help="add rsync (for rsync over ssh)")
     args = parser.parse_args(argv)
     try:
         image = build_guest_image(args.dest, args.key, args.cache, with_sftp_server=not args.no_sftp_server,
-                                  with_acpi=not args.no_acpi)
+                                  with_acpi=not args.no_acpi, with_rsync=args.rsync)
     except GuestImageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

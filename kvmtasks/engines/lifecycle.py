@@ -27,7 +27,7 @@ from kvmtasks.engines import partlock, poweroff
 from kvmtasks.engines.running import current
 from kvmtasks.engines.statusreport import Facts
 from kvmtasks.errors import VmError
-from kvmtasks.guest import clock, connection, hostkeys, readiness, ssh
+from kvmtasks.guest import clock, connection, hostkeys, readiness, ssh, sshconfig
 
 Say = Callable[[str], None]
 CONSOLE_TAIL_LINES = 20
@@ -168,9 +168,10 @@ def _start(machine: Machine, say: Say, loadvm: str | None) -> None:
         say(f"{part.name} is already running ({machine.where(status)})")
         return
     check_disks(part)
-    if part.ssh_port is not None:
-        ssh.common_options(part)  # a path ssh cannot take is refused before anything starts
     part.state_directory.mkdir(parents=True, exist_ok=True)
+    # The part's ssh config (the jump too, which a remote host's port check takes): a path
+    # ssh cannot take is refused before anything starts.
+    sshconfig.write(part)
     machine.prepare()
     _keep_previous_console_log(machine)
     if loadvm is None and _resume(machine, say):

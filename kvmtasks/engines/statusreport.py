@@ -13,7 +13,7 @@ from kvmtasks.config import seedrules
 from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.engines.running import current
-from kvmtasks.guest import ssh
+from kvmtasks.guest import ssh, sshconfig
 
 
 class State(StrEnum):
@@ -53,6 +53,7 @@ class Facts:
     ssh_key_made: bool = False  # made by kvmtasks for a cloud_init part
     pinned_known_hosts: Path | None = None  # known_hosts kvmtasks writes from the host key it made
     problem: str | None = None  # why a state left on disk cannot be resumed
+    ssh_config: Path | None = None  # the part's ssh config file, for any ssh tool
 
     @property
     def running(self) -> bool:
@@ -86,6 +87,7 @@ def gather(part: Part, *, address: str, console_log: Path | None,
         ssh_key_made=part.ssh_key_path is None and part.cloud_init,
         pinned_known_hosts=RunFiles.of(part).known_hosts if seedrules.pins_host_key(part) else None,
         problem=problem,
+        ssh_config=sshconfig.path(part) if part.ssh_port is not None else None,
     )
 
 
@@ -113,6 +115,8 @@ def describe(facts: Facts) -> list[str]:
         lines.append(f"  vnc {facts.vnc}")
     if facts.console_log is not None:
         lines.append(f"  console log {facts.console_log}")
+    if facts.ssh_config is not None:
+        lines.append(f"  ssh config {facts.ssh_config} (ssh -F {facts.ssh_config} {facts.part})")
     if facts.ssh_key is not None:
         lines.append(f"  ssh key {facts.ssh_key}" + (" (made by kvmtasks)" if facts.ssh_key_made else ""))
     if facts.pinned_known_hosts is not None:
@@ -133,5 +137,6 @@ def as_json(facts: Facts) -> str:
         "ssh_command": list(facts.ssh_command) if facts.ssh_command is not None else None,
         "console_log": str(facts.console_log) if facts.console_log is not None else None,
         "disks": {role: str(path) for role, path in facts.disks.items()},
+        "ssh_config": str(facts.ssh_config) if facts.ssh_config is not None else None,
     }
     return json.dumps(data, indent=1)

@@ -20,10 +20,11 @@ from kvmtasks.config import seedrules
 from kvmtasks.config.annotate import print_annotation
 from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
-from kvmtasks.engines import engine, partlock, ports
+from kvmtasks.engines import destroy, engine, partlock, ports
 from kvmtasks.engines.running import current
 from kvmtasks.graph.actions import clean_unless_running, guarded
 from kvmtasks.graph.report import Reporter
+from kvmtasks.guest import sshconfig
 from kvmtasks.provision import cache, checksums, overlay, seedstep
 from kvmtasks.provision import steps as provision
 from kvmtasks.scripts import render
@@ -39,7 +40,8 @@ STEP_DOCS = {
     "verify-image": "verify-image {part}: check the image against md5/sha256/sha512_image",
     "overlay": "overlay {part}: create the copy-on-write overlay the VM boots, over the verified image",
     "reset": "reset {part}: throw the guest's changes away (a new overlay over the verified image)",
-    "render": "render {part}: write the control scripts {name}-ctl, -ssh, -sendfile, -getfile, -runscript",
+    "render": "render {part}: write the control scripts {name}-ctl, -ssh, -sendfile, -getfile, -runscript "
+              "and its ssh config file",
     "cloud-init": "cloud-init {part}: write its cloud-init seed (and make its keys, once)",
     "provision": "provision {part}: download, verify and decompress the image, make its overlay, "
                  "write the control scripts",
@@ -48,6 +50,8 @@ STEP_DOCS = {
     "status": "status {part}: show whether its VM runs, and how to reach it",
     "suspend": "suspend {part}: save its running VM's state and stop it; start resumes it",
     "annotate": "annotate {part}: print its options, each with the file and section it came from",
+    "destroy": "destroy {part}: stop its VM, then remove what it made for its machine (overlay, seed, "
+               "state, keys, ssh config, libvirt domain and volumes); never the image",
 }
 
 
@@ -234,12 +238,13 @@ def _verify_image_task(part: Part, earlier: list[str]) -> Task:
 
 def _render_task(part: Part) -> Task:
     scripts = [render.script_path(part, kind) for kind in render.SCRIPTS]
-    texts = [render.script_text(part.name, kind, render.snapshot_path(part)) for kind in render.SCRIPTS]
+    texts = [render.script_text(part, kind, render.snapshot_path(part)) for kind in render.SCRIPTS]
     return {
         "basename": "render",
         "name": part.name,
         "actions": [guarded(render.render, part, "render")],
-        "targets": [str(render.snapshot_path(part)), *map(str, scripts)],
+        "targets": [str(render.snapshot_path(part)), *map(str, scripts),
+                    *([str(sshconfig.path(part))] if sshconfig.needed(part) else [])],
         "uptodate": [config_changed({"part": render.runtime_snapshot(part), "scripts": texts}),
                      lambda: render.written(part)],
         "clean": [clean_unless_running(part)],
@@ -273,6 +278,7 @@ def _vm_tasks(part: Part, shared_ports: tuple[ports.Clash, ...]) -> Iterator[Tas
         ("stop", engine.stop, []),
         ("status", status, []),
         ("suspend", engine.suspend, []),
+        ("destroy", partlock.locked("destroy", destroy.destroy), []),
     ):
         yield {
             "basename": name,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import socket
 import stat
 from collections.abc import Sequence
@@ -13,18 +12,15 @@ from typing import NoReturn
 
 from kvmtasks import command
 from kvmtasks.config.part import Part
-from kvmtasks.config.remote import RemoteHost, remote_of
-from kvmtasks.config.runfiles import RunFiles, control_socket, is_private_folder
-from kvmtasks.config.seedrules import identity_file, pins_host_key
+from kvmtasks.config.runfiles import RunFiles
+from kvmtasks.config.seedrules import pins_host_key
 from kvmtasks.errors import CommandFailed, CommandTimedOut, VmError
+from kvmtasks.guest import sshconfig
 
-CONNECT_TIMEOUT = 10
+CONNECT_TIMEOUT = sshconfig.CONNECT_TIMEOUT
 # What scp says when the guest has no SFTP server: retry with the legacy protocol.
 NO_SFTP_MARKERS = ("sftp-server", "subsystem request failed", "Connection closed")
 GLOB_CHARACTERS = frozenset("*?[]{}\\")
-# The libvirt host of a remote part, as named in the part's ssh config file.
-JUMP_HOST = "kvmtasks-libvirt-host"
-SHELL_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+-]+")
 # busybox and systemd guests have poweroff; shutdown is for the others. A systemd guest already
 # shutting down (slow to act on the ACPI button) is left to it, and says so with ALREADY_STOPPING.
 ALREADY_STOPPING = 100
@@ -35,93 +31,23 @@ LOGIN_FAILURES = ("Permission denied", "Host key verification failed", "Connecti
                   "timed out", "Could not resolve")
 
 
-def config_path(path: Path) -> str:
-    """path as the value of an ssh ``-o`` option, where ssh splits words and expands %h, ~ and ${VAR}.
-
-    Quoted, a space no longer makes two files of one; ``%%`` is a literal ``%``. ``${`` has no
-    escape in ssh, so such a path is refused rather than read as an environment variable.
-    """
-    text = str(path)
-    if "${" in text:
-        raise VmError(f"{text}: ssh would read the ${{...}} in this path as an environment variable; "
-                      "choose a path without it")
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
-    return f'"{escaped}"'
-
-
 def common_options(part: Part) -> list[str]:
-    # A host key kvmtasks gave the guest is known before the first connection: strict from the
-    # start. Otherwise the guest's own key is trusted on first use, then held to.
-    strict = "yes" if pins_host_key(part) else "accept-new"
-    options = [
-        "-o", "BatchMode=yes",
-        "-o", f"ConnectTimeout={CONNECT_TIMEOUT}",
-        "-o", f"UserKnownHostsFile={config_path(RunFiles.of(part).known_hosts)}",
-        "-o", f"StrictHostKeyChecking={strict}",
-        "-o", "LogLevel=ERROR",
-    ]
-    socket_path = control_socket(part)
-    if is_private_folder(socket_path.parent):
-        # Through the VM's ssh master when one runs (guest/connection.py); directly otherwise.
-        options += ["-o", f"ControlPath={config_path(socket_path)}"]
-    identity = identity_file(part)
-    if identity is not None:
-        # -o, not -i: ssh checks an -i path before expanding it, so %% would not be found.
-        options += ["-o", f"IdentityFile={config_path(identity)}", "-o", "IdentitiesOnly=yes"]
-    if remote_of(part) is not None:
-        options += ["-F", str(jump_config_path(part)), "-o", f"ProxyJump={JUMP_HOST}"]
-    return options
+    """The part's ssh config file (guest/sshconfig.py), and what holds for kvmtasks's own runs.
 
-
-def jump_config_path(part: Part) -> Path:
-    """The ssh config naming the part's remote libvirt host.
-
-    ssh hands this path to a shell when it starts the jump connection, so a path a shell
-    would read differently is refused rather than quoted.
+    Never a password or passphrase prompt. The master's socket is looked up now: the file names
+    the one of the environment it was written in.
     """
-    path = part.state_directory / "ssh_config"
-    if not SHELL_SAFE_PATH.fullmatch(str(path)):
-        raise VmError(f"kvm_run_directory = {str(part.kvm_run_directory)!r}: with a remote libvirt host "
-                      "it may hold only letters, digits and '_./+-' (ssh passes it through a shell)")
-    return path
-
-
-def jump_config(remote: RemoteHost, known_hosts: Path) -> str:
-    """The ssh config of the jump to a remote libvirt host, as its URI describes it."""
-    lines = [f"Host {JUMP_HOST}", f"  HostName {remote.host}", "  BatchMode yes",
-             f"  ConnectTimeout {CONNECT_TIMEOUT}",
-             f"  UserKnownHostsFile {config_path(known_hosts)}",
-             f"  StrictHostKeyChecking {'accept-new' if remote.verify_host_key else 'no'}"]
-    if remote.user:
-        lines.append(f"  User {remote.user}")
-    if remote.port:
-        lines.append(f"  Port {remote.port}")
-    if remote.keyfile:
-        lines += [f"  IdentityFile {config_path(remote.keyfile)}", "  IdentitiesOnly yes"]
-    return "\n".join(lines) + "\n"
-
-
-def write_jump_config(part: Part) -> None:
-    remote = remote_of(part)
-    if remote is not None:
-        known_hosts = part.state_directory / "known_hosts.libvirt-host"
-        jump_config_path(part).write_text(jump_config(remote, known_hosts))
-
-
-def _require_port(part: Part) -> int:
     if part.ssh_port is None:
         raise VmError(f"part {part.name} has no ssh_port: set it to reach the guest over ssh")
-    return part.ssh_port
+    sshconfig.check_jump_path(part)
+    master = sshconfig.socket_path(part)
+    control = sshconfig.quoted(master) if master is not None else "none"
+    return ["-F", str(sshconfig.path(part)), "-o", "BatchMode=yes", "-o", f"ControlPath={control}"]
 
 
 def ssh_argv(part: Part, remote_command: Sequence[str]) -> list[str]:
     """ssh into the guest; the command words go to the guest's shell, as with ssh itself."""
-    return [
-        "ssh", *common_options(part),
-        "-p", str(_require_port(part)),
-        "-l", part.ssh_user,
-        "--", part.ssh_hostname, *remote_command,
-    ]
+    return ["ssh", *common_options(part), "--", part.name, *remote_command]
 
 
 def login_argv(part: Part, args: Sequence[str], *, tty: bool) -> list[str]:
@@ -131,27 +57,17 @@ def login_argv(part: Part, args: Sequence[str], *, tty: bool) -> list[str]:
     and takes the rest as the command. A terminal on our side gets one in the guest, for a
     command as for a login.
     """
-    return [
-        "ssh", *common_options(part),
-        *(["-t"] if tty else []),
-        "-p", str(_require_port(part)),
-        "-l", part.ssh_user,
-        part.ssh_hostname, *args,
-    ]
+    return ["ssh", *common_options(part), *(["-t"] if tty else []), part.name, *args]
 
 
 def scp_argv(part: Part, source: str, target: str, *, legacy: bool) -> list[str]:
     """scp with ``remote:`` standing for the guest in source or target."""
-    return [
-        "scp", *common_options(part),
-        *(["-O"] if legacy else []),
-        "-P", str(_require_port(part)),
-        "--", source, target,
-    ]
+    return ["scp", *common_options(part), *(["-O"] if legacy else []), "--", source, target]
 
 
 def remote(part: Part, path: str, *, legacy: bool, source: bool) -> str:
-    """``user@host:path`` for scp, naming that one file, whatever its name.
+    """``PART:path`` for scp, naming that one file, whatever its name (the part's Host entry
+    names the user, host and port).
 
     A leading ``-`` would read as an option and ``~`` as a home folder: such a name gets ``./``.
     SFTP reads a source as a glob pattern: its glob characters are escaped. The legacy protocol
@@ -168,7 +84,7 @@ def remote(part: Part, path: str, *, legacy: bool, source: bool) -> str:
         path = "".join(c if c.isalnum() or c in "_./-" else "\\" + c for c in path)
     elif source:
         path = "".join("\\" + c if c in GLOB_CHARACTERS else c for c in path)
-    return f"{part.ssh_user}@{part.ssh_hostname}:{path}"
+    return f"{part.name}:{path}"
 
 
 def runscript(part: Part, remote_command: Sequence[str]) -> NoReturn:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kvmtasks.config import bounded, partjson
 from kvmtasks.config.part import Part
-from kvmtasks.engines import engine, partlock, statusreport
+from kvmtasks.engines import destroy, engine, partlock, statusreport
 from kvmtasks.engines.running import current
 from kvmtasks.errors import KvmTasksError, VmError
 from kvmtasks.guest import ssh
@@ -29,6 +29,9 @@ CTL_ACTIONS = {
     "console": "print the serial console log of the VM (the current boot's)",
     "reset": "throw the guest's disk changes away: a new overlay over the verified image",
     "suspend": "save the running VM's state and stop it; start resumes it",
+    "destroy": "stop the VM, then remove everything the part made for its machine (overlay, seed, "
+               "suspended state, snapshots, the keys and known_hosts kvmtasks made, the ssh config; "
+               "on libvirt the domain and the part's volumes); never the image or the download cache",
     "snapshot": "named snapshots of the VM's disk and memory, kept in its qcow2 boot disk: "
                 "save NAME (the VM runs), restore NAME (a running VM jumps back, a stopped one "
                 "starts from it), list (name, date, size), delete NAME",
@@ -39,7 +42,8 @@ HELP = {
     "ctl": "Start, stop, restart or suspend the VM of part {part}, show its status "
            "(exit 0 when running, 3 when stopped or suspended) or its serial console; start resumes "
            "a suspended VM; reset throws the guest's disk changes away (a new overlay over the "
-           "verified image; the VM must be stopped); snapshot manages named snapshots.",
+           "verified image; the VM must be stopped); snapshot manages named snapshots; destroy "
+           "removes the VM's machine, as vagrant destroy.",
     "ssh": "Log in to the guest of part {part} over ssh, or run COMMAND there, with the options "
            "the other scripts use (the part's key, user, port and known_hosts); SSH OPTIONS such as "
            "-L go to ssh. A terminal gets a terminal in the guest. Exit status: COMMAND's.",
@@ -102,7 +106,7 @@ def _ctl(part: Part, options: argparse.Namespace) -> int:
     steps: dict[str, Callable[[Part, engine.Say], None]] = {
         "start": engine.start, "stop": engine.stop, "restart": engine.restart,
         "reset": partlock.locked("reset", partial(overlay.reset, vm_status=current)),
-        "suspend": engine.suspend}
+        "suspend": engine.suspend, "destroy": partlock.locked("destroy", destroy.destroy)}
     steps[options.action](part, print)
     return 0
 

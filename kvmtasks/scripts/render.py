@@ -1,4 +1,5 @@
-"""Write a part's control scripts: PART-ctl, -ssh, -sendfile, -getfile, -runscript.
+"""Write a part's control scripts: PART-ctl, -ssh, -sendfile, -getfile, -runscript, and its
+ssh config file (guest/sshconfig.py), which the scripts use.
 
 A script holds no config value in shell code: it is a few lines of Python
 that load the part's JSON snapshot and call kvmtasks.scripts.cli.
@@ -15,6 +16,8 @@ import kvmtasks
 from kvmtasks.config import bounded, partjson
 from kvmtasks.config.part import Part
 from kvmtasks.errors import ProvisionError
+from kvmtasks.guest import sshconfig
+from kvmtasks.scripts import leanscript
 
 SCRIPTS = ("ctl", "ssh", "sendfile", "getfile", "runscript")
 PACKAGE_ROOT = Path(kvmtasks.__file__).resolve().parent.parent
@@ -28,7 +31,11 @@ def snapshot_path(part: Part) -> Path:
     return part.state_directory / "part.json"
 
 
-def script_text(part_name: str, kind: str, snapshot_file: Path) -> str:
+def script_text(part: Part, kind: str, snapshot_file: Path) -> str:
+    """PART-ssh and -runscript only exec ssh (leanscript.py); the others load kvmtasks."""
+    if leanscript.applies(part, kind):
+        return leanscript.text(part, kind, snapshot_file, PACKAGE_ROOT)
+    part_name = part.name
     return (
         f"#!{sys.executable}\n"
         f"# {part_name}-{kind}: written by kvmtasks (doit render:{part_name}); edits are overwritten.\n"
@@ -67,7 +74,7 @@ def written(part: Part) -> bool:
 
 def _files(part: Part) -> dict[Path, str]:
     return {snapshot_path(part): runtime_snapshot(part),
-            **{script_path(part, kind): script_text(part.name, kind, snapshot_path(part))
+            **{script_path(part, kind): script_text(part, kind, snapshot_path(part))
                for kind in SCRIPTS}}
 
 
@@ -79,5 +86,6 @@ def runtime_snapshot(part: Part) -> str:
 
 def render(part: Part) -> None:
     _write(snapshot_path(part), runtime_snapshot(part), 0o644)
+    sshconfig.write(part)
     for kind in SCRIPTS:
-        _write(script_path(part, kind), script_text(part.name, kind, snapshot_path(part)), 0o755)
+        _write(script_path(part, kind), script_text(part, kind, snapshot_path(part)), 0o755)

@@ -16,7 +16,7 @@ from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.remote import remote_of
 from kvmtasks.engines import portprobe
 from kvmtasks.errors import CommandFailed, VmError
-from kvmtasks.guest import ssh
+from kvmtasks.guest import ssh, sshconfig
 
 SS_ARGV = ("ss", "-H", "-l", "-n", "-t", "-u", "-p")
 # Listening on these takes the port on every address, 127.0.0.1 included.
@@ -66,7 +66,7 @@ def check_free(part: Part, address: str) -> None:
         for forward in wanted:
             portprobe.check_free(forward.protocol, address, forward.host_port)
         return
-    argv = ["ssh", "-F", str(ssh.jump_config_path(part)), ssh.JUMP_HOST, *SS_ARGV]
+    argv = ["ssh", "-F", str(sshconfig.path(part)), sshconfig.jump_host(part), *SS_ARGV]
     try:
         result = command.checked(argv, timeout=ssh.CONNECT_TIMEOUT + 20)
     except CommandFailed:

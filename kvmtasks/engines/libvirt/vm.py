@@ -29,7 +29,6 @@ from kvmtasks.engines.libvirt.virsh import STOPPED_DOMAIN_STATES, VirshError, vi
 from kvmtasks.engines.lifecycle import Say, Seen
 from kvmtasks.engines.running import current
 from kvmtasks.errors import VmError
-from kvmtasks.guest import ssh
 
 
 def _our_domain_uuid(part: Part) -> str | None:
@@ -116,8 +115,8 @@ class LibvirtMachine:
         return f"libvirt domain {self.part.name} on {self.part.libvirt_uri}"
 
     def prepare(self) -> None:
-        """The jump host's ssh config, the forwards free on the libvirt host, our domain's uuid."""
-        ssh.write_jump_config(self.part)
+        """The forwards free on the libvirt host (reached through the part's ssh config, which
+        lifecycle.start has written), the files QEMU opens readable, our domain's uuid."""
         check_ports(self.part)
         qemufiles.check_readable(self.part)
         self.uuid = _our_domain_uuid(self.part)
