@@ -324,7 +324,7 @@ def test_a_part_runs_on_local_libvirt(project: Project, guest: Guest, http_serve
         assert f"removed volume {volume} of pool {pool}" in destroyed.stdout
     assert name not in _virsh("list", "--all", "--name").stdout.split()
     assert _virsh("vol-list", pool).stdout.split() == []
-    assert sorted(p.name for p in (project.var / name).iterdir()) == ["part.json"]
+    assert sorted(p.name for p in (project.var / name).iterdir()) == ["part.json", "vm.lock"]
     assert not part.overlay_path.exists()
     assert (part.image_path.stat().st_ino, part.image_path.read_bytes()) == image
     rebuilt = project.run(f"start:{name}", timeout=400)

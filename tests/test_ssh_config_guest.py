@@ -127,7 +127,7 @@ def test_every_ssh_tool_through_the_ssh_config_then_destroy(
     assert f"removed {config}\n" in destroyed.stdout and "vm destroyed (" in destroyed.stdout
     assert qemu_pids_under(project.root) == []
     assert not overlay.exists() and not master.exists()
-    assert sorted(p.name for p in (project.var / "vm").iterdir()) == ["part.json"]
+    assert sorted(p.name for p in (project.var / "vm").iterdir()) == ["part.json", "vm.lock"]
     assert {**{f"cache/{k}": v for k, v in fingerprints(cache).items()},
             "image": fingerprints(part.image_path.parent)[part.image_path.name]} == kept
     again = script(project, "vm-ctl", "destroy")
