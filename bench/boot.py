@@ -63,7 +63,8 @@ from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.demo.guestimage import build_guest_image
 from kvmtasks.engines.poweroff import STOPPED_HOW
 from kvmtasks.engines.qemu.argv import qemu_argv
-from kvmtasks.guest.ssh import CONNECT_TIMEOUT, ssh_argv
+from kvmtasks.guest import sshconfig
+from kvmtasks.guest.ssh import ssh_argv
 
 sys.path.insert(0, str(REPO_ROOT))  # the test suite's helpers, shared rather than copied
 from tests.vmfixtures import qemu_pids_under
@@ -158,8 +159,9 @@ def run_raw(folder: Path, image: Path, key: Path, quiet: Quiet) -> float:
     part = make_project(folder, image, key)
     part.state_directory.mkdir(parents=True)
     argv = qemu_argv(part, accel="tcg", disk_format="raw", listen_address="127.0.0.1")
-    poll = ssh_argv(part, ["true"])
-    poll[poll.index(f"ConnectTimeout={CONNECT_TIMEOUT}")] = f"ConnectTimeout={POLL_CONNECT_TIMEOUT}"
+    sshconfig.write(part)  # what ssh -F reads; kvmtasks writes it at render and start
+    # A command-line option wins over the config file's: a short timeout for each try.
+    poll = ["ssh", "-o", f"ConnectTimeout={POLL_CONNECT_TIMEOUT}", *plain(ssh_argv(part, ["true"]))[1:]]
     with killed_afterwards(folder):
         quiet.wait()
         started = time.perf_counter()
