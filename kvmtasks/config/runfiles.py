@@ -22,6 +22,7 @@ class RunFiles:
     known_hosts: Path
     accel: Path
     domain: Path  # kvm_engine = libvirt: the domain started, and the accelerator, as JSON
+    first_boot: Path  # the boot disk a guest last answered on: its first boot is behind it
 
     @classmethod
     def of(cls, part: Part) -> RunFiles:
@@ -33,6 +34,7 @@ class RunFiles:
             known_hosts=folder / "known_hosts",
             accel=folder / "accel",
             domain=folder / "libvirt-domain.json",
+            first_boot=folder / "first-boot-done",
         )
 
 

@@ -31,7 +31,7 @@ def machine_files(part: Part) -> list[Path]:
     """The local files of the part's machine that both engines make."""
     files = RunFiles.of(part)
     made = [files.known_hosts, files.console_log, files.console_log.with_name(files.console_log.name + ".1"),
-            files.accel, sshconfig.path(part), seedrules.seed_path(part),
+            files.accel, files.first_boot, sshconfig.path(part), seedrules.seed_path(part),
             seedrules.host_key_path(part), keys.public_path(seedrules.host_key_path(part))]
     if part.ssh_key_path is None:  # the key pair kvmtasks made; never a key of the user's
         generated = seedrules.generated_key_path(part)

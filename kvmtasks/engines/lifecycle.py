@@ -201,14 +201,10 @@ def _disk_id(part: Part) -> str:
     return f"{part.boot_disk.absolute()} {info.st_dev} {info.st_ino}"
 
 
-def _first_boot_marker(part: Part) -> Path:
-    return part.state_directory / "first-boot-done"
-
-
 def _first_boot_done(part: Part) -> None:
     """The guest answered on this disk: its first boot (cloud-init's keys and users) is behind it."""
     with contextlib.suppress(OSError):  # only a stop during the first boot waits without it
-        _first_boot_marker(part).write_text(_disk_id(part))
+        RunFiles.of(part).first_boot.write_text(_disk_id(part))
 
 
 def in_first_boot(part: Part) -> bool:
@@ -217,7 +213,7 @@ def in_first_boot(part: Part) -> bool:
     if not part.cloud_init or part.kvm_snapshot or part.ssh_port is None:
         return False  # with kvm_snapshot, every boot is a first boot and leaves nothing behind
     try:
-        return _first_boot_marker(part).read_text() != _disk_id(part)
+        return RunFiles.of(part).first_boot.read_text() != _disk_id(part)
     except OSError:
         return True
 
