@@ -643,8 +643,10 @@ def test_a_cloud_image_gets_its_seed_on_libvirt(project: Project, pool: str, dom
     (part,) = load_file(config_file, project.root)
     ours = keys.read_public(seedrules.host_key_path(part)).split()[:2]
     assert guest("cat /etc/ssh/ssh_host_ed25519_key.pub").split()[:2] == ours
-    assert "StrictHostKeyChecking=yes" in json.loads(
-        script(project, f"{name}-ctl", "status", "--json").stdout)["ssh_command"]
+    # Every ssh of the scripts reads the part's ssh config, which checks the host key strictly.
+    status = json.loads(script(project, f"{name}-ctl", "status", "--json").stdout)
+    assert status["ssh_command"][1:3] == ["-F", status["ssh_config"]]
+    assert "StrictHostKeyChecking yes" in Path(status["ssh_config"]).read_text()
     assert script(project, f"{name}-ctl", "stop").returncode == 0
 
 
