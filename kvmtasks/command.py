@@ -140,3 +140,54 @@ def replace_process(argv: Sequence[str]) -> NoReturn:
     path = find(argv[0])
     log.debug("running %s", shlex.join(argv))
     os.execv(path, [argv[0], *argv[1:]])  # noqa: S606 (an argv list: no shell, as everywhere)
+
+
+@dataclass(frozen=True)
+class Logged:
+    """What run_logged saw: the exit status (None when the timeout ended it) and the last lines."""
+
+    exit_code: int | None
+    tail: str
+
+
+def run_logged(argv: Sequence[str], log_file: Any, *, timeout: float, tail_lines: int = 20) -> Logged:
+    """Run argv with its output (stdout and stderr, as they come) streamed to our stdout and to
+    log_file (an open binary file); at timeout it is killed. Ctrl-C or SIGTERM kill it too."""
+    import collections
+    import subprocess
+    import sys
+
+    log.debug("running %s", shlex.join(argv))
+    process = subprocess.Popen([find(argv[0]), *argv[1:]], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    timer = _Deadline(_Process(process), timeout)
+    last: collections.deque[bytes] = collections.deque(maxlen=tail_lines)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            log_file.write(line)
+            log_file.flush()
+            sys.stdout.write(line.decode(errors="replace"))  # doit may hold a text-only stdout
+            sys.stdout.flush()
+            last.append(line)
+        process.wait()
+    finally:
+        timer.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    tail = b"".join(last).decode(errors="replace").rstrip("\n")
+    return Logged(None if timer.fired else process.returncode, tail)
+
+
+class _Process:
+    """A subprocess.Popen as _Deadline sees a process."""
+
+    def __init__(self, process: Any) -> None:
+        self._process = process
+
+    def is_alive(self) -> tuple[bool, None]:
+        return self._process.poll() is None, None
+
+    def kill(self) -> None:
+        self._process.kill()

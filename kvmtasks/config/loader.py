@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kvmtasks.config import bounded, extends, seedrules, sshvalue
+from kvmtasks.config import bounded, extends, seedrules, setupsteps, sshvalue
 from kvmtasks.config.buildout import Config, Key, references
 from kvmtasks.config.cfgfile import DEPENDENCIES
 from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Compression, Engine, closest
@@ -191,7 +192,25 @@ def _part(config: Config, path: Path, section: str, buildout: Buildout) -> Part:
     for declared in OPTIONS:
         if declared.name not in values and declared.default is not None:
             values[declared.name] = declared.parse(declared.default)
-    return _build(values, path, section, buildout)
+    part = _build(values, path, section, buildout)
+    if not values.get("setup"):
+        return part
+    return _with_setup(part, setupsteps.parse(config, path, section, values["setup"], buildout.directory))
+
+
+def _with_setup(part: Part, steps: tuple[setupsteps.SetupStep, ...]) -> Part:
+    """The steps on the part; what cannot boot over setup layers refused, saying why."""
+    where = f"{part.config_file}: [{part.name}] setup"
+    if part.kvm_snapshot:
+        raise ConfigError(f"{where} needs kvm_snapshot = false: the steps' results are captured as disk "
+                          "layers, and with -snapshot no write reaches a disk")
+    if part.is_block_device:
+        raise ConfigError(f"{where} cannot set up a block device (file = {str(part.file)!r}): layers "
+                          "are qcow2 files over an image file; use an image file")
+    if not part.overlay:
+        raise ConfigError(f"{where} needs overlay = true: the part boots its own overlay over the "
+                          "last setup layer, which is never written")
+    return dataclasses.replace(part, setup=steps)
 
 
 def _substituted_options(config: Config, section: str) -> set[str]:

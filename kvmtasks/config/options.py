@@ -368,7 +368,28 @@ OPTIONS: tuple[Option, ...] = (
            "cloud-config (lists append)."),
     Option("cloud_init_network_config", parse_path, None,
            "A cloud-init network-config file for the seed. Default: cloud-init's (DHCP on the first NIC)."),
+    Option("setup", parse_lines, None,
+           "Guest setup: step sections, one per line, run in order in a throwaway builder VM; each "
+           "step's result is a cached disk layer keyed by its content, and the part boots over the "
+           "last one (see *Guest setup and its cache*). Needs an overlay."),
 )
+
+# The options of a step section (a section named in a part's `setup`): declared as the part's are.
+STEP_OPTIONS: tuple[Option, ...] = (
+    Option("copy", parse_lines, None,
+           "Files or folders to copy into the guest before the step runs, one `LOCAL GUESTPATH` per "
+           "line: LOCAL relative to the buildout directory, GUESTPATH absolute; folders recursively, "
+           "modes kept."),
+    Option("run", parse_lines, None,
+           "Shell lines run as root in the guest with `set -e` (through sudo when `ssh_user` is not "
+           "root). Exactly one of `run` and `script`."),
+    Option("script", parse_path, None,
+           "A local script file (relative to the buildout directory), sent to the guest and run as root."),
+    Option("timeout", parse_seconds, "3600",
+           "Seconds the step may take (its copies and commands); past it the step fails and its "
+           "builder VM is ended."),
+)
+STEP_OPTIONS_BY_NAME = {option.name: option for option in STEP_OPTIONS}
 
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -385,6 +406,11 @@ def reference_markdown() -> str:
     """The option reference table for README.md."""
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
     for option in OPTIONS:
+        default = f"`{option.default}`" if option.default is not None else ""
+        rows.append(f"| `{option.name}` | {default} | {option.help} |")
+    rows += ["", "Options of a step section (named in a part's `setup`):", "",
+             "| option | default | meaning |", "| --- | --- | --- |"]
+    for option in STEP_OPTIONS:
         default = f"`{option.default}`" if option.default is not None else ""
         rows.append(f"| `{option.name}` | {default} | {option.help} |")
     return "\n".join(rows) + "\n"

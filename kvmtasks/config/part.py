@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmtasks.config.options import Accel, Compression, Engine, ImageType, Redirect
+from kvmtasks.config.setupsteps import SetupStep
 from kvmtasks.errors import ConfigError
 
 ACCEL_ENV = "KVMTASKS_ACCEL"
@@ -76,6 +77,8 @@ class Part:
     cloud_init_hostname: str
     cloud_init_user_data: Path | None
     cloud_init_network_config: Path | None
+    # The guest setup's steps (option `setup`): each one a cached disk layer the part boots over.
+    setup: tuple[SetupStep, ...] = ()
 
     @property
     def download_path(self) -> Path:

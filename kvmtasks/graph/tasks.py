@@ -25,6 +25,7 @@ from kvmtasks.engines.running import current
 from kvmtasks.graph.actions import clean_unless_running, guarded
 from kvmtasks.graph.report import Reporter
 from kvmtasks.guest import sshconfig
+from kvmtasks.layers import builder, partdisk
 from kvmtasks.provision import cache, checksums, overlay, seedstep
 from kvmtasks.provision import steps as provision
 from kvmtasks.scripts import render
@@ -43,6 +44,8 @@ STEP_DOCS = {
     "render": "render {part}: write the control scripts {name}-ctl, -ssh, -sendfile, -getfile, -runscript "
               "and its ssh config file",
     "cloud-init": "cloud-init {part}: write its cloud-init seed (and make its keys, once)",
+    "setup": "setup {part}: run a guest setup step in a builder VM, caching its result as a disk layer "
+             "(the first missing step builds the rest of the chain in the same boot)",
     "provision": "provision {part}: download, verify and decompress the image, make its overlay, "
                  "write the control scripts",
     "start": "start {part}: provision it, then start its VM and wait until it answers",
@@ -129,6 +132,8 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
         steps.append("decompress")
     yield _verify_image_task(part, steps)
     steps.append("verify-image")
+    if part.setup:
+        yield from _setup_tasks(part)
     if part.overlay:
         yield _overlay_task(part)
         steps.append("overlay")
@@ -141,8 +146,9 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
     yield {
         "basename": "provision",
         "name": part.name,
-        "actions": None,
-        "task_dep": [f"{step}:{part.name}" for step in steps],
+        # Setup layers in use are marked so (last_used, used_by in their records): what a prune spares.
+        "actions": [guarded(partdisk.mark_used, part, "provision")] if part.setup else None,
+        "task_dep": [f"{step}:{part.name}" for step in steps] + _setup_names(part)[-1:],
         "doc": step_doc("provision", part),
     }
     yield from _vm_tasks(part, shared_ports)
@@ -191,16 +197,44 @@ def _decompress_task(part: Part) -> Task:
     return task
 
 
+def _setup_names(part: Part) -> list[str]:
+    return [f"setup:{part.name}:{step.name}" for step in part.setup]
+
+
+def _setup_tasks(part: Part) -> Iterator[Task]:
+    """One task per setup step, up to date while its layer (and those below) verify. The first
+    one that is not builds every missing layer of the chain in one builder boot: the later ones
+    then find theirs."""
+    previous = f"verify-image:{part.name}"
+    for index, (step, name) in enumerate(zip(part.setup, _setup_names(part), strict=True)):
+        yield {
+            "basename": "setup",
+            "name": name.removeprefix("setup:"),
+            "actions": [guarded(builder.build, part, "setup")],
+            "uptodate": [partial(partdisk.step_ready, part, index)],
+            "task_dep": [previous],
+            "verbosity": 2,
+            "doc": f"setup {part.name}: step {step.name} as a cached disk layer (in a builder VM)",
+        }
+        previous = name
+
+
 def _overlay_task(part: Part) -> Task:
+    if part.setup:
+        # Over the top setup layer: a changed chain (or a layer made again) makes a new overlay.
+        create: Callable[..., None] = partdisk.create_overlay
+        current_base: Callable[[], bool] = partial(partdisk.overlay_up_to_date, part)
+    else:
+        create, current_base = overlay.create, partial(overlay.up_to_date, part)
     return {
         "basename": "overlay",
         "name": part.name,
-        "actions": [_disk_step(overlay.create, part, "overlay")],
+        "actions": [_disk_step(create, part, "overlay")],
         # A new image (its size and mtime) or a new disk_size makes a new overlay; nothing else
         # does, so the guest's changes outlive a changed checksum, stop and start.
         "targets": [str(part.overlay_path), str(overlay.record_path(part))],
-        "uptodate": [lambda: overlay.up_to_date(part)],
-        "task_dep": [f"verify-image:{part.name}"],
+        "uptodate": [current_base],
+        "task_dep": _setup_names(part)[-1:] or [f"verify-image:{part.name}"],
         "clean": [clean_unless_running(part)],
         "doc": step_doc("overlay", part),
     }
@@ -210,7 +244,7 @@ def _reset_task(part: Part) -> Task:
     return {
         "basename": "reset",
         "name": part.name,
-        "actions": [_disk_step(overlay.reset, part, "reset")],
+        "actions": [_disk_step(partdisk.reset if part.setup else overlay.reset, part, "reset")],
         "task_dep": [f"overlay:{part.name}"] if part.overlay else [],
         "uptodate": [False],
         "verbosity": 2,

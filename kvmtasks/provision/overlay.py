@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,41 @@ from kvmtasks.provision.steps import VmStatus, exclusive, image_record, record_d
 QEMU_IMG_TIMEOUT = 60.0
 
 
-def create(part: Part, vm_status: VmStatus) -> None:
-    """The overlay step: a fresh overlay over the verified image (the base changed, or disk_size)."""
+@dataclass(frozen=True)
+class Base:
+    """What an overlay is made over when it is not the part's image: a setup layer (its own
+    backing chain below it, by design), its format and its content's digest."""
+
+    path: Path
+    fmt: str
+    content: str
+
+
+def _recorded_base(part: Part) -> Base | None:
+    """The setup layer the part's overlay was last made over, as its record says (a reset from
+    the control script, which knows nothing of setup steps, makes the new one over it too)."""
+    try:
+        recorded = json.loads(bounded.read_text(record_path(part)))
+        layer = recorded["layer"]
+        return Base(Path(layer["path"]), layer["format"], layer["content"]) if layer else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def create(part: Part, vm_status: VmStatus, base: Base | None = None) -> None:
+    """The overlay step: a fresh overlay over the verified image (the base changed, or disk_size),
+    or over base, the part's top setup layer."""
     with exclusive(part, "overlay"):
         if vm_status(part).running:
             raise VmError(f"{part.name} is running; its disk is not replaced under it: "
                           f"stop it first: doit stop:{part.name}")
-        _make(part)
+        _make(part, base)
 
 
-def reset(part: Part, say: Callable[[str], None] = print, *, vm_status: VmStatus) -> None:
-    """Bring the disk back to the verified image: a new overlay, and a new host key to accept."""
+def reset(part: Part, say: Callable[[str], None] = print, *, vm_status: VmStatus,
+          base: Base | None = None) -> None:
+    """Bring the disk back to the verified image (or to base, the top setup layer, else the one
+    the overlay was made over): a new overlay, and a new host key to accept."""
     if not part.overlay:
         raise ProvisionError(f"reset needs overlay = true; {part.name} boots {part.image_path} itself, "
                             "so there is nothing to throw away")
@@ -45,15 +70,17 @@ def reset(part: Part, say: Callable[[str], None] = print, *, vm_status: VmStatus
         status = vm_status(part)
         if status.running:
             raise VmError(f"{part.name} is running (pid {status.pid}); stop it first, then reset")
-        _make(part)
-    say(f"{part.name}: disk reset to {part.image_path} (new overlay {part.overlay_path})")
+        base = base or _recorded_base(part)
+        _make(part, base)
+    say(f"{part.name}: disk reset to {base.path if base else part.image_path} "
+        f"(new overlay {part.overlay_path})")
 
 
 def record_path(part: Part) -> Path:
     return record_directory(part) / f"{part.name}.overlay.json"
 
 
-def up_to_date(part: Part) -> bool:
+def up_to_date(part: Part, base: Base | None = None) -> bool:
     """True while the overlay exists over an image of the content it was made on, at the
     disk_size asked.
 
@@ -67,7 +94,7 @@ def up_to_date(part: Part) -> bool:
         return False
     try:
         recorded = json.loads(bounded.read_text(record_path(part)))
-        now = _identity(part)
+        now = _identity(part, base)
     except (OSError, ValueError):
         return False
     if not isinstance(recorded, dict) or \
@@ -80,12 +107,12 @@ def up_to_date(part: Part) -> bool:
     if not isinstance(content, str):
         return False  # an overlay from before the record held the content: by mtime, as then
     try:
-        if image_content(part) != content:
+        if (base.content if base else image_content(part)) != content:
             return False
     except OSError:
         return False
     with contextlib.suppress(OSError):  # not remembered: compared again next time
-        _write_record(part, content)
+        _write_record(part, content, base)
     return True
 
 
@@ -100,18 +127,21 @@ def image_content(part: Part, hash_now: bool = True) -> str | None:
     return digest.hash_file(part.image_path, {digest.CONTENT})[digest.CONTENT]
 
 
-def _identity(part: Part) -> dict[str, Any]:
-    """What the overlay depends on, but its content: the image (path, size, mtime) and disk_size."""
-    info = part.image_path.stat()
-    return {"base": str(part.image_path.absolute()), "size": info.st_size,
+def _identity(part: Part, base: Base | None = None) -> dict[str, Any]:
+    """What the overlay depends on, but its content: the image or setup layer (path, size,
+    mtime) and disk_size."""
+    path = base.path if base else part.image_path
+    info = path.stat()
+    return {"base": str(path.absolute()), "size": info.st_size,
             "mtime_ns": info.st_mtime_ns, "disk_size": part.disk_size}
 
 
-def _write_record(part: Part, content: str | None) -> None:
+def _write_record(part: Part, content: str | None, base: Base | None = None) -> None:
     record = record_path(part)
     temporary = record.with_name(record.name + ".tmp")
+    layer = None if base is None else {"path": str(base.path), "format": base.fmt, "content": base.content}
     try:
-        temporary.write_text(json.dumps({**_identity(part), digest.CONTENT: content}))
+        temporary.write_text(json.dumps({**_identity(part, base), digest.CONTENT: content, "layer": layer}))
         os.replace(temporary, record)
     finally:
         temporary.unlink(missing_ok=True)
@@ -122,15 +152,15 @@ def base_format(part: Part) -> str:
     return "raw" if part.is_block_device else disk_format(part.image_path)
 
 
-def _make(part: Part) -> None:
-    base = part.image_path.absolute()
+def _make(part: Part, layer: Base | None = None) -> None:
+    base = (layer.path if layer else part.image_path).absolute()
     if not base.exists():
         raise ProvisionError(f"image {base} not found; run: doit provision:{part.name}")
-    fmt = base_format(part)
+    fmt = layer.fmt if layer else base_format(part)
     # A raw image has no backing file; only disk_size needs its size: reset stays one qemu-img run.
     info = image_info(base, fmt) if fmt != "raw" or part.disk_size is not None else {}
     backing = info.get("backing-filename")
-    if backing:
+    if backing and layer is None:
         raise VerifyError(f"{base} has a backing file of its own ({backing}); an overlay needs a "
                           "self-contained image (qemu-img convert makes one)")
     size: list[str] = []
@@ -151,7 +181,7 @@ def _make(part: Part) -> None:
         raise
     os.replace(partial, overlay)
     # A local file with no checksum is not read whole for this: it is told by its mtime.
-    _write_record(part, image_content(part, hash_now=False))
+    _write_record(part, layer.content if layer else image_content(part, hash_now=False), layer)
     # A fresh disk is a fresh machine: its host key is new too.
     RunFiles.of(part).known_hosts.unlink(missing_ok=True)
 

@@ -79,9 +79,9 @@ def _files(part: Part) -> dict[Path, str]:
 
 
 def runtime_snapshot(part: Part) -> str:
-    """The part as the scripts need it: image checksums play no part at run time,
+    """The part as the scripts need it: image checksums and setup steps play no part at run time,
     so changing one re-runs only its verification, not this step."""
-    return partjson.to_json(dataclasses.replace(part, download_digests={}, image_digests={}))
+    return partjson.to_json(dataclasses.replace(part, download_digests={}, image_digests={}, setup=()))
 
 
 def render(part: Part) -> None:

@@ -38,12 +38,14 @@ def network_args(part: Part, listen_address: str) -> list[str]:
     return args
 
 
-def disk_args(part: Part, disk_format: str) -> list[str]:
-    """The boot disk; disk_format is qcow2 for an overlay (whose base QEMU opens read-only)."""
+def disk_args(part: Part, disk_format: str, discard: bool = False) -> list[str]:
+    """The boot disk; disk_format is qcow2 for an overlay (whose base QEMU opens read-only).
+    discard passes the guest's trims to the file (a setup builder's layers stay small)."""
     image = escape(part.boot_disk)
+    unmap = ",discard=unmap" if discard else ""
     if part.image_type is ImageType.HDA:
-        return ["-drive", f"file={image},if=ide,index=0,media=disk,format={disk_format}"]
-    return ["-drive", f"file={image},if=virtio,cache=none,format={disk_format}"]
+        return ["-drive", f"file={image},if=ide,index=0,media=disk,format={disk_format}{unmap}"]
+    return ["-drive", f"file={image},if=virtio,cache=none,format={disk_format}{unmap}"]
 
 
 def seed_args(part: Part) -> list[str]:
@@ -57,7 +59,8 @@ def seed_args(part: Part) -> list[str]:
 
 
 def qemu_argv(
-    part: Part, *, accel: str, disk_format: str, listen_address: str, machine: str | None = None
+    part: Part, *, accel: str, disk_format: str, listen_address: str, machine: str | None = None,
+    discard: bool = False,
 ) -> list[str]:
     """The full command line that starts the part's VM as a daemon.
 
@@ -72,7 +75,7 @@ def qemu_argv(
         "-accel", accel,
         "-m", part.kvm_memory,
         "-smp", str(part.kvm_smp),
-        *disk_args(part, disk_format),
+        *disk_args(part, disk_format, discard),
         *seed_args(part),
         # Entropy from the host: guests otherwise stall generating ssh keys at first boot.
         "-device", "virtio-rng-pci",

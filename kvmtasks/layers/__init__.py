@@ -1,0 +1,1 @@
+"""Guest setup as a cached chain of disk layers: keys, the store, the builder."""
