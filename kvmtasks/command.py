@@ -153,7 +153,7 @@ class Logged:
 def run_logged(argv: Sequence[str], log_file: Any, *, timeout: float, tail_lines: int = 20) -> Logged:
     """Run argv with its output (stdout and stderr, as they come) streamed to our stdout and to
     log_file (an open binary file); at timeout it is killed. Ctrl-C or SIGTERM kill it too."""
-    import collections
+    import select
     import subprocess
     import sys
 
@@ -161,22 +161,31 @@ def run_logged(argv: Sequence[str], log_file: Any, *, timeout: float, tail_lines
     process = subprocess.Popen([find(argv[0]), *argv[1:]], stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     timer = _Deadline(_Process(process), timeout)
-    last: collections.deque[bytes] = collections.deque(maxlen=tail_lines)
+    seen = b""
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
     try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            log_file.write(line)
+        # Not "until end of file": an ssh client hands its output pipe to its ControlMaster,
+        # which keeps it open after the client is killed, as long as the remote command runs.
+        while not timer.fired:
+            if not select.select([fd], [], [], 0.2)[0]:
+                continue
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            log_file.write(data)
             log_file.flush()
-            sys.stdout.write(line.decode(errors="replace"))  # doit may hold a text-only stdout
+            sys.stdout.write(data.decode(errors="replace"))  # doit may hold a text-only stdout
             sys.stdout.flush()
-            last.append(line)
+            seen = (seen + data)[-65536:]
         process.wait()
     finally:
         timer.cancel()
         if process.poll() is None:
             process.kill()
             process.wait()
-    tail = b"".join(last).decode(errors="replace").rstrip("\n")
+        process.stdout.close()
+    tail = "\n".join(seen.decode(errors="replace").rstrip("\n").splitlines()[-tail_lines:])
     return Logged(None if timer.fired else process.returncode, tail)
 
 

@@ -288,7 +288,7 @@ def _initramfs(
 
 def build_guest_image(
     dest: Path, authorized_key: Path, cache_dir: Path, *, with_sftp_server: bool = True,
-    with_acpi: bool = True, with_rsync: bool = False,
+    with_acpi: bool = True, with_rsync: bool = False, spare_kb: int = 3072,
 ) -> GuestImage:
     """Build the image at dest (atomically: write to dest.part then rename).
 
@@ -317,8 +317,8 @@ def build_guest_image(
         (tmp / "initrd.gz").write_bytes(initrd)
         (tmp / "syslinux.cfg").write_text(SYSLINUX_CFG)
         payload = [tmp / "vmlinuz", tmp / "initrd.gz", tmp / "syslinux.cfg"]
-        # ~3 MB spare so tests can write files to the disk from inside the guest
-        size_kb = sum(p.stat().st_size for p in payload) // 1024 + 3072
+        # ~3 MB spare (spare_kb) so tests can write files to the disk from inside the guest
+        size_kb = sum(p.stat().st_size for p in payload) // 1024 + spare_kb
         part.unlink(missing_ok=True)
         try:
             _run(["mkfs.fat", "-C", "-n", "KVMTASKS", str(part), str(size_kb)])

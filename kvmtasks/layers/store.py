@@ -73,7 +73,23 @@ def user_of(part: Part) -> str:
     return f"{part.buildout.directory}::{part.name}"
 
 
+_IMAGE_SHA256: dict[tuple[Path, int, int, int], str] = {}  # hashed once per run, by size and mtime
+
+
 def image_sha256(part: Part) -> str:
+    """The verified image's sha256: its record's, else hashed (once while its size and mtime hold)."""
+    try:
+        info = part.image_path.stat()
+    except OSError as error:
+        raise ProvisionError(f"{part.name}: the image {part.image_path} cannot be read "
+                             f"({error.strerror}); run: doit provision:{part.name}") from None
+    stamp = (part.image_path, info.st_size, info.st_mtime_ns, info.st_ino)
+    if stamp not in _IMAGE_SHA256:
+        _IMAGE_SHA256[stamp] = _image_content(part)
+    return _IMAGE_SHA256[stamp]
+
+
+def _image_content(part: Part) -> str:
     content = overlay.image_content(part)
     if content is None:
         raise ProvisionError(f"{part.name}: the image {part.image_path} has no digest to key its "
