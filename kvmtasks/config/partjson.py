@@ -9,6 +9,7 @@ from typing import Any
 
 from kvmtasks.config.options import Accel, Compression, Engine, ImageType, Redirect
 from kvmtasks.config.part import Buildout, Part
+from kvmtasks.config.setupsteps import Copy, SetupStep
 
 _PATHS = {"config_file", "file", "location", "kvm_bin_directory", "kvm_run_directory", "ssh_key_path",
           "cloud_init_user_data", "cloud_init_network_config"}
@@ -17,13 +18,19 @@ _PATHS = {"config_file", "file", "location", "kvm_bin_directory", "kvm_run_direc
 def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, Redirect | Buildout):
+    if isinstance(value, Redirect | Buildout | SetupStep | Copy):
         return _plain(dataclasses.asdict(value))
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, tuple | list):
         return [_plain(item) for item in value]
     return value
+
+
+def _step(data: dict[str, Any]) -> SetupStep:
+    copies = tuple(Copy(Path(copy["source"]), copy["target"]) for copy in data["copies"])
+    script = None if data["script"] is None else Path(data["script"])
+    return SetupStep(data["name"], copies, data["run"], script, data["timeout"])
 
 
 def to_json(part: Part) -> str:
@@ -47,4 +54,5 @@ def from_json(text: str) -> Part:
     data["kvm_net"] = tuple(data["kvm_net"])
     data["kvm_extra_args"] = tuple(data["kvm_extra_args"])
     data["kvm_redir"] = tuple(Redirect(**item) for item in data["kvm_redir"])
+    data["setup"] = tuple(_step(item) for item in data.get("setup", ()))
     return Part(**data)
