@@ -18,16 +18,16 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmtasks import command
 from kvmtasks.config import bounded
 from kvmtasks.config.part import Part
-from kvmtasks.errors import ProvisionError
+from kvmtasks.errors import CommandError, ProvisionError
 from kvmtasks.layers import key as keys
 from kvmtasks.provision import digest, overlay
 from kvmtasks.provision.locking import held
@@ -245,16 +245,13 @@ def ensure_base(part: Part, root: Path) -> str:
         temporary = target.with_name(f".{IMAGE}.{os.getpid()}")
         temporary.unlink(missing_ok=True)
         try:
-            try:
-                os.link(part.image_path, temporary)
-            except OSError:  # another file system, or not ours to link: a copy, holes kept
-                shutil.copyfile(part.image_path, temporary)
+            _link_or_copy(part.image_path, temporary)
             os.chmod(temporary, READ_ONLY)
             os.replace(temporary, target)
-        except OSError as error:
+        except (OSError, CommandError) as error:
             temporary.unlink(missing_ok=True)
             raise ProvisionError(f"cannot put {part.image_path} into the layer cache as {target}: "
-                                 f"{error.strerror or error}") from None
+                                 f"{getattr(error, 'strerror', None) or error}") from None
         info = target.stat()
         _write_json(root / name / RECORD, {
             "version": RECORD_VERSION, "kind": "base", "sha256": sha, "size": info.st_size,
@@ -262,6 +259,17 @@ def ensure_base(part: Part, root: Path) -> str:
         # Hashed by provisioning already: the verdict is the image's record's.
         _write_json(root / name / VERIFIED, [info.st_size, info.st_mtime_ns, info.st_ino, sha])
     return name
+
+
+def _link_or_copy(image: Path, target: Path) -> None:
+    """A hard link of an image that is read-only already (kvmtasks' own verified images); else a
+    copy, holes kept: making the link 0444 would change the mode of a file of the user's."""
+    if not image.stat().st_mode & 0o222:
+        with contextlib.suppress(OSError):  # another file system: a copy
+            os.link(image, target)
+            return
+    command.checked(["cp", "--sparse=always", "--reflink=auto", "--", str(image), str(target)],
+                    doing=f"copying {image} into the layer cache")
 
 
 def insert(root: Path, link: Link, layer: Path, sha256: str, user: str) -> None:
