@@ -61,3 +61,24 @@ def test_the_three_failures_are_told_apart(tmp_path: Path) -> None:
         command.checked([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.3)
     with pytest.raises(CommandFailed, match=r"exited 1$"):
         command.checked([sys.executable, "-c", "raise SystemExit(1)"])
+
+
+def test_run_logged_streams_and_keeps_the_output_and_its_last_lines(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "step.log"
+    with open(log, "wb") as output:
+        result = command.run_logged(
+            ["sh", "-c", "for i in 1 2 3 4; do echo line $i; done; echo oops >&2; exit 4"],
+            output, timeout=30, tail_lines=2)
+    assert result == command.Logged(4, "line 4\noops")
+    assert log.read_text() == "line 1\nline 2\nline 3\nline 4\noops\n"
+    assert capsys.readouterr().out == log.read_text()
+
+
+def test_run_logged_ends_at_its_timeout_even_when_a_child_holds_the_output(tmp_path: Path) -> None:
+    # What an ssh client does with its ControlMaster: the pipe outlives the process killed.
+    began = time.monotonic()
+    with open(tmp_path / "step.log", "wb") as output:
+        result = command.run_logged(["sh", "-c", "echo started; sleep 6 & wait"], output, timeout=1)
+    assert result.exit_code is None and result.tail == "started"
+    assert time.monotonic() - began < 5
