@@ -122,7 +122,9 @@ def _build(part: Part, root: Path, links: list[store.Link], todo: list[store.Lin
             seedstep.write_seed(builder)
         say(f"setup:{part.name}: booting a builder VM over {root / below} for "
             f"{', '.join(link.step for link in todo)}")
+        began = time.monotonic()
         lifecycle.start(machine, say)
+        say(f"setup:{part.name}: the builder VM answered in {time.monotonic() - began:.1f} s")
         for index, link in enumerate(todo):
             _run_step(part, builder, steps[link.step], folder)
             _capture(part, builder, root, link, folder, index)
