@@ -40,7 +40,7 @@ def step_key(parent: str, step: SetupStep) -> str:
         _file(digest, step.script)
     for copy in step.copies:
         digest.update(b"copy\0" + copy.target.encode() + b"\0")
-        for relative, path in _walk(copy.source):
+        for relative, path in walk(copy.source):
             mode = stat.S_IMODE(path.lstat().st_mode)
             kind = "l" if path.is_symlink() else "d" if path.is_dir() else "f"
             digest.update(f"{kind}\0{relative}\0{mode:o}\0".encode())
@@ -51,7 +51,7 @@ def step_key(parent: str, step: SetupStep) -> str:
     return digest.hexdigest()
 
 
-def _walk(source: Path) -> Iterator[tuple[str, Path]]:
+def walk(source: Path) -> Iterator[tuple[str, Path]]:
     """source and, for a folder, everything under it, sorted (the same order on every host)."""
     yield ".", source
     if not source.is_dir():

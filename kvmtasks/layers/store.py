@@ -27,6 +27,7 @@ from typing import Any
 from kvmtasks import command
 from kvmtasks.config import bounded
 from kvmtasks.config.part import Part
+from kvmtasks.config.setupsteps import SetupStep
 from kvmtasks.errors import CommandError, ProvisionError
 from kvmtasks.layers import key as keys
 from kvmtasks.provision import digest, overlay
@@ -104,10 +105,26 @@ def chain(part: Part) -> list[Link]:
     below = keys.base_key(sha, part.disk_size, part.ssh_user if part.cloud_init else None)
     links = []
     for step in part.setup:
-        below = keys.step_key(below, step)
+        below = _step_key(below, step)
         links.append(Link(step.name, below, parent))
         parent = below
     return links
+
+
+_STEP_KEYS: dict[tuple[object, ...], str] = {}  # hashed once per run while the files' stats hold
+
+
+def _step_key(parent: str, step: SetupStep) -> str:
+    """keys.step_key, remembered in this process by its inputs' sizes and mtimes: the doit tasks
+    of one run ask for a part's chain several times, and copied files may be large."""
+    files = [step.script] if step.script else []
+    for copy in step.copies:
+        files += [path for _, path in keys.walk(copy.source)]
+    stamp = (parent, step, tuple((str(p), p.lstat().st_size, p.lstat().st_mtime_ns, p.lstat().st_mode)
+                                 for p in files))
+    if stamp not in _STEP_KEYS:
+        _STEP_KEYS[stamp] = keys.step_key(parent, step)
+    return _STEP_KEYS[stamp]
 
 
 def top_layer(part: Part) -> Path:
