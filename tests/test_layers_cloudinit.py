@@ -13,6 +13,7 @@ import pytest
 
 from kvmtasks.config import seedrules
 from kvmtasks.config.loader import load_file
+from kvmtasks.config.part import Part
 from kvmtasks.layers import store
 from kvmtasks.provision import keys
 from tests.conftest import Project
@@ -89,19 +90,24 @@ def test_two_projects_share_the_layers_and_boot_machines_of_their_own(tmp_path: 
             assert in_guest(project, part, "cat /etc/kvmtasks-marker") == "set up"
             (loaded,) = [p for p in load_file(project.configs[0], project.root) if p.name == part]
             known_hosts = project.var / part / "known_hosts"
-            strict = subprocess.run(
-                ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-                 "-o", f"UserKnownHostsFile={known_hosts}", "-o", "IdentitiesOnly=yes",
-                 "-i", str(seedrules.generated_key_path(loaded)), "-p", str(loaded.ssh_port),
-                 "root@localhost", "cat /etc/machine-id /etc/ssh/ssh_host_ed25519_key.pub; hostname; "
-                 "cat /root/.ssh/authorized_keys"],
-                capture_output=True, text=True, timeout=60, check=False)
-            assert strict.returncode == 0, strict.stderr
-            machine_id, host_key, hostname, *authorized = strict.stdout.strip().splitlines()
-            assert len(machine_id) == 32
-            assert [line.split()[1] for line in authorized if line.strip()] == [
-                keys.read_public(seedrules.generated_key_path(loaded)).split()[1]]
-            seen[part] = (machine_id, host_key.split()[1], hostname, authorized[0].split()[1])
+
+            def strict(command: str, loaded: Part = loaded, known_hosts: Path = known_hosts) -> str:
+                """A login by hand with strict host-key checking against the part's pinned key."""
+                done = subprocess.run(
+                    ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                     "-o", f"UserKnownHostsFile={known_hosts}", "-o", "IdentitiesOnly=yes",
+                     "-i", str(seedrules.generated_key_path(loaded)), "-p", str(loaded.ssh_port),
+                     "root@localhost", command], capture_output=True, text=True, timeout=60, check=False)
+                assert done.returncode == 0, done.stderr
+                return done.stdout.strip()
+
+            machine_id = strict("cat /etc/machine-id")
+            assert len(machine_id) == 32, machine_id
+            host_keys = strict("cat /etc/ssh/ssh_host_*_key.pub").splitlines()
+            authorized = [line.split()[1] for line in strict("cat /root/.ssh/authorized_keys").splitlines()
+                          if line.strip()]
+            assert authorized == [keys.read_public(seedrules.generated_key_path(loaded)).split()[1]]
+            seen[part] = (machine_id, tuple(sorted(host_keys)), strict("hostname"), authorized[0])
         for index in range(4):
             assert len({facts[index] for facts in seen.values()}) == 3, seen
 
