@@ -1,0 +1,1 @@
+"""Guest setup as cached disk layers: the steps, their keys, the cache and the builder."""
