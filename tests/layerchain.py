@@ -2,8 +2,8 @@
 kvmtasks/layers): real qcow2 files with relative backing files, and their records.
 
 The layers are made without a guest: the chain is flattened to a raw file, files are put into
-its FAT file system with mtools (or bytes written with qemu-io), and `qemu-img convert -B`
-keeps only what differs from the parent. Ages come from the records' timestamps.
+its FAT file system with mtools (or bytes written with qemu-io), and `qemu-img rebase` keeps
+only what differs from the parent. Ages come from the records' timestamps.
 """
 
 from __future__ import annotations
@@ -75,8 +75,12 @@ def add_layer(root: Path, parent: str, step: str, *, files: Mapping[str, bytes] 
             for name, data in files.items():
                 (work / name).write_bytes(data)
                 subprocess.run(["mcopy", "-o", "-i", str(flat), str(work / name), f"::{name}"], check=True)
-            subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", "-B", backing, "-F", parent_format,
-                            str(flat), str(layer)], check=True)
+            # Empty over the changed disk, then rebased onto the parent: qemu-img copies in the
+            # clusters that differ, and only those, as a step's layer holds what the step wrote.
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(flat), "-F", "raw",
+                            str(layer)], check=True)
+            subprocess.run(["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", backing, "-F", parent_format,
+                            str(layer)], check=True)
     else:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", parent_format,
                         str(layer)], check=True)
