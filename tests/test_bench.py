@@ -156,7 +156,8 @@ def test_layers_benchmark_runs_and_reports(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stderr
     last = done.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"depth4/1=\d+\.\d\d depth8/1=\d+\.\d\d depth16/1=\d+\.\d\d depth1_s=\d+\.\d{3}",
+    assert re.fullmatch(r"depth4/1=\d+\.\d\d depth8/1=\d+\.\d\d depth16/1=\d+\.\d\d best16/1=\d+\.\d\d "
+                        r"depth1_s=\d+\.\d{3}",
                         last), last
     text = output.read_text()
     assert "## Reading through a chain of layers" in text
