@@ -23,6 +23,7 @@ from kvmtasks.config.diskformat import disk_format
 from kvmtasks.config.part import Part
 from kvmtasks.engines.libvirt import storage
 from kvmtasks.errors import ProvisionError
+from kvmtasks.provision.overlay import image_info
 
 Say = Callable[[str], None]
 FORMAT = "qcow2"
@@ -47,6 +48,17 @@ def recorded_key(part: Part) -> str | None:
         return None
     key = recorded.get("top_layer")
     return key if isinstance(key, str) else None
+
+
+def top_layer_of(part: Part) -> Path | None:
+    """The layer the part's local overlay is backed by, when that is not the part's image
+    (a part with setup steps boots its overlay over its top layer); else None."""
+    if not part.overlay or not part.overlay_path.exists():
+        return None
+    backing = image_info(part.overlay_path, "qcow2").get("full-backing-filename")
+    if not backing or Path(backing).resolve() == part.image_path.resolve():
+        return None
+    return Path(backing)
 
 
 def ensure_image_volume(part: Part, top_layer: Path, say: Say) -> str:
