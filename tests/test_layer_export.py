@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from kvmtasks.config.loader import load_file
 from kvmtasks.errors import CommandFailed, ProvisionError
+from kvmtasks.graph import layertasks
 from kvmtasks.layers import export
 from tests.conftest import Project
 from tests.httpserver import FileServer
@@ -90,6 +92,38 @@ def test_a_failed_export_leaves_the_last_one_and_no_temporary_file(tmp_path: Pat
     assert f"exporting {top}" in str(broken.value) and "\n" not in str(broken.value), str(broken.value)
 
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+
+def test_the_export_task_runs_again_only_for_a_new_top_layer_or_a_changed_export(tmp_path: Path) -> None:
+    config = tmp_path / "kvm.cfg"
+    config.write_text(f"[buildout]\ndirectory = {tmp_path}\n\n[web]\nimage = http://127.0.0.1:9/web.img\n")
+    (part,) = load_file(config, tmp_path)
+    root = tmp_path / "layers"
+    base = tmp_path / "base.img"
+    base.write_bytes(bytes(MiB))
+    first = add_layer(root, add_base(root, base), "step1", writes=[(0x41, 0, 4096)])
+    second = add_layer(root, first, "step2", writes=[(0x42, 4096, 4096)])
+    top = {"path": entry_file(root, first)}
+    task = layertasks.export_task(part, lambda part: top["path"])
+
+    assert (task["basename"], task["name"], task["task_dep"]) == ("export", "web", ["provision:web"])
+    assert task["targets"] == [str(tmp_path / "parts" / "web" / "export" / "web.qcow2"),
+                               str(tmp_path / "parts" / "web" / "export" / "SHA256SUMS")]
+    (uptodate,) = task["uptodate"]
+    assert not uptodate()
+    (action,) = task["actions"]
+    assert action() is None
+    assert uptodate()
+    assert same_content(entry_file(root, first), export.export_path(part)).returncode == 0
+    top["path"] = entry_file(root, second)  # a step changed: a new top layer
+    assert not uptodate()
+    assert action() is None and uptodate()
+    assert same_content(entry_file(root, second), export.export_path(part)).returncode == 0
+    os.utime(export.export_path(part), (1, 1))  # the export touched by hand
+    assert not uptodate()
+    top["path"] = tmp_path / "missing" / "layer.qcow2"
+    failed = action()
+    assert failed is not None and str(failed).strip().endswith(f"cannot export {top['path']}: no such layer")
 
 
 @pytest.mark.vm

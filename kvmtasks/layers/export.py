@@ -110,6 +110,13 @@ def export_part(part: Part, top_layer: Path, say: Say = print) -> Path:
     """export:PART's action: export the top layer to export_path(part), and record from what."""
     destination = export(top_layer, export_path(part), say)
     record = record_path(part)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(_identity(top_layer, destination.stat())))
+    temporary = record.with_name(record.name + ".tmp")
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(_identity(top_layer, destination.stat())))
+        os.replace(temporary, record)
+    except OSError as error:
+        raise ProvisionError(f"writing {record}: {error.strerror or error}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
     return destination
