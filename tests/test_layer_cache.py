@@ -68,9 +68,13 @@ class Cache:
         damaged.mkdir()
         (damaged / "record.json").write_text("{not json")
         self.damaged = damaged.name
+        foreign = self.root / ("f" * 64)  # a later layout's: kept whatever is asked
+        foreign.mkdir()
+        (foreign / "record.json").write_text('{"version": 2, "kind": "layer"}')
+        self.foreign = foreign.name
 
     def names(self) -> set[str]:
-        return {path.name for path in self.root.iterdir()}
+        return {path.name for path in self.root.iterdir()} - {self.foreign}
 
 
 @pytest.fixture
@@ -87,6 +91,8 @@ def test_the_listing_says_kind_step_size_ages_parent_and_the_parts_using_each(ha
     assert using[hand_made.old] == set()  # its project is gone
     assert found[hand_made.packages].parent == hand_made.base and found[hand_made.app].step == "app"
     assert found["tmp-dead"].kind == "tmp" and found[hand_made.damaged].kind == "damaged"
+    assert (found[hand_made.foreign].kind, found[hand_made.foreign].problem) == \
+        ("foreign", "record.json: version 2, not 1")
     files = [entry_file(hand_made.root, hand_made.app), hand_made.root / hand_made.app / "record.json"]
     assert found[hand_made.app].allocated == sum(os.stat(path).st_blocks * 512 for path in files)
 
@@ -99,7 +105,7 @@ def test_the_listing_says_kind_step_size_ages_parent_and_the_parts_using_each(ha
     app_line = next(line for line in lines if line.startswith(hand_made.app[:12]))
     assert app_line.split()[1:3] == ["layer", "app"] and app_line.endswith(web)
     assert hand_made.packages[:12] in app_line.split()  # its parent
-    assert lines[-1].startswith("7 entries, ") and "; 4 used by no part (" in lines[-1]
+    assert lines[-1].startswith("8 entries, ") and "; 5 used by no part (" in lines[-1]
 
     shown = json.loads(cli("list", "--json", "--cache", str(hand_made.root)).stdout)
     (listing,) = shown
@@ -173,6 +179,7 @@ def test_an_entry_whose_lock_is_held_is_skipped_and_said_and_so_is_its_parent(ha
     assert f"kept {hand_made.old[:12]}: its lock is held (pid {holder.pid}, lock {lock})" in done.stdout
     assert f"kept base-{hand_made.base[5:17]}: {hand_made.old[:12]} backs onto it and was kept" in done.stdout
     assert hand_made.names() == {hand_made.old, hand_made.base, "tmp-building"}
+    assert (hand_made.root / hand_made.foreign).is_dir()  # another layout's entry: never pruned
 
 
 def test_bare_prune_takes_only_leftovers_and_the_command_line_errors_are_one_line(

@@ -31,7 +31,7 @@ _QCOW2_MAGIC = b"QFI\xfb"
 class Entry:
     name: str
     folder: Path
-    kind: str  # "layer", "base", "tmp", or "damaged" (no record that can be read)
+    kind: str  # "layer", "base", "tmp", "damaged" (no record that can be read), "foreign" (a version not 1)
     allocated: int  # bytes on disk of everything in the folder
     step: str | None = None
     parent: str | None = None
@@ -77,8 +77,11 @@ def read_entry(folder: Path) -> Entry:
         if not isinstance(record, dict):
             raise ValueError("not a JSON object")
         kind = record["kind"]
-        if kind not in ("layer", "base") or record.get("version") != 1:
-            raise ValueError(f"kind {kind!r}, version {record.get('version')!r}")
+        if record.get("version") != 1:  # another kvmtasks' layout: listed, never pruned
+            return Entry(folder.name, folder, "foreign", allocated, made=newest,
+                         problem=f"{RECORD}: version {record.get('version')!r}, not 1")
+        if kind not in ("layer", "base"):
+            raise ValueError(f"kind {kind!r}")
         return Entry(
             folder.name, folder, kind, allocated,
             step=record.get("step"), parent=record.get("parent"),

@@ -71,6 +71,8 @@ def _why(entry: Entry, now: datetime, older_than: float | None, unused: bool,
         return "left by a build that did not finish"
     if entry.kind == "damaged":
         return f"damaged ({entry.problem})"
+    if entry.kind == "foreign":
+        return None
     if older_than is None and not unused:
         return None
     reasons = []
