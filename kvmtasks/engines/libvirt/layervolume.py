@@ -5,10 +5,14 @@ The layers are built here, with the direct QEMU engine, whatever the part's engi
 result travels. This lives with the engine, which needs only the top layer's path (its folder
 is its key), not the layer cache's code.
 
-One flattened volume rather than a chain of volumes: a chain needs every layer's backing file
-rewritten to a volume name (a pool is one flat folder) and libvirt to label each volume of it,
-and the first upload sends the same bytes either way; the chain would win back only the upload
-of the unchanged layers after a changed step.
+One flattened volume rather than a chain of volumes. Measured on the local libvirtd with the
+tiny guest (a 15.4 MB raw image) and three layers of ~0.7 MB: the first upload took 0.15 s
+and 13.8 MB flattened (qemu-img convert: 0.05 s; the raw image's zeros are left out) against
+0.41 s and 17.7 MB as four volumes; after a changed last step, 0.16 s and 13.8 MB again
+against 0.10 s and 0.7 MB. A chain also needs every layer's backing file rewritten to a volume
+name (a pool is one flat folder) and every volume labelled by libvirt. The chain wins only
+the re-upload after a changed step, which for a large image on a remote host is the price
+paid here.
 """
 
 from __future__ import annotations
