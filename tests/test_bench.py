@@ -7,6 +7,7 @@ only that the scripts run to the end and report what they should.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import subprocess
 import sys
@@ -144,6 +145,38 @@ def test_overlay_benchmark_runs_and_reports(tmp_path: Path) -> None:
     last = done.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"reset_s=\d+\.\d\d doit_reset_s=\d+\.\d\d target=(ok|over)", last), last
     assert "## Resetting a disk" in output.read_text()
+
+
+@pytest.mark.vm
+@needs_qemu
+def test_layers_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    output = tmp_path / "benchmarks.md"
+    done = run_script("layers.py", "--disk", "16M", "--file-size", "2M", "--repeat", "1",
+                      "--output", str(output), "--patience", "0", timeout=600)
+
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"depth4/1=\d+\.\d\d depth8/1=\d+\.\d\d depth16/1=\d+\.\d\d best16/1=\d+\.\d\d "
+                        r"depth1_s=\d+\.\d{3}",
+                        last), last
+    text = output.read_text()
+    assert "## Reading through a chain of layers" in text
+    assert all(f"\n| {depth} | " in text for depth in (1, 4, 8, 16))
+
+
+@needs_qemu
+def test_the_layers_benchmark_chain_holds_the_file_in_its_bottom_layer_only(tmp_path: Path) -> None:
+    layers = importlib.import_module("layers")
+    chain = layers.make_chain(tmp_path, 16 << 20, 2 << 20, 4)
+
+    sizes = [int(json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(layer)],
+                                           capture_output=True, text=True, check=True).stdout)["actual-size"])
+             for layer in chain]
+    assert sizes[0] > 2 << 20 and all(size < 1 << 20 for size in sizes[1:]), sizes
+    assert [layer.stat().st_mode & 0o777 for layer in chain] == [0o444] * 4
+    listed = subprocess.run(["qemu-img", "info", "--backing-chain", str(chain[-1])], capture_output=True,
+                            text=True, check=True).stdout
+    assert listed.count("backing file: ../layer0") == 3 and "backing file: ../base.raw" in listed
 
 
 def test_a_section_is_replaced_and_the_others_are_kept(tmp_path: Path) -> None:

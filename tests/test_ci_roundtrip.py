@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kvmtasks.layers import entries as cache
 from tests.conftest import PROVISION_STEPS
+from tests.layerchain import add_base, add_layer, entry_file
 
 if TYPE_CHECKING:
     from tests.conftest import DoitRun, Project
@@ -72,3 +75,41 @@ gzip = true
     # The restored part still shares the restored cache's file (tar keeps hard links).
     cached = next((project.root / "download-cache").glob("*/guest.img.gz"))
     assert (project.parts / "web" / "guest.img.gz").stat().st_ino == cached.stat().st_ino
+
+
+def test_the_layer_cache_travels_in_the_ci_cache_and_its_chains_still_resolve(tmp_path: Path) -> None:
+    """The layers' backing files are relative (../KEY/layer.qcow2): the download cache's folder
+    archived, lost and restored, even elsewhere, still opens every chain whole, read-only."""
+    base = tmp_path / "base.img"
+    base.write_bytes(os.urandom(1 << 20) + bytes(3 << 20))
+    layers = tmp_path / "download-cache" / "layers"
+    chain = [add_base(layers, base)]
+    for number in range(1, 4):
+        writes = [(0x30 + number, number << 20, 4096)]
+        chain.append(add_layer(layers, chain[-1], f"step{number}", writes=writes))
+    flat = tmp_path / "flat.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(entry_file(layers, chain[-1])), str(flat)],
+                   check=True)
+    before = {entry.name: (entry.kind, entry.parent, entry.made) for entry in cache.scan(layers)}
+
+    archive = tmp_path / "ci-cache.tar"
+    subprocess.run(["tar", "--posix", "-cf", str(archive), "-C", str(tmp_path), "download-cache"], check=True)
+    shutil.rmtree(tmp_path / "download-cache")
+    elsewhere = tmp_path / "another runner"
+    elsewhere.mkdir()
+    subprocess.run(["tar", "-xpf", str(archive), "-C", str(elsewhere)], check=True)
+    restored = elsewhere / "download-cache" / "layers"
+    top = entry_file(restored, chain[-1])
+
+    listed = subprocess.run(["qemu-img", "info", "--backing-chain", "--output=json", str(top)],
+                            capture_output=True, text=True, check=False)
+    assert listed.returncode == 0, listed.stderr
+    images = json.loads(listed.stdout)
+    assert [Path(image["filename"]).resolve() for image in images] == \
+        [entry_file(restored, name).resolve() for name in reversed(chain)]
+    same = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(flat), str(top)],
+                          capture_output=True, text=True, check=False)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert all(entry_file(restored, name).stat().st_mode & 0o777 == 0o444 for name in chain)
+    # The records came along: the restored cache lists as the lost one did.
+    assert {entry.name: (entry.kind, entry.parent, entry.made) for entry in cache.scan(restored)} == before

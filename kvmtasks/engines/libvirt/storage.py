@@ -93,8 +93,9 @@ def upload(part: Part, source: Path, volume: str, record: Path, say: Say) -> Non
     ))
 
 
-def ensure_overlay_volume(part: Part) -> None:
-    """The part's overlay volume on the host, backed by its image volume.
+def ensure_overlay_volume(part: Part, image_format: str | None = None) -> None:
+    """The part's overlay volume on the host, backed by its image volume (of image_format, else
+    the image's own: a volume made from a top layer is a qcow2 whatever the image was).
 
     It follows the local overlay: made again whenever that is (re-provisioning, reset,
     disk_size), which the local overlay's size and mtime tell, since no guest writes it.
@@ -115,7 +116,7 @@ def ensure_overlay_volume(part: Part) -> None:
     capacity = image_info(part.overlay_path, "qcow2")["virtual-size"]  # disk_size, or the image's
     virsh(part, "vol-create-as", part.libvirt_pool, overlay_volume_name(part), str(capacity),
           "--format", "qcow2", "--backing-vol", volume_name(part),
-          "--backing-vol-format", base_format(part))
+          "--backing-vol-format", image_format or base_format(part))
     overlay_record(part).write_text(json.dumps(made_from))
 
 

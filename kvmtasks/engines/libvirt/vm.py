@@ -23,7 +23,7 @@ from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.remote import remote_of
 from kvmtasks.config.runfiles import RunFiles, Status
 from kvmtasks.engines import lifecycle, statusreport
-from kvmtasks.engines.libvirt import hostports, managedsave, qemufiles, storage
+from kvmtasks.engines.libvirt import hostports, layervolume, managedsave, qemufiles, storage
 from kvmtasks.engines.libvirt.domain import domain_xml, made_by_kvmtasks
 from kvmtasks.engines.libvirt.virsh import STOPPED_DOMAIN_STATES, VirshError, virsh
 from kvmtasks.engines.lifecycle import Say, Seen
@@ -154,12 +154,17 @@ class LibvirtMachine:
         """The pool and the volumes on the libvirt host, uploaded only when their bytes changed."""
         part = self.part
         storage.ensure_pool(part)
-        storage.upload(part, part.image_path, storage.volume_name(part), storage.volume_record(part), say)
+        top_layer = layervolume.top_layer_of(part)
+        if top_layer is None:
+            storage.upload(part, part.image_path, storage.volume_name(part), storage.volume_record(part), say)
+            image_format = None
+        else:  # setup steps: the volume holds the top layer's chain, flattened
+            image_format = layervolume.ensure_image_volume(part, top_layer, say)
         if part.cloud_init:
             storage.upload(part, seedrules.seed_path(part), storage.seed_volume_name(part),
                            storage.seed_record(part), say)
         if part.overlay:
-            storage.ensure_overlay_volume(part)
+            storage.ensure_overlay_volume(part, image_format)
 
     def first_accel(self) -> Accel:
         return _first_accel(self.part)

@@ -1,0 +1,221 @@
+"""Benchmark reading through a chain of layers: a file written in the bottom layer, read in the guest.
+
+    python bench/layers.py
+
+Makes a FAT data disk (--disk, default 96M) and a chain of 16 qcow2 layers over it, as
+setup steps leave them: the bottom layer writes a file of --file-size (default 48M), each
+layer above writes a small file of its own (so each holds the file system's tables again).
+One boot of the tiny guest (TCG) sees four disks, each a part's overlay over the chain cut
+at 1, 4, 8 and 16 layers; each round drops the guest's page cache and reads the file through
+each disk in turn (the order turns every round), timed in the guest by its kernel's clock. The baseline is
+the chain of 1 in the same run. Prints a table and a last line ``depth4/1=... depth8/1=...
+depth16/1=...``; writes the table into docs/benchmarks.md (or --output).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchlib import (
+    REPO_ROOT,
+    Quiet,
+    bench_parser,
+    doit_argv,
+    environment,
+    free_port,
+    machine_lines,
+    measure,
+    median,
+    parse_size,
+    require,
+    size_label,
+    table,
+    write_section,
+)
+
+from kvmtasks.demo.guestimage import build_guest_image
+
+sys.path.insert(0, str(REPO_ROOT))  # the test suite's helpers, shared rather than copied
+from tests.vmfixtures import qemu_pids_under
+
+PART = "layers"
+GUEST_CACHE = REPO_ROOT / ".cache" / "guest"
+DEPTHS = (1, 4, 8, 16)
+# Over this, depth costs enough to say so (the issue's threshold for flattening past a depth).
+NOTABLE = 1.10
+SMALL_FILE = 64 << 10
+# The guest's busybox has no sub-second clock of its own (no date +%N); the kernel's is here.
+NOW = "sed -n 's/^now at \\([0-9]*\\) nsecs$/\\1/p' /proc/timer_list"
+_ELAPSED = re.compile(r"^elapsed_ns=(\d+)$", re.MULTILINE)
+
+
+def run(argv: list[str]) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+def keep_only_changes(layer: Path, changed: Path, parent: Path, parent_format: str) -> None:
+    """layer: a qcow2 over parent (a relative backing file) holding only the clusters in which
+    the raw file changed differs from parent, as a step's layer holds only what the step wrote.
+    Made empty over changed, then rebased onto parent: qemu-img copies in what differs."""
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(changed.absolute()), "-F", "raw", str(layer)])
+    run(["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", os.path.relpath(parent, layer.parent), "-F",
+         parent_format, str(layer)])
+
+
+def make_chain(work: Path, disk_size: int, file_size: int, depth: int) -> list[Path]:
+    """A raw FAT disk and `depth` layers over it (relative backing files, as the cache's);
+    the layers, bottom first."""
+    base = work / "base.raw"
+    run(["mkfs.fat", "-C", "-n", "DATA", str(base), str(disk_size >> 10)])
+    flat = work / "flat.raw"
+    shutil.copyfile(base, flat)
+    layers: list[Path] = []
+    parent, parent_format = base, "raw"
+    for number in range(1, depth + 1):
+        payload = work / f"file{number}"
+        with open(payload, "wb") as handle:
+            handle.write(os.urandom(file_size if number == 1 else SMALL_FILE))
+        run(["mcopy", "-i", str(flat), str(payload), f"::file{number}"])
+        payload.unlink()
+        folder = work / f"layer{number:02d}"
+        folder.mkdir()
+        layer = folder / "layer.qcow2"
+        keep_only_changes(layer, flat, parent, parent_format)
+        layer.chmod(0o444)
+        layers.append(layer)
+        parent, parent_format = layer, "qcow2"
+    flat.unlink()
+    return layers
+
+
+def make_project(work: Path, image: Path, key: Path, overlays: list[Path]) -> Path:
+    """A part booting a copy of the tiny guest, with one extra virtio disk per overlay."""
+    disk = work / "guest.img"
+    shutil.copyfile(image, disk)
+    extra = "".join(f"    -drive\n    file={overlay},format=qcow2,if=virtio\n" for overlay in overlays)
+    config = work / "layers.cfg"
+    config.write_text(
+        f"[buildout]\ndirectory = {work}\n\n[{PART}]\nfile = {disk}\nssh_port = {free_port()}\n"
+        f"ssh_key_path = {key}\nkvm_memory = 256M\nkvm_accel = tcg\nkvm_boot_timeout = 300\n"
+        f"kvm_shutdown_timeout = 5\nkvm_extra_args =\n{extra}"
+    )
+    return config
+
+
+def in_guest(runscript: str, env: dict[str, str], command: str) -> str:
+    done = subprocess.run([runscript, command], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"in the guest, {command!r} failed (exit {done.returncode}): {done.stderr.strip()}")
+    return done.stdout + done.stderr
+
+
+def read_seconds(runscript: str, env: dict[str, str], disk: int) -> float:
+    """Drop the guest's page cache, then read file1 through disk `disk`, timed in the guest."""
+    said = in_guest(runscript, env, f"sync; echo 3 > /proc/sys/vm/drop_caches; a=$({NOW}); "
+                                    f"dd if=/d{disk}/file1 of=/dev/null bs=1M 2>/dev/null; b=$({NOW}); "
+                                    "echo elapsed_ns=$((b - a))")
+    match = _ELAPSED.search(said)
+    if match is None:
+        raise SystemExit(f"no time from the guest: {said.strip()}")
+    return int(match.group(1)) / 1e9
+
+
+def report(file_size: int, times: dict[int, list[float]], sizes: dict[int, int], quiet: Quiet) -> str:
+    base, best = median(times[DEPTHS[0]]), min(times[DEPTHS[0]])
+    rows = [[str(depth), f"{median(times[depth]):.3f} s", f"{median(times[depth]) / base:.2f}x",
+             f"{min(times[depth]):.3f} s", f"{min(times[depth]) / best:.2f}x",
+             ", ".join(f"{value:.3f}" for value in times[depth]), f"{sizes[depth] / (1 << 20):.1f} MiB"]
+            for depth in DEPTHS]
+    # On a loaded machine the median carries the load; the best run is the closest to the cost.
+    worst = max(min(median(times[depth]) / base, min(times[depth]) / best) for depth in DEPTHS)
+    verdict = (f"Depth costs more than {NOTABLE - 1:.0%} ({worst:.2f}x at its worst, by the median and by "
+               "the best run alike): flattening past a depth would pay." if worst > NOTABLE else
+               f"Depth costs at most {max(worst - 1, 0):.0%} here (by the median or by the best run, "
+               f"whichever is lower), within {NOTABLE - 1:.0%}: no flattening needed.")
+    return "\n".join([
+        "## Reading through a chain of layers",
+        "",
+        f"`python bench/layers.py`: median of {len(times[DEPTHS[0]])} rounds, in one boot of the tiny "
+        f"guest (TCG). A {size_label(file_size)} file written in the bottom layer, each layer above "
+        "writing a small file of its own; read in the guest by `dd bs=1M` (timed by the guest "
+        "kernel's clock) after dropping the guest's page cache, through a part's overlay over the "
+        "chain cut at each depth (the host's page cache holds the layers: this is the chain's "
+        "lookups, not the disk). Baseline: 1 layer, in the same "
+        "boot. " + verdict + " " + quiet.note(),
+        "",
+        *machine_lines(["qemu-img", "--version"]),
+        "",
+        table(["layers", "median", "against 1 layer", "best", "best against 1 layer", "runs",
+               "layers' bytes"], rows),
+        "",
+        "```",
+        summary_line(times),
+        "```",
+    ])
+
+
+def summary_line(times: dict[int, list[float]]) -> str:
+    base, best = median(times[DEPTHS[0]]), min(times[DEPTHS[0]])
+    ratios = " ".join(f"depth{depth}/1={median(times[depth]) / base:.2f}" for depth in DEPTHS[1:])
+    return f"{ratios} best16/1={min(times[DEPTHS[-1]]) / best:.2f} depth1_s={base:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = bench_parser(__doc__, repeat=5)
+    parser.add_argument("--disk", default="96M", help="the data disk's size (default 96M)")
+    parser.add_argument("--file-size", default="48M",
+                        help="the file written in the bottom layer (default 48M)")
+    options = parser.parse_args(argv)
+    require(parser, "qemu-img", "qemu-system-x86_64", "mkfs.fat", "mcopy", "ssh-keygen")
+    disk_size, file_size = parse_size(options.disk), parse_size(options.file_size)
+    quiet = Quiet(patience=options.patience)
+    times: dict[int, list[float]] = {depth: [] for depth in DEPTHS}
+    with tempfile.TemporaryDirectory(prefix="kvmtasks-layers-") as work_name:
+        work = Path(work_name)
+        key = work / "id_ed25519"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
+        image = build_guest_image(work / "tiny.img", key.with_suffix(".pub"), GUEST_CACHE).path
+        layers = make_chain(work, disk_size, file_size, max(DEPTHS))
+        sizes = {depth: sum(layer.stat().st_size for layer in layers[:depth]) for depth in DEPTHS}
+        overlays = []
+        for depth in DEPTHS:
+            overlay = work / f"over{depth}.qcow2"
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(layers[depth - 1]), "-F", "qcow2",
+                 str(overlay)])
+            overlays.append(overlay)
+        config = make_project(work, image, key, overlays)
+        env = environment(KVMTASKS_CONFIG=str(config), HOME=str(work / "home"))
+        ctl, runscript = str(work / "bin" / f"{PART}-ctl"), str(work / "bin" / f"{PART}-runscript")
+        try:
+            measure(doit_argv(f"provision:{PART}"), env=env, cwd=work).check()
+            measure([ctl, "start"], env=env, cwd=work).check()
+            # virtio disks in argv order: vda boots, vdb... are the overlays, one per depth.
+            mounts = "; ".join(f"mkdir -p /d{number} && mount -t vfat -o ro /dev/vd{chr(ord('b') + number)} "
+                               f"/d{number}" for number in range(len(DEPTHS)))
+            in_guest(runscript, env, mounts)
+            for round_number in range(options.repeat):
+                turn = round_number % len(DEPTHS)
+                quiet.wait()
+                for index in [*range(turn, len(DEPTHS)), *range(turn)]:
+                    times[DEPTHS[index]].append(read_seconds(runscript, env, index))
+                print(f"  round {round_number + 1}/{options.repeat} done", file=sys.stderr)
+            measure([ctl, "stop"], env=env, cwd=work)
+        finally:
+            for pid in qemu_pids_under(work):
+                os.kill(pid, 9)
+    text = report(file_size, times, sizes, quiet)
+    write_section(options.output, "layers", text)
+    print(text)
+    print(summary_line(times))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
