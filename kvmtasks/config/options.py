@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kvmtasks.config.shares import parse_shares
+
 
 class ImageType(enum.StrEnum):
     DRIVE = "drive"
@@ -368,6 +370,12 @@ OPTIONS: tuple[Option, ...] = (
            "cloud-config (lists append)."),
     Option("cloud_init_network_config", parse_path, None,
            "A cloud-init network-config file for the seed. Default: cloud-init's (DHCP on the first NIC)."),
+    Option("share", parse_shares, None,
+           "Host folders in the guest, one per line: `HOSTDIR GUESTDIR [FLAG...]` (HOSTDIR relative "
+           "to the buildout directory, GUESTDIR absolute; quotes for spaces). Flags: `ro`; how it "
+           "is carried: `auto` (default: a live 9p share where the guest mounts it, else a copy), "
+           "`9p`, `virtiofs` (live), `rsync` (a copy at start and by `PART-sync`); "
+           "`exclude=PATTERN` (rsync's pattern, repeatable) for copies."),
 )
 
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}

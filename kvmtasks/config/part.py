@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmtasks.config.options import Accel, Compression, Engine, ImageType, Redirect
+from kvmtasks.config.shares import Share
 from kvmtasks.errors import ConfigError
 
 ACCEL_ENV = "KVMTASKS_ACCEL"
@@ -76,6 +77,7 @@ class Part:
     cloud_init_hostname: str
     cloud_init_user_data: Path | None
     cloud_init_network_config: Path | None
+    shares: tuple[Share, ...] = ()  # option share: host folders in the guest (config/shares.py)
 
     @property
     def download_path(self) -> Path:

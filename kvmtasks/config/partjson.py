@@ -9,6 +9,7 @@ from typing import Any
 
 from kvmtasks.config.options import Accel, Compression, Engine, ImageType, Redirect
 from kvmtasks.config.part import Buildout, Part
+from kvmtasks.config.shares import Carrier, Share
 
 _PATHS = {"config_file", "file", "location", "kvm_bin_directory", "kvm_run_directory", "ssh_key_path",
           "cloud_init_user_data", "cloud_init_network_config"}
@@ -17,7 +18,7 @@ _PATHS = {"config_file", "file", "location", "kvm_bin_directory", "kvm_run_direc
 def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, Redirect | Buildout):
+    if isinstance(value, Redirect | Buildout | Share):
         return _plain(dataclasses.asdict(value))
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
@@ -47,4 +48,7 @@ def from_json(text: str) -> Part:
     data["kvm_net"] = tuple(data["kvm_net"])
     data["kvm_extra_args"] = tuple(data["kvm_extra_args"])
     data["kvm_redir"] = tuple(Redirect(**item) for item in data["kvm_redir"])
+    data["shares"] = tuple(Share(**{**item, "carrier": Carrier(item["carrier"]),
+                                    "excludes": tuple(item["excludes"])})
+                           for item in data.get("shares", ()))
     return Part(**data)
