@@ -49,7 +49,8 @@ def test_a_bad_share_line_is_refused(value: str, needle: str) -> None:
 
 def _config_error(tmp_path: Path, share: str) -> str:
     path = tmp_path / "bad.cfg"
-    path.write_text(f"[buildout]\ndirectory = {tmp_path}\n[vm]\nimage = {IMAGE}\nshare =\n  {share}\n")
+    path.write_text(f"[buildout]\ndirectory = {tmp_path}\n[vm]\nimage = {IMAGE}\nssh_port = 2222\n"
+                    f"share =\n  {share}\n")
     with pytest.raises(ConfigError) as error:
         load_parts([path], cwd=tmp_path)
     message = str(error.value)
@@ -78,7 +79,7 @@ def test_host_folders_are_relative_to_the_buildout_directory_and_survive_the_jso
     (tmp_path / "src").mkdir()
     config = tmp_path / "kvm.cfg"
     config.write_text(f"[buildout]\ndirectory = {tmp_path}\n[vm]\nimage = {IMAGE}\n"
-                      "share =\n  src /srv ro rsync exclude=*.tmp\n")
+                      "ssh_port = 2222\nshare =\n  src /srv ro rsync exclude=*.tmp\n")
 
     (part,) = load_file(config, Path("/nonexistent-cwd"))
 

@@ -14,6 +14,7 @@ from kvmtasks.config.cfgfile import DEPENDENCIES
 from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Compression, Engine, closest
 from kvmtasks.config.part import Buildout, Part, path_is_block_device
 from kvmtasks.config.remote import remote_host
+from kvmtasks.config.shares import problem as share_problem
 from kvmtasks.config.shares import resolved
 from kvmtasks.errors import ConfigError
 
@@ -283,6 +284,11 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         shares = resolved(values.get("share", ()), buildout.directory)
     except ValueError as error:
         raise ConfigError(f"{where} share: {error}") from None
+    for share in shares:
+        why = share_problem(share, direct_qemu=values["kvm_engine"] is Engine.QEMU,
+                            has_ssh=values.get("ssh_port") is not None)
+        if why is not None:
+            raise ConfigError(f"{where} share: {why}")
     return Part(
         name=section,
         config_file=path,

@@ -120,6 +120,11 @@ def resolved(shares: Iterable[Share], directory: Path) -> tuple[Share, ...]:
 RECORD_NAME = "shares.json"
 
 
+def virtiofs_socket(state_directory: Path, index: int) -> Path:
+    """The vhost-user socket between QEMU and the index-th share's virtiofsd."""
+    return state_directory / f"virtiofs{index}.sock"
+
+
 def record_path(state_directory: Path) -> Path:
     """Where start writes how each share is carried this boot (status reads it)."""
     return state_directory / RECORD_NAME
@@ -134,3 +139,16 @@ def carried(state_directory: Path) -> dict[str, str]:
     except (OSError, ValueError):
         return {}
     return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def problem(share: Share, *, direct_qemu: bool, has_ssh: bool) -> str | None:
+    """What the part's other options make impossible for a share, or None."""
+    if not has_ssh:
+        return f"line {share.line()!r}: shares are mounted or copied over ssh: set ssh_port"
+    if share.carrier in LIVE and not direct_qemu:
+        return (f"line {share.line()!r}: a live {share.carrier} share needs kvm_engine = qemu; "
+                "on libvirt use auto or rsync (a copied folder)")
+    if share.carrier is Carrier.VIRTIOFS and share.read_only:
+        return (f"line {share.line()!r}: QEMU 7.2's virtiofsd cannot export a folder read-only "
+                "(the guest's root could remount it read-write); use 9p or rsync for ro")
+    return None
