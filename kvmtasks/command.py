@@ -167,3 +167,18 @@ def run_with_files(argv: Sequence[str], *, stdin: str | None = None, stdout: str
                 timer.cancel()
     out = b"" if sink is not None else running.stdout
     return Result(running.exit_code, out.decode(errors="replace"), running.stderr.decode(errors="replace"))
+
+
+def spawn(argv: Sequence[str], *, log_file: str) -> int:
+    """Start argv in the background, in a session of its own, its output to log_file; its pid.
+
+    For a daemon that lives as long as a VM (virtiofsd): it outlives this process, and the
+    caller stops it by its pid."""
+    import subprocess
+
+    path = find(argv[0])
+    log.debug("starting %s", shlex.join(argv))
+    with open(log_file, "ab") as output:
+        process = subprocess.Popen([path, *argv[1:]], stdin=subprocess.DEVNULL, stdout=output,
+                                   stderr=output, start_new_session=True)
+    return process.pid

@@ -91,6 +91,19 @@ def test_live_and_copied_shares_through_one_boot(
     assert (live / "guest.txt").read_text() == "from the guest\n"
     assert (written.st_uid, written.st_gid) == (os.getuid(), os.getgid())
     assert os.getxattr(live / "guest.txt", "user.virtfs.uid") == (1234).to_bytes(4, "little")
+    assert written.st_mode & 0o777 == 0o600  # QEMU's file mode for mapped files: the owner's only
+    # A normal user in the guest: writes where the guest's ownership lets it (a folder chowned to
+    # it in the guest), not into the host's folders, which the guest sees as their host owner's.
+    as_user = in_guest(project, "echo 'dev:x:1000:1000::/tmp:/bin/sh' >> /etc/passwd"
+                                " && mkdir /mnt/live/devdir && chown 1000:1000 /mnt/live/devdir"
+                                " && su -s /bin/sh dev -c 'echo mine > /mnt/live/devdir/u.txt"
+                                " && stat -c \"%u %g %a\" /mnt/live/devdir/u.txt'")
+    assert (as_user.returncode, as_user.stdout) == (0, "1000 1000 644\n"), as_user.stderr
+    assert in_guest(project, "su -s /bin/sh dev -c 'touch /mnt/live/not-mine'").returncode != 0
+    by_user = (live / "devdir" / "u.txt").stat()
+    assert (by_user.st_uid, by_user.st_mode & 0o777) == (os.getuid(), 0o600)
+    assert (live / "devdir").stat().st_mode & 0o777 == 0o700
+    assert os.getxattr(live / "devdir" / "u.txt", "user.virtfs.uid") == (1000).to_bytes(4, "little")
 
     # Nothing through the share reaches outside HOSTDIR: the host's link resolves in the guest's
     # own tree; the guest's link and device node are plain files on the host.
@@ -166,3 +179,59 @@ def test_live_and_copied_shares_through_one_boot(
     assert carried(project)["/mnt/live"] == "9p"
 
     assert script(project, "vm-ctl", "stop").returncode == 0
+
+
+def virtiofsd_pids() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"virtiofsd" in (entry / "cmdline").read_bytes().split(b"\0")[0]:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_virtiofs_share_lives_and_ends_with_its_vm(
+    project: Project, guest_with_shares: Guest, http_server: FileServer, tmp_path: Path
+) -> None:
+    guest = guest_with_shares
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("host secret\n")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "hello.txt").write_text("hello\n")
+    (shared / "escape").symlink_to(outside)
+    url = http_server.put("guest.img.gz", guest.gzipped())
+    before = set(virtiofsd_pids())
+    config = (f"[vm]\nimage = {url}\nssh_port = {free_port()}\nssh_key_path = {guest.key}\n"
+              "kvm_memory = 256M\nkvm_accel = tcg\nkvm_boot_timeout = 120\nkvm_shutdown_timeout = 3\n"
+              f"share =\n  {shared} /mnt/fs virtiofs\n")
+    # QEMU refuses to start: the daemon started for it does not outlive the failure.
+    project.write(config + "kvm_extra_args = -no-such-option\n")
+    failed = project.run("start:vm", timeout=300)
+    assert failed.returncode != 0
+    assert set(virtiofsd_pids()) == before
+
+    project.write(config)
+    started = project.run("start:vm", timeout=300)
+    assert started.returncode == 0, started.describe()
+    assert len(set(virtiofsd_pids()) - before) == 1
+    assert carried(project) == {"/mnt/fs": "virtiofs"}
+    assert guest_text(project, "/mnt/fs/hello.txt") == "hello\n"
+    (shared / "new.txt").write_text("from the host\n")
+    assert guest_text(project, "/mnt/fs/new.txt") == "from the host\n"
+    assert in_guest(project, "echo back > /mnt/fs/back.txt").returncode == 0
+    assert (shared / "back.txt").read_text() == "back\n"
+    # The host's link out of the folder: the guest resolves it in its own tree.
+    assert in_guest(project, "cat /mnt/fs/escape/secret.txt").returncode != 0
+    assert in_guest(project, "echo x > /mnt/fs/escape/planted").returncode != 0
+    assert not (outside / "planted").exists()
+    refused = script(project, "vm-ctl", "suspend")
+    assert refused.returncode == 1 and "carried by virtiofs" in refused.stderr, refused.stderr
+    assert guest_text(project, "/mnt/fs/hello.txt") == "hello\n"
+
+    assert script(project, "vm-ctl", "stop").returncode == 0
+    assert set(virtiofsd_pids()) == before

@@ -18,6 +18,14 @@ NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000"
 TIMEOUT = ssh.CONNECT_TIMEOUT + 60
 
 
+def mounted_test(guest: str) -> str:
+    """The guest shell's test that GUESTDIR is a mount point, as /proc/mounts writes it (no
+    mountpoint(1) in busybox builds without it)."""
+    escaped = "".join({" ": "\\040", "\t": "\\011", "\n": "\\012", "\\": "\\134"}.get(c, c)
+                      for c in guest)
+    return f"grep -qF -- {shlex.quote(f' {escaped} ')} /proc/mounts"
+
+
 def mount_script(share: Share, tag: str, carrier: Carrier) -> str:
     """The guest shell's words: create GUESTDIR, mount it unless it already is."""
     folder = shlex.quote(share.guest)
@@ -26,8 +34,7 @@ def mount_script(share: Share, tag: str, carrier: Carrier) -> str:
         how = f"-t 9p -o {NINEP_OPTIONS}{ro}"
     else:
         how = f"-t virtiofs{' -o ro' if share.read_only else ''}"
-    return (f"mkdir -p -- {folder} && {{ mountpoint -q {folder} || "
-            f"mount {how} {tag} {folder}; }}")
+    return f"mkdir -p -- {folder} && {{ {mounted_test(share.guest)} || mount {how} {tag} {folder}; }}"
 
 
 def mount(part: Part, share: Share, tag: str, carrier: Carrier) -> str | None:
@@ -41,7 +48,7 @@ def mount(part: Part, share: Share, tag: str, carrier: Carrier) -> str | None:
 def unmount(part: Part, share: Share) -> str | None:
     """Unmount GUESTDIR if mounted (a live share blocks saving the VM's state); why not, or None."""
     folder = shlex.quote(share.guest)
-    result = command.run(ssh.ssh_argv(part, [f"! mountpoint -q {folder} || umount {folder}"]),
+    result = command.run(ssh.ssh_argv(part, [f"! {mounted_test(share.guest)} || umount {folder}"]),
                          timeout=TIMEOUT)
     if result.exit_code == 0:
         return None
