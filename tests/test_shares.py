@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +11,12 @@ import pytest
 
 from kvmtasks.config import partjson
 from kvmtasks.config.loader import load_file, load_parts
+from kvmtasks.config.part import Part
 from kvmtasks.config.shares import Carrier, Share, parse_shares
+from kvmtasks.engines import sharing
+from kvmtasks.engines.libvirt.domain import Disk, domain_xml
+from kvmtasks.engines.qemu import virtiofs
+from kvmtasks.engines.qemu.argv import qemu_argv
 from kvmtasks.engines.statusreport import Facts, ShareFact, State, as_json, describe
 from kvmtasks.errors import ConfigError
 
@@ -105,3 +111,68 @@ def test_status_lists_each_share_and_how_it_is_carried() -> None:
     ]
     stopped = replace(FACTS, state=State.STOPPED)
     assert json.loads(as_json(stopped))["shares"][0]["host"] == "/h/src"
+
+
+def _part(tmp_path: Path, body: str) -> Part:
+    (tmp_path / "src").mkdir(exist_ok=True)
+    (tmp_path / "a,b").mkdir(exist_ok=True)
+    config = tmp_path / "kvm.cfg"
+    config.write_text(f"[buildout]\ndirectory = {tmp_path}\n[vm]\nfile = /srv/disk.img\nssh_port = 2222\n"
+                      f"kvm_memory = 512\n{body}")
+    (part,) = load_file(config, tmp_path)
+    return part
+
+
+def test_the_qemu_argv_carries_live_shares_and_leaves_copies_to_ssh(tmp_path: Path) -> None:
+    part = _part(tmp_path, "share =\n  src /srv ro\n  a,b /vfs virtiofs\n  src /copy rsync\n")
+
+    argv = qemu_argv(part, accel="tcg", disk_format="raw", listen_address="127.0.0.1")
+
+    fsdev = argv[argv.index("-fsdev") + 1]
+    assert fsdev == (f"local,id=kvmtasks-fs0,path={tmp_path / 'src'},security_model=mapped-xattr,"
+                     "multidevs=remap,readonly=on")
+    assert "virtio-9p-pci,fsdev=kvmtasks-fs0,mount_tag=kvmtasks0" in argv
+    assert f"socket,id=kvmtasks-vfs1,path={tmp_path / 'var' / 'vm' / 'virtiofs1.sock'}" in argv
+    assert "vhost-user-fs-pci,chardev=kvmtasks-vfs1,tag=kvmtasks1" in argv
+    # virtiofsd reads the guest's memory: a shared memfd backend, its size as -m reads 512.
+    assert "memory-backend-memfd,id=kvmtasks-mem,size=512M,share=on" in argv
+    assert "memory-backend=kvmtasks-mem" in argv
+    assert argv.count("-fsdev") == 1 and not any("kvmtasks2" in arg for arg in argv)
+    daemon = virtiofs.argv(part, 1, str(tmp_path / "a,b"))
+    assert f"source={tmp_path}/a\\,b" in daemon and "sandbox=namespace" in daemon
+
+
+def test_local_libvirt_carries_9p_shares_in_the_domain_and_a_remote_host_copies(tmp_path: Path) -> None:
+    local = _part(tmp_path, "kvm_engine = libvirt\nshare =\n  src /srv ro\n  src /copy rsync\n")
+    domain = ET.fromstring(domain_xml(local, domain_type="qemu", disk=Disk("pool", "d", "qcow2"),
+                                      listen_address="127.0.0.1", console_log=None))
+    (filesystem,) = domain.iter("filesystem")
+    assert filesystem.attrib == {"type": "mount", "accessmode": "mapped"}
+    assert filesystem.find("source").attrib == {"dir": str(tmp_path / "src")}  # type: ignore[union-attr]
+    assert filesystem.find("target").attrib == {"dir": "kvmtasks0"}  # type: ignore[union-attr]
+    assert filesystem.find("readonly") is not None
+
+    remote = _part(tmp_path, "kvm_engine = libvirt\nlibvirt_uri = qemu+ssh://root@h/system\n"
+                             "share =\n  src /srv\n")
+    assert sharing.offered(remote, remote.shares[0]) is Carrier.RSYNC
+    remote_domain = domain_xml(remote, domain_type="qemu", disk=Disk("pool", "d", "qcow2"),
+                               listen_address="127.0.0.1", console_log=None)
+    assert not list(ET.fromstring(remote_domain).iter("filesystem"))
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ("share =\n  src /srv", "set ssh_port"),
+    ("ssh_port = 2222\nkvm_engine = libvirt\nlibvirt_uri = qemu+ssh://h/system\nshare =\n  src /srv 9p",
+     "needs the VM on this machine"),
+    ("ssh_port = 2222\nkvm_engine = libvirt\nshare =\n  src /srv virtiofs",
+     "virtiofs shares need kvm_engine = qemu"),
+    ("ssh_port = 2222\nshare =\n  src /srv virtiofs ro", "cannot export a folder read-only"),
+])
+def test_what_the_other_options_rule_out_is_one_line(tmp_path: Path, body: str, needle: str) -> None:
+    (tmp_path / "src").mkdir()
+    path = tmp_path / "bad.cfg"
+    path.write_text(f"[buildout]\ndirectory = {tmp_path}\n[vm]\nimage = {IMAGE}\n{body}\n")
+    with pytest.raises(ConfigError) as error:
+        load_parts([path], cwd=tmp_path)
+    assert needle in str(error.value) and len(str(error.value).splitlines()) == 1
+    assert str(path) in str(error.value) and "[vm] share: line" in str(error.value)

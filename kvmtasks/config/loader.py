@@ -285,7 +285,8 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
     except ValueError as error:
         raise ConfigError(f"{where} share: {error}") from None
     for share in shares:
-        why = share_problem(share, direct_qemu=values["kvm_engine"] is Engine.QEMU,
+        remote = values["kvm_engine"] is Engine.LIBVIRT and remote_host(values["libvirt_uri"]) is not None
+        why = share_problem(share, engine=values["kvm_engine"].value, remote=remote,
                             has_ssh=values.get("ssh_port") is not None)
         if why is not None:
             raise ConfigError(f"{where} share: {why}")

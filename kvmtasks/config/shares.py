@@ -141,13 +141,17 @@ def carried(state_directory: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
-def problem(share: Share, *, direct_qemu: bool, has_ssh: bool) -> str | None:
-    """What the part's other options make impossible for a share, or None."""
+def problem(share: Share, *, engine: str, remote: bool, has_ssh: bool) -> str | None:
+    """What the part's other options make impossible for a share, or None. engine is
+    kvm_engine's value; remote: a libvirt host other than this machine."""
     if not has_ssh:
         return f"line {share.line()!r}: shares are mounted or copied over ssh: set ssh_port"
-    if share.carrier in LIVE and not direct_qemu:
-        return (f"line {share.line()!r}: a live {share.carrier} share needs kvm_engine = qemu; "
-                "on libvirt use auto or rsync (a copied folder)")
+    if share.carrier in LIVE and remote:
+        return (f"line {share.line()!r}: a live {share.carrier} share needs the VM on this machine; "
+                "on a remote libvirt host use auto or rsync (a copied folder)")
+    if share.carrier is Carrier.VIRTIOFS and engine != "qemu":
+        return (f"line {share.line()!r}: virtiofs shares need kvm_engine = qemu; "
+                "on libvirt use 9p, auto or rsync")
     if share.carrier is Carrier.VIRTIOFS and share.read_only:
         return (f"line {share.line()!r}: QEMU 7.2's virtiofsd cannot export a folder read-only "
                 "(the guest's root could remount it read-write); use 9p or rsync for ro")

@@ -2,8 +2,9 @@
 and copies once the guest answers (start, resume, snapshot restore), the mounts taken down
 before its state is saved, and PART-sync.
 
-`auto` offers a live 9p share on the direct QEMU engine and tries the mount over ssh; a guest
-that cannot mount it (no 9p in its kernel) gets a copy instead. On libvirt, `auto` is a copy.
+`auto` offers a live 9p share where QEMU runs on this machine (the direct engine, or a local
+libvirt) and tries the mount over ssh; a guest that cannot mount it (no 9p in its kernel) gets
+a copy instead. On a remote libvirt host, `auto` is a copy.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from kvmtasks.config.options import Engine
 from kvmtasks.config.part import Part
+from kvmtasks.config.remote import remote_of
 from kvmtasks.config.shares import LIVE, Carrier, Share, carried, record_path, tag
 from kvmtasks.engines.running import current
 from kvmtasks.errors import VmError
@@ -25,7 +27,8 @@ Say = Callable[[str], None]
 def offered(part: Part, share: Share) -> Carrier:
     """How the VM is launched to carry the share: a live device (9p, virtiofs), or a copy."""
     if share.carrier is Carrier.AUTO:
-        return Carrier.NINEP if part.kvm_engine is Engine.QEMU else Carrier.RSYNC
+        local = part.kvm_engine is Engine.QEMU or remote_of(part) is None
+        return Carrier.NINEP if local else Carrier.RSYNC
     return share.carrier
 
 
