@@ -98,7 +98,8 @@ def sync(part: Part, guest_dirs: Sequence[str], *, pull: bool, say: Say) -> None
         raise VmError(f"{part.name} is not running: start it (start copies the folders too)")
     now = carried(part.state_directory)
     for share in chosen:
-        way = now.get(share.guest)
+        # No record (a VM started by an older kvmtasks): a share offered live is taken as live.
+        way = now.get(share.guest) or (offered(part, share).value if offered(part, share) in LIVE else None)
         if way in (Carrier.NINEP, Carrier.VIRTIOFS):
             say(f"{share.guest}: live ({way}), nothing to copy")
             continue
