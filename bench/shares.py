@@ -110,6 +110,7 @@ def main() -> int:
             for pid in qemu_pids_under(folder):
                 with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     rows.insert(0, ["start: boot, mounts and the first rsync copy of the folder", f"{start:.2f} s", ""])
     summary = " ".join(f"{key}={value:.2f}" for key, value in results.items())
     body = "\n".join([
@@ -120,7 +121,8 @@ def main() -> int:
         "(mapped-xattr, msize 512000), virtiofs (virtiofsd, cache=auto) and a copy by rsync "
         "(into its root file system, the initramfs in RAM). The guest's page cache is dropped "
         "before each read. Times are taken on the host around `PART-runscript`; a `true` "
-        "through it is shown for its own cost.",
+        f"through it is shown for its own cost. {quiet.note()} Load average when it ended: "
+        f"{load}.",
         "",
         *[f"- {line}" for line in machine_lines(["rsync", "--version"])],
         "",

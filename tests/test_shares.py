@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -19,6 +19,7 @@ from kvmtasks.engines.qemu import virtiofs
 from kvmtasks.engines.qemu.argv import qemu_argv
 from kvmtasks.engines.statusreport import Facts, ShareFact, State, as_json, describe
 from kvmtasks.errors import ConfigError
+from kvmtasks.guest import copies, mounts
 
 IMAGE = "http://127.0.0.1:9/images/disk.img"
 
@@ -176,3 +177,38 @@ def test_what_the_other_options_rule_out_is_one_line(tmp_path: Path, body: str, 
         load_parts([path], cwd=tmp_path)
     assert needle in str(error.value) and len(str(error.value).splitlines()) == 1
     assert str(path) in str(error.value) and "[vm] share: line" in str(error.value)
+
+
+@pytest.mark.parametrize(("name", "is_dir", "patterns", "expected"), [
+    ("main.o", False, ("*.o",), True),
+    ("sub/deep/main.o", False, ("*.o",), True),
+    ("cache", True, ("cache/",), True),
+    ("cache", False, ("cache/",), False),  # a trailing / matches folders only
+    ("cache/big", False, ("cache/",), True),  # what an excluded folder holds
+    ("top", False, ("/top",), True),
+    ("sub/top", False, ("/top",), False),  # a leading / anchors at the folder's top
+    ("a/b/c.txt", False, ("a/b",), True),
+    ("keep.txt", False, ("*.o", "cache/"), False),
+])
+def test_excludes_follow_rsyncs_rules(name: str, is_dir: bool, patterns: tuple[str, ...],
+                                      expected: bool) -> None:
+    assert copies.excluded(name, is_dir, patterns) is expected
+
+
+@pytest.mark.parametrize(("where", "target", "inside"), [
+    ("link", "sub/file", True), ("sub/link", "../file", True), ("sub/link", "../../x", False),
+    ("link", "../outside", False), ("link", "/etc/passwd", False), ("a/b/link", "./../../c", True),
+])
+def test_a_link_stays_inside_as_rsyncs_safe_links_says(where: str, target: str, inside: bool) -> None:
+    assert copies._link_stays_inside(PurePosixPath(where), target) is inside
+
+
+def test_the_mount_in_the_guest_is_quoted_for_its_shell_and_goes_through_sudo(tmp_path: Path) -> None:
+    share = Share("/h", "/mnt/my dir", read_only=True)
+    script = mounts.mount_script(share, "kvmtasks3", Carrier.NINEP)
+    assert script == ("mkdir -p -- '/mnt/my dir' && { grep -qF -- ' /mnt/my\\040dir ' /proc/mounts || "
+                      "mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro kvmtasks3 "
+                      "'/mnt/my dir'; }")
+    as_user = mounts.as_root(_part(tmp_path, "ssh_user = debian\n"), "mount x")
+    assert as_user == "sudo -n sh -c 'mount x'"
+    assert mounts.as_root(_part(tmp_path, ""), "mount x") == "mount x"

@@ -37,9 +37,15 @@ def mount_script(share: Share, tag: str, carrier: Carrier) -> str:
     return f"mkdir -p -- {folder} && {{ {mounted_test(share.guest)} || mount {how} {tag} {folder}; }}"
 
 
+def as_root(part: Part, script: str) -> str:
+    """Mounting takes root: another ssh_user goes through sudo (cloud-init's user has it)."""
+    return script if part.ssh_user == "root" else f"sudo -n sh -c {shlex.quote(script)}"
+
+
 def mount(part: Part, share: Share, tag: str, carrier: Carrier) -> str | None:
     """Mount the share in the guest; why not (the guest's last error line) or None."""
-    result = command.run(ssh.ssh_argv(part, [mount_script(share, tag, carrier)]), timeout=TIMEOUT)
+    result = command.run(ssh.ssh_argv(part, [as_root(part, mount_script(share, tag, carrier))]),
+                         timeout=TIMEOUT)
     if result.exit_code == 0:
         return None
     return command.last_error_line(result.stderr) or f"exit status {result.exit_code}"
@@ -48,7 +54,8 @@ def mount(part: Part, share: Share, tag: str, carrier: Carrier) -> str | None:
 def unmount(part: Part, share: Share) -> str | None:
     """Unmount GUESTDIR if mounted (a live share blocks saving the VM's state); why not, or None."""
     folder = shlex.quote(share.guest)
-    result = command.run(ssh.ssh_argv(part, [f"! {mounted_test(share.guest)} || umount {folder}"]),
+    script = f"! {mounted_test(share.guest)} || umount {folder}"
+    result = command.run(ssh.ssh_argv(part, [as_root(part, script)]),
                          timeout=TIMEOUT)
     if result.exit_code == 0:
         return None
