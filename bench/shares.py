@@ -55,7 +55,7 @@ PART = "shares"
 GUEST_CACHE = REPO_ROOT / ".cache" / "guest"
 BOOT_TIMEOUT = 600.0
 SYNC_TARGET = 1.0
-WAYS = {"9p": "/mnt/9p", "virtiofs": "/mnt/vfs", "own copy (rsync)": "/mnt/copy"}
+WAYS = {"9p": "/srv/9p", "virtiofs": "/srv/vfs", "own copy (rsync)": "/srv/copy"}
 DROP_CACHES = "sync; echo 3 > /proc/sys/vm/drop_caches"
 
 
@@ -96,7 +96,7 @@ def main() -> int:
             f"[buildout]\ndirectory = {folder}\n\n[{PART}]\nimage = {image.as_uri()}\n"
             f"ssh_port = {free_port()}\nssh_key_path = {key}\nkvm_memory = {args.memory}\n"
             f"kvm_accel = tcg\nkvm_boot_timeout = {BOOT_TIMEOUT:g}\nkvm_shutdown_timeout = 5\n"
-            f"share =\n  data /mnt/9p 9p\n  data /mnt/vfs virtiofs\n  data /mnt/copy rsync\n")
+            f"share =\n  data /srv/9p 9p\n  data /srv/vfs virtiofs\n  data /srv/copy rsync\n")
         env = environment(KVMTASKS_CONFIG=str(config), HOME=str(folder / "home"))
         bin_dir = folder / "bin"
         try:
@@ -158,8 +158,8 @@ def run_rounds(bin_dir: Path, env: dict[str, str], folder: Path, quiet: Quiet, r
             times.setdefault(f"tree {way}", []).append(in_guest(tree))
             times.setdefault(f"big {way}", []).append(in_guest(f"cat {mount}/big.bin > /dev/null"))
         changed.write_text(f"changed in round {round_index}\n")
-        times.setdefault("sync", []).append(measure([sync, "/mnt/copy"], env=env, cwd=folder).check().seconds)
-    check = subprocess.run([runscript, f"cat /mnt/copy/{changed.relative_to(data)}"], env=env, cwd=folder,
+        times.setdefault("sync", []).append(measure([sync, "/srv/copy"], env=env, cwd=folder).check().seconds)
+    check = subprocess.run([runscript, f"cat /srv/copy/{changed.relative_to(data)}"], env=env, cwd=folder,
                            capture_output=True, text=True, check=False)
     if check.stdout != changed.read_text():
         raise SystemExit(f"PART-sync did not carry the change: {check.stdout!r} {check.stderr}")

@@ -69,23 +69,23 @@ def test_live_and_copied_shares_through_one_boot(
     project.write(
         f"[vm]\nimage = {url}\nssh_port = {free_port()}\nssh_key_path = {guest.key}\n"
         "kvm_memory = 256M\nkvm_accel = tcg\nkvm_boot_timeout = 120\nkvm_shutdown_timeout = 3\n"
-        f"share =\n  {live} /mnt/live\n  {readonly} /mnt/ro ro 9p\n"
-        f"  {copy} /mnt/copy rsync exclude=*.o exclude=cache/\n")
+        f"share =\n  {live} /srv/live\n  {readonly} /srv/ro ro 9p\n"
+        f"  {copy} /srv/copy rsync exclude=*.o exclude=cache/\n")
 
     started = project.run("start:vm", timeout=300)
     assert started.returncode == 0, started.describe()
-    assert carried(project) == {"/mnt/live": "9p", "/mnt/ro": "9p", "/mnt/copy": "rsync"}
+    assert carried(project) == {"/srv/live": "9p", "/srv/ro": "9p", "/srv/copy": "rsync"}
     status = script(project, "vm-ctl", "status").stdout
-    assert f"  share {live} -> /mnt/live (read-write, auto: 9p)" in status
+    assert f"  share {live} -> /srv/live (read-write, auto: 9p)" in status
 
     # Live: the host's change is there with no command run; the guest's write is on the host,
     # owned by the user running QEMU (mapped-xattr), with the guest's own view kept in xattrs.
-    assert guest_text(project, "/mnt/live/hello.txt") == "hello\n"
+    assert guest_text(project, "/srv/live/hello.txt") == "hello\n"
     (live / "new.txt").write_text("written on the host\n")
-    assert guest_text(project, "/mnt/live/new.txt") == "written on the host\n"
-    made = in_guest(project, "echo from the guest > /mnt/live/guest.txt && chmod 640 /mnt/live/guest.txt"
-                             " && chown 1234:5678 /mnt/live/guest.txt"
-                             " && stat -c '%u %g %a' /mnt/live/guest.txt")
+    assert guest_text(project, "/srv/live/new.txt") == "written on the host\n"
+    made = in_guest(project, "echo from the guest > /srv/live/guest.txt && chmod 640 /srv/live/guest.txt"
+                             " && chown 1234:5678 /srv/live/guest.txt"
+                             " && stat -c '%u %g %a' /srv/live/guest.txt")
     assert (made.returncode, made.stdout) == (0, "1234 5678 640\n"), made.stderr
     written = (live / "guest.txt").stat()
     assert (live / "guest.txt").read_text() == "from the guest\n"
@@ -95,11 +95,11 @@ def test_live_and_copied_shares_through_one_boot(
     # A normal user in the guest: writes where the guest's ownership lets it (a folder chowned to
     # it in the guest), not into the host's folders, which the guest sees as their host owner's.
     as_user = in_guest(project, "echo 'dev:x:1000:1000::/tmp:/bin/sh' >> /etc/passwd"
-                                " && mkdir /mnt/live/devdir && chown 1000:1000 /mnt/live/devdir"
-                                " && su -s /bin/sh dev -c 'echo mine > /mnt/live/devdir/u.txt"
-                                " && stat -c \"%u %g %a\" /mnt/live/devdir/u.txt'")
+                                " && mkdir /srv/live/devdir && chown 1000:1000 /srv/live/devdir"
+                                " && su -s /bin/sh dev -c 'echo mine > /srv/live/devdir/u.txt"
+                                " && stat -c \"%u %g %a\" /srv/live/devdir/u.txt'")
     assert (as_user.returncode, as_user.stdout) == (0, "1000 1000 644\n"), as_user.stderr
-    assert in_guest(project, "su -s /bin/sh dev -c 'touch /mnt/live/not-mine'").returncode != 0
+    assert in_guest(project, "su -s /bin/sh dev -c 'touch /srv/live/not-mine'").returncode != 0
     by_user = (live / "devdir" / "u.txt").stat()
     assert (by_user.st_uid, by_user.st_mode & 0o777) == (os.getuid(), 0o600)
     assert (live / "devdir").stat().st_mode & 0o777 == 0o700
@@ -107,38 +107,38 @@ def test_live_and_copied_shares_through_one_boot(
 
     # Nothing through the share reaches outside HOSTDIR: the host's link resolves in the guest's
     # own tree; the guest's link and device node are plain files on the host.
-    assert in_guest(project, "cat /mnt/live/escape/secret.txt").returncode != 0
-    assert in_guest(project, "echo x > /mnt/live/escape/planted").returncode != 0
+    assert in_guest(project, "cat /srv/live/escape/secret.txt").returncode != 0
+    assert in_guest(project, "echo x > /srv/live/escape/planted").returncode != 0
     assert not (outside / "planted").exists()
-    assert in_guest(project, "ln -s /etc /mnt/live/link && mknod /mnt/live/null c 1 3").returncode == 0
+    assert in_guest(project, "ln -s /etc /srv/live/link && mknod /srv/live/null c 1 3").returncode == 0
     assert not (live / "link").is_symlink() and (live / "link").is_file()
     assert (live / "null").is_file()
 
     # Read-only: refused in the guest, even after a remount read-write.
-    assert guest_text(project, "/mnt/ro/fixed.txt") == "fixed\n"
-    assert in_guest(project, "touch /mnt/ro/new").returncode != 0
-    in_guest(project, "mount -o remount,rw /mnt/ro")
-    assert in_guest(project, "touch /mnt/ro/new").returncode != 0
+    assert guest_text(project, "/srv/ro/fixed.txt") == "fixed\n"
+    assert in_guest(project, "touch /srv/ro/new").returncode != 0
+    in_guest(project, "mount -o remount,rw /srv/ro")
+    assert in_guest(project, "touch /srv/ro/new").returncode != 0
     assert sorted(p.name for p in readonly.iterdir()) == ["fixed.txt"]
 
     # The copy: excludes left out, the link inside kept, the links out of HOSTDIR left out.
-    listing = in_guest(project, "cd /mnt/copy && find . | sort").stdout.split()
+    listing = in_guest(project, "cd /srv/copy && find . | sort").stdout.split()
     assert listing == [".", "./a.txt", "./gone.txt", "./inside", "./sub", "./sub/b.txt"]
-    assert guest_text(project, "/mnt/copy/inside") == "b\n"
+    assert guest_text(project, "/srv/copy/inside") == "b\n"
     # PART-sync: a change, a deletion, a new file; the guest's excluded file stays.
-    in_guest(project, "echo guest build > /mnt/copy/guest.o")
+    in_guest(project, "echo guest build > /srv/copy/guest.o")
     (copy / "a.txt").write_text("a2\n")
     (copy / "gone.txt").unlink()
     (copy / "sub" / "c.txt").write_text("c\n")
     began = time.monotonic()
     assert "(rsync)" in sync(project)
     print(f"PART-sync after a small change: {time.monotonic() - began:.2f} s")
-    listing = in_guest(project, "cd /mnt/copy && find . | sort").stdout.split()
+    listing = in_guest(project, "cd /srv/copy && find . | sort").stdout.split()
     assert listing == [".", "./a.txt", "./guest.o", "./inside", "./sub", "./sub/b.txt", "./sub/c.txt"]
-    assert guest_text(project, "/mnt/copy/a.txt") == "a2\n"
+    assert guest_text(project, "/srv/copy/a.txt") == "a2\n"
     # --pull: the guest's work comes back; a link it made out of the folder does not.
-    in_guest(project, "echo result > /mnt/copy/result.txt && rm /mnt/copy/sub/c.txt"
-                      " && ln -s /etc/passwd /mnt/copy/evil")
+    in_guest(project, "echo result > /srv/copy/result.txt && rm /srv/copy/sub/c.txt"
+                      " && ln -s /etc/passwd /srv/copy/evil")
     assert "(rsync)" in sync(project, "--pull")
     assert (copy / "result.txt").read_text() == "result\n"
     assert not (copy / "sub" / "c.txt").exists() and not (copy / "evil").exists()
@@ -149,11 +149,11 @@ def test_live_and_copied_shares_through_one_boot(
     (copy / "a.txt").write_text("a3\n")
     (copy / "result.txt").unlink()
     assert "(tar)" in sync(project)
-    listing = in_guest(project, "cd /mnt/copy && find . | sort").stdout.split()
+    listing = in_guest(project, "cd /srv/copy && find . | sort").stdout.split()
     assert listing == [".", "./a.txt", "./guest.o", "./inside", "./sub", "./sub/b.txt"]
-    assert guest_text(project, "/mnt/copy/a.txt") == "a3\n"
-    in_guest(project, "echo tar back > /mnt/copy/tarback.txt && rm /mnt/copy/sub/b.txt"
-                      " && ln -s /etc/passwd /mnt/copy/evil && ln -s ../../x /mnt/copy/sub/up")
+    assert guest_text(project, "/srv/copy/a.txt") == "a3\n"
+    in_guest(project, "echo tar back > /srv/copy/tarback.txt && rm /srv/copy/sub/b.txt"
+                      " && ln -s /etc/passwd /srv/copy/evil && ln -s ../../x /srv/copy/sub/up")
     assert "(tar)" in sync(project, "--pull")
     assert (copy / "tarback.txt").read_text() == "tar back\n"
     assert not (copy / "sub" / "b.txt").exists() and not (copy / "evil").is_symlink()
@@ -167,16 +167,16 @@ def test_live_and_copied_shares_through_one_boot(
     (live / "while-suspended.txt").write_text("later\n")
     resumed = script(project, "vm-ctl", "start")
     assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stdout + resumed.stderr
-    assert guest_text(project, "/mnt/live/while-suspended.txt") == "later\n"
+    assert guest_text(project, "/srv/live/while-suspended.txt") == "later\n"
     # A snapshot saved with the share mounted, restored: mounted again.
     saved = script(project, "vm-ctl", "snapshot", "save", "one")
     assert saved.returncode == 0, saved.stderr
-    assert guest_text(project, "/mnt/live/hello.txt") == "hello\n"
+    assert guest_text(project, "/srv/live/hello.txt") == "hello\n"
     (live / "after-snapshot.txt").write_text("after\n")
     restored = script(project, "vm-ctl", "snapshot", "restore", "one")
     assert restored.returncode == 0, restored.stderr
-    assert guest_text(project, "/mnt/live/after-snapshot.txt") == "after\n"
-    assert carried(project)["/mnt/live"] == "9p"
+    assert guest_text(project, "/srv/live/after-snapshot.txt") == "after\n"
+    assert carried(project)["/srv/live"] == "9p"
 
     assert script(project, "vm-ctl", "stop").returncode == 0
 
@@ -208,7 +208,7 @@ def test_a_virtiofs_share_lives_and_ends_with_its_vm(
     before = set(virtiofsd_pids())
     config = (f"[vm]\nimage = {url}\nssh_port = {free_port()}\nssh_key_path = {guest.key}\n"
               "kvm_memory = 256M\nkvm_accel = tcg\nkvm_boot_timeout = 120\nkvm_shutdown_timeout = 3\n"
-              f"share =\n  {shared} /mnt/fs virtiofs\n")
+              f"share =\n  {shared} /srv/fs virtiofs\n")
     # QEMU refuses to start: the daemon started for it does not outlive the failure.
     project.write(config + "kvm_extra_args = -no-such-option\n")
     failed = project.run("start:vm", timeout=300)
@@ -219,19 +219,19 @@ def test_a_virtiofs_share_lives_and_ends_with_its_vm(
     started = project.run("start:vm", timeout=300)
     assert started.returncode == 0, started.describe()
     assert len(set(virtiofsd_pids()) - before) == 1
-    assert carried(project) == {"/mnt/fs": "virtiofs"}
-    assert guest_text(project, "/mnt/fs/hello.txt") == "hello\n"
+    assert carried(project) == {"/srv/fs": "virtiofs"}
+    assert guest_text(project, "/srv/fs/hello.txt") == "hello\n"
     (shared / "new.txt").write_text("from the host\n")
-    assert guest_text(project, "/mnt/fs/new.txt") == "from the host\n"
-    assert in_guest(project, "echo back > /mnt/fs/back.txt").returncode == 0
+    assert guest_text(project, "/srv/fs/new.txt") == "from the host\n"
+    assert in_guest(project, "echo back > /srv/fs/back.txt").returncode == 0
     assert (shared / "back.txt").read_text() == "back\n"
     # The host's link out of the folder: the guest resolves it in its own tree.
-    assert in_guest(project, "cat /mnt/fs/escape/secret.txt").returncode != 0
-    assert in_guest(project, "echo x > /mnt/fs/escape/planted").returncode != 0
+    assert in_guest(project, "cat /srv/fs/escape/secret.txt").returncode != 0
+    assert in_guest(project, "echo x > /srv/fs/escape/planted").returncode != 0
     assert not (outside / "planted").exists()
     refused = script(project, "vm-ctl", "suspend")
     assert refused.returncode == 1 and "carried by virtiofs" in refused.stderr, refused.stderr
-    assert guest_text(project, "/mnt/fs/hello.txt") == "hello\n"
+    assert guest_text(project, "/srv/fs/hello.txt") == "hello\n"
 
     assert script(project, "vm-ctl", "stop").returncode == 0
     assert set(virtiofsd_pids()) == before

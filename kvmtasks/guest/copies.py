@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from kvmtasks import command
 from kvmtasks.config.part import Part
 from kvmtasks.config.shares import Share
-from kvmtasks.errors import VmError
+from kvmtasks.errors import CommandFailed, VmError
 from kvmtasks.guest import ssh
 
 TIMEOUT = 3600.0  # a large tree over a slow guest; Ctrl-C ends it sooner
@@ -127,8 +127,12 @@ def pull(part: Part, share: Share) -> str:
 
 def _rsync(part: Part, share: Share, *, pull: bool) -> None:
     way = f"{share.guest} to {share.host}" if pull else f"{share.host} to {share.guest}"
-    command.checked(rsync_argv(part, share, pull=pull), timeout=TIMEOUT,
-                    doing=f"copying {way} (rsync)")
+    try:
+        command.checked(rsync_argv(part, share, pull=pull), timeout=TIMEOUT)
+    except CommandFailed as error:
+        # rsync's last line only says that something failed: its first lines say what.
+        said = [line.strip() for line in error.stderr.splitlines() if line.strip()]
+        raise VmError(f"copying {way} (rsync) failed: {' / '.join(said[:3]) or error}") from None
 
 
 def excluded(name: str, is_dir: bool, patterns: Iterable[str]) -> bool:
