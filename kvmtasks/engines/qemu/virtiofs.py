@@ -63,11 +63,14 @@ def start(part: Part) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """pid is a virtiofsd that runs (not a zombie). Its name from /proc/PID/stat: cmdline is
+    empty for a moment while the program is exec'd."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return b"virtiofsd" in cmdline.read()
+        with open(f"/proc/{pid}/stat") as stat:
+            name, _, rest = stat.read().partition("(")[2].rpartition(")")
     except OSError:
         return False
+    return name == "virtiofsd" and rest.split()[:1] not in (["Z"], ["X"])
 
 
 def stop(part: Part) -> None:
