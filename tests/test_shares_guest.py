@@ -235,3 +235,28 @@ def test_a_virtiofs_share_lives_and_ends_with_its_vm(
 
     assert script(project, "vm-ctl", "stop").returncode == 0
     assert set(virtiofsd_pids()) == before
+
+
+def test_auto_copies_a_share_the_guest_cannot_mount(
+    project: Project, guest_with_rsync: Guest, http_server: FileServer, tmp_path: Path
+) -> None:
+    """The tiny guest built without the 9p modules: auto says so and copies the folder instead."""
+    guest = guest_with_rsync
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_text("a\n")
+    url = http_server.put("guest.img.gz", guest.gzipped())
+    project.write(f"[vm]\nimage = {url}\nssh_port = {free_port()}\nssh_key_path = {guest.key}\n"
+                  "kvm_memory = 256M\nkvm_accel = tcg\nkvm_boot_timeout = 120\nkvm_shutdown_timeout = 3\n"
+                  f"share =\n  {source} /srv/src\n")
+
+    started = project.run("start:vm", timeout=300)
+    assert started.returncode == 0, started.describe()
+    assert "vm: share /srv/src: the guest cannot mount 9p" in started.stdout
+    assert "copying it instead" in started.stdout
+    assert carried(project) == {"/srv/src": "rsync"}
+    assert guest_text(project, "/srv/src/a.txt") == "a\n"
+    (source / "a.txt").write_text("a2\n")
+    assert "(rsync)" in sync(project)
+    assert guest_text(project, "/srv/src/a.txt") == "a2\n"
+    assert script(project, "vm-ctl", "stop").returncode == 0
