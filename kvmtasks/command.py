@@ -200,3 +200,43 @@ class _Process:
 
     def kill(self) -> None:
         self._process.kill()
+def run_with_files(argv: Sequence[str], *, stdin: str | None = None, stdout: str | None = None,
+                   timeout: float | None = None) -> Result:
+    """run(), with stdin read from a file and/or stdout written to one (binary streams, such as
+    a tar archive to or from a guest); the Result's stdout is then empty."""
+    import sh
+
+    command = sh.Command(find(argv[0]))
+    log.debug("running %s", shlex.join(argv))
+    with contextlib.ExitStack() as files:
+        source = files.enter_context(open(stdin, "rb")) if stdin is not None else None
+        sink = files.enter_context(open(stdout, "wb")) if stdout is not None else None
+        running = command(*argv[1:], _bg=True, _bg_exc=False, _return_cmd=True,
+                          _ok_code=ALL_EXIT_CODES, _tty_out=False, _in=source, _out=sink)
+        timer = _Deadline(running.process, timeout) if timeout is not None else None
+        try:
+            running.wait()
+        except sh.SignalException:
+            if timer is None or not timer.fired:
+                raise
+            raise CommandTimedOut(f"{argv[0]} did not finish within {timeout:g} s") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+    out = b"" if sink is not None else running.stdout
+    return Result(running.exit_code, out.decode(errors="replace"), running.stderr.decode(errors="replace"))
+
+
+def spawn(argv: Sequence[str], *, log_file: str) -> int:
+    """Start argv in the background, in a session of its own, its output to log_file; its pid.
+
+    For a daemon that lives as long as a VM (virtiofsd): it outlives this process, and the
+    caller stops it by its pid."""
+    import subprocess
+
+    path = find(argv[0])
+    log.debug("starting %s", shlex.join(argv))
+    with open(log_file, "ab") as output:
+        process = subprocess.Popen([path, *argv[1:]], stdin=subprocess.DEVNULL, stdout=output,
+                                   stderr=output, start_new_session=True)
+    return process.pid

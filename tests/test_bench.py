@@ -217,3 +217,19 @@ def test_open_watch_sees_a_file_opened_and_not_one_only_looked_at(tmp_path: Path
 def test_sizes_are_binary(text: str, size: int) -> None:
     assert benchlib.parse_size(text) == size
     assert benchlib.parse_size(benchlib.size_label(size)) == size
+
+
+@needs_qemu
+def test_shares_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    output = tmp_path / "benchmarks.md"
+    done = run_script("shares.py", "--repeat", "1", "--files", "40", "--big", "2M", "--memory", "256M",
+                      "--output", str(output), "--patience", "0", timeout=600)
+
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"tree_9p_s=\d+\.\d\d tree_virtiofs_s=\d+\.\d\d tree_copy_s=\d+\.\d\d "
+                        r"big_9p_s=\d+\.\d\d big_virtiofs_s=\d+\.\d\d big_copy_s=\d+\.\d\d sync_s=\d+\.\d\d",
+                        summary), summary
+    text = output.read_text()
+    assert "## Shares: a 40-file tree and a 2M file in the guest" in text
+    assert "| large file read: virtiofs |" in text and summary in text

@@ -255,7 +255,7 @@ def test_scripts_in_hostile_folders_run_and_fail_in_one_line(
     assert words.returncode == 255 and "Connection refused" in words.stderr
     assert not (root / "-local").exists()
     assert sorted(p.name for p in (root / "bin").iterdir()) == [
-        "vm-ctl", "vm-getfile", "vm-runscript", "vm-sendfile", "vm-ssh"]
+        "vm-ctl", "vm-getfile", "vm-runscript", "vm-sendfile", "vm-ssh", "vm-sync"]
 
 
 # -- a real guest receives and returns files with hostile names ----------------------------------------

@@ -846,3 +846,38 @@ def test_a_cloud_image_gets_its_seed_on_a_remote_libvirt_host(
     assert "uploading" not in again.stdout
     assert script(project, f"{name}-runscript", "cloud-init status").stdout == "status: done\n"
     assert script(project, f"{name}-ctl", "stop").returncode == 0
+
+
+@needs_qemu
+@pytest.mark.vm
+@pytest.mark.usefixtures("no_vm_left")
+def test_a_live_9p_share_on_local_libvirt(project: Project, guest_with_shares: Guest, pool: str,
+                                          domain_name: str, shared_folder: Path) -> None:
+    """The domain carries the share as <filesystem accessmode='mapped'>; mounted over ssh."""
+    name = domain_name
+    live, readonly = shared_folder / "live", shared_folder / "ro"
+    for folder in (live, readonly):
+        folder.mkdir()
+    live.chmod(0o777)  # libvirt's QEMU, its own user, writes there
+    (live / "hello.txt").write_text("hello\n")
+    (readonly / "fixed.txt").write_text("fixed\n")
+    extra = f"share =\n  {live} /srv/live\n  {readonly} /srv/ro ro\n"
+    project.write(libvirt_config(guest_with_shares, name, f"file = {guest_with_shares.image.path}", pool,
+                                 free_port(), extra))
+    (user,) = qemufiles.qemu_users(_virsh("capabilities").stdout)
+
+    started = project.run(f"start:{name}", timeout=400)
+    assert started.returncode == 0, started.describe()
+    filesystems = ET.fromstring(_virsh("dumpxml", name).stdout).findall("devices/filesystem")
+    assert [fs.find("target").attrib["dir"] for fs in filesystems] == ["kvmtasks0", "kvmtasks1"]  # type: ignore[union-attr]
+    facts = json.loads(script(project, f"{name}-ctl", "status", "--json").stdout)
+    assert [share["carried_by"] for share in facts["shares"]] == ["9p", "9p"]
+    assert script(project, f"{name}-runscript", "cat /srv/live/hello.txt").stdout == "hello\n"
+    (live / "new.txt").write_text("from the host\n")
+    assert script(project, f"{name}-runscript", "cat /srv/live/new.txt").stdout == "from the host\n"
+    assert script(project, f"{name}-runscript", "echo back > /srv/live/back.txt").returncode == 0
+    assert (live / "back.txt").read_text() == "back\n"
+    assert (live / "back.txt").stat().st_uid == user.uid  # the user libvirt runs QEMU as
+    assert script(project, f"{name}-runscript", "touch /srv/ro/new").returncode != 0
+    assert sorted(p.name for p in readonly.iterdir()) == ["fixed.txt"]
+    assert script(project, f"{name}-ctl", "stop").returncode == 0

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from kvmtasks.config import options
 from kvmtasks.config.options import OPTIONS, OPTIONS_BY_NAME, Accel, Compression, ImageType, Redirect
+from kvmtasks.config.shares import Share
 
 from .conftest import REPO_ROOT
 
@@ -56,6 +57,7 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
                           ("qemu+ssh://root@h:22/system?keyfile=/k&no_verify=1",
                            "qemu+ssh://root@h:22/system?keyfile=/k&no_verify=1")],
     "parse_pool": [("kvmtasks", "kvmtasks"), ("pool_2.a-b", "pool_2.a-b")],
+    "parse_shares": [("src /srv ro", (Share("src", "/srv", read_only=True),)), ("", ())],
 }
 
 BAD: dict[str, list[str]] = {
@@ -86,6 +88,7 @@ BAD: dict[str, list[str]] = {
     "md5": ["", "0" * 31, "0" * 33, "g" * 32, "0" * 64],
     "sha256": ["0" * 32, "z" * 64],
     "sha512": ["0" * 64, "0" * 127],
+    "parse_shares": ["src", "src dst", "src /dst bogus", "a /x\nb /x", "src /dst 9p virtiofs"],
 }
 
 

@@ -43,11 +43,12 @@ def guest_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, key: Path, *, with_sftp_server: bool = True,
-           with_acpi: bool = True, with_rsync: bool = False) -> Guest:
+           with_acpi: bool = True, with_rsync: bool = False, with_shares: bool = False) -> Guest:
     """A fresh image per test session: built from the current builder, it cannot be stale."""
     folder = tmp_path_factory.mktemp("guest")
     image = build_guest_image(folder / "guest.img", key.with_suffix(".pub"), PACKAGE_CACHE,
-                              with_sftp_server=with_sftp_server, with_acpi=with_acpi, with_rsync=with_rsync)
+                              with_sftp_server=with_sftp_server, with_acpi=with_acpi, with_rsync=with_rsync,
+                              with_shares=with_shares)
     return Guest(image, key)
 
 
@@ -71,6 +72,12 @@ def guest_without_acpi(tmp_path_factory: pytest.TempPathFactory, guest_key: Path
 def guest_with_rsync(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Guest:
     """The tiny guest with rsync in it (Debian's, unpacked like the rest), for rsync over ssh."""
     return _build(tmp_path_factory, guest_key, with_rsync=True)
+
+
+@pytest.fixture(scope="session")
+def guest_with_shares(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Guest:
+    """The tiny guest with rsync and the 9p and virtio-fs modules, for shares and copied folders."""
+    return _build(tmp_path_factory, guest_key, with_rsync=True, with_shares=True)
 
 
 def free_port() -> int:

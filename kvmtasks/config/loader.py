@@ -15,6 +15,8 @@ from kvmtasks.config.cfgfile import DEPENDENCIES
 from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Compression, Engine, closest
 from kvmtasks.config.part import Buildout, Part, path_is_block_device
 from kvmtasks.config.remote import remote_host
+from kvmtasks.config.shares import problem as share_problem
+from kvmtasks.config.shares import resolved
 from kvmtasks.errors import ConfigError
 
 CONFIG_ENV = "KVMTASKS_CONFIG"
@@ -297,6 +299,16 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
     _check_ssh_paths(where, {"ssh_key_path": key, "kvm_run_directory": run_directory})
     user_data, network_config = local_path("cloud_init_user_data"), local_path("cloud_init_network_config")
     _check_cloud_init(values, where, key, user_data, network_config)
+    try:
+        shares = resolved(values.get("share", ()), buildout.directory)
+    except ValueError as error:
+        raise ConfigError(f"{where} share: {error}") from None
+    for share in shares:
+        remote = values["kvm_engine"] is Engine.LIBVIRT and remote_host(values["libvirt_uri"]) is not None
+        why = share_problem(share, engine=values["kvm_engine"].value, remote=remote,
+                            has_ssh=values.get("ssh_port") is not None)
+        if why is not None:
+            raise ConfigError(f"{where} share: {why}")
     return Part(
         name=section,
         config_file=path,
@@ -335,6 +347,7 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         cloud_init_hostname=values.get("cloud_init_hostname") or seedrules.default_hostname(section),
         cloud_init_user_data=user_data,
         cloud_init_network_config=network_config,
+        shares=shares,
     )
 
 

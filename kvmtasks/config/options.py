@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kvmtasks.config.shares import parse_shares
+
 
 class ImageType(enum.StrEnum):
     DRIVE = "drive"
@@ -372,6 +374,12 @@ OPTIONS: tuple[Option, ...] = (
            "Guest setup: step sections, one per line, run in order in a throwaway builder VM; each "
            "step's result is a cached disk layer keyed by its content, and the part boots over the "
            "last one (see *Guest setup and its cache*). Needs an overlay."),
+    Option("share", parse_shares, None,
+           "Host folders in the guest, one per line: `HOSTDIR GUESTDIR [FLAG...]` (HOSTDIR relative "
+           "to the buildout directory, GUESTDIR absolute; quotes for spaces). Flags: `ro`; how it "
+           "is carried: `auto` (default: a live 9p share where the guest mounts it, else a copy), "
+           "`9p`, `virtiofs` (live), `rsync` (a copy at start and by `PART-sync`); "
+           "`exclude=PATTERN` (rsync's pattern, repeatable) for copies."),
 )
 
 # The options of a step section (a section named in a part's `setup`): declared as the part's are.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kvmtasks.config.options import Accel, Compression, Engine, ImageType, Redirect
 from kvmtasks.config.setupsteps import SetupStep
+from kvmtasks.config.shares import Share
 from kvmtasks.errors import ConfigError
 
 ACCEL_ENV = "KVMTASKS_ACCEL"
@@ -79,6 +80,7 @@ class Part:
     cloud_init_network_config: Path | None
     # The guest setup's steps (option `setup`): each one a cached disk layer the part boots over.
     setup: tuple[SetupStep, ...] = ()
+    shares: tuple[Share, ...] = ()  # option share: host folders in the guest (config/shares.py)
 
     @property
     def download_path(self) -> Path:

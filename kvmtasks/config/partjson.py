@@ -10,6 +10,7 @@ from typing import Any
 from kvmtasks.config.options import Accel, Compression, Engine, ImageType, Redirect
 from kvmtasks.config.part import Buildout, Part
 from kvmtasks.config.setupsteps import Copy, SetupStep
+from kvmtasks.config.shares import Carrier, Share
 
 _PATHS = {"config_file", "file", "location", "kvm_bin_directory", "kvm_run_directory", "ssh_key_path",
           "cloud_init_user_data", "cloud_init_network_config"}
@@ -18,7 +19,7 @@ _PATHS = {"config_file", "file", "location", "kvm_bin_directory", "kvm_run_direc
 def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, Redirect | Buildout | SetupStep | Copy):
+    if isinstance(value, Redirect | Buildout | SetupStep | Copy | Share):
         return _plain(dataclasses.asdict(value))
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
@@ -55,4 +56,7 @@ def from_json(text: str) -> Part:
     data["kvm_extra_args"] = tuple(data["kvm_extra_args"])
     data["kvm_redir"] = tuple(Redirect(**item) for item in data["kvm_redir"])
     data["setup"] = tuple(_step(item) for item in data.get("setup", ()))
+    data["shares"] = tuple(Share(**{**item, "carrier": Carrier(item["carrier"]),
+                                    "excludes": tuple(item["excludes"])})
+                           for item in data.get("shares", ()))
     return Part(**data)

@@ -38,6 +38,8 @@ WANTED_MODULES = (
     "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859_1",
 )
 # fmt: on
+# Live shares (9p and virtio-fs), for a guest built with them (a build flag).
+SHARE_MODULES = ("9pnet_virtio", "9p", "virtiofs")
 # The ACPI power button reaches acpid through these (modules in Debian's kernel).
 ACPI_MODULES = ("button", "evdev")
 TOOL_PACKAGES = {
@@ -233,7 +235,7 @@ def _host_key(root: Path) -> bytes:
 
 def _initramfs(
     root: Path, release: str, authorized_key: Path, with_sftp_server: bool, with_acpi: bool,
-    with_rsync: bool = False,
+    with_rsync: bool = False, with_shares: bool = False,
 ) -> bytes:
     entries: dict[str, tuple[int, bytes]] = {}
 
@@ -249,7 +251,7 @@ def _initramfs(
     add("root/.ssh", mode=0o700, kind=stat.S_IFDIR)
     add("root", mode=0o700, kind=stat.S_IFDIR)  # dropbear refuses keys under a group-writable home
     add("dev/console", mode=0o600, kind=stat.S_IFCHR)  # the kernel opens it before /init runs
-    wanted = WANTED_MODULES + (ACPI_MODULES if with_acpi else ())
+    wanted = WANTED_MODULES + (ACPI_MODULES if with_acpi else ()) + (SHARE_MODULES if with_shares else ())
     modules = _module_closure(root / "lib/modules" / release, wanted)
     names = [m.name.split(".ko")[0] for m in modules]
     add("init", INIT.format(modules=" ".join(names), release=release).encode(), 0o755)
@@ -288,7 +290,8 @@ def _initramfs(
 
 def build_guest_image(
     dest: Path, authorized_key: Path, cache_dir: Path, *, with_sftp_server: bool = True,
-    with_acpi: bool = True, with_rsync: bool = False, spare_kb: int = 3072,
+    with_acpi: bool = True, with_rsync: bool = False, with_shares: bool = False,
+    spare_kb: int = 3072,
 ) -> GuestImage:
     """Build the image at dest (atomically: write to dest.part then rename).
 
@@ -313,7 +316,8 @@ def build_guest_image(
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         shutil.copyfile(kernel, tmp / "vmlinuz")
-        initrd = _initramfs(root, release, authorized_key, with_sftp_server, with_acpi, with_rsync)
+        initrd = _initramfs(root, release, authorized_key, with_sftp_server, with_acpi, with_rsync,
+                            with_shares)
         (tmp / "initrd.gz").write_bytes(initrd)
         (tmp / "syslinux.cfg").write_text(SYSLINUX_CFG)
         payload = [tmp / "vmlinuz", tmp / "initrd.gz", tmp / "syslinux.cfg"]
@@ -339,10 +343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-acpi", action="store_true",
                         help="leave out acpid: the guest ignores the ACPI power button")
     parser.add_argument("--rsync", action="store_true", help="add rsync (for rsync over ssh)")
+    parser.add_argument("--shares", action="store_true",
+                        help="add the 9p and virtio-fs modules (for live shares)")
     args = parser.parse_args(argv)
     try:
         image = build_guest_image(args.dest, args.key, args.cache, with_sftp_server=not args.no_sftp_server,
-                                  with_acpi=not args.no_acpi, with_rsync=args.rsync)
+                                  with_acpi=not args.no_acpi, with_rsync=args.rsync,
+                                  with_shares=args.shares)
     except GuestImageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

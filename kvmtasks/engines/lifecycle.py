@@ -23,7 +23,7 @@ from kvmtasks.config import seedrules
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles, Status
-from kvmtasks.engines import partlock, poweroff
+from kvmtasks.engines import partlock, poweroff, sharing
 from kvmtasks.engines.running import current
 from kvmtasks.engines.statusreport import Facts
 from kvmtasks.errors import VmError
@@ -190,6 +190,7 @@ def _start(machine: Machine, say: Say, loadvm: str | None) -> None:
     if part.ssh_port is not None:
         readiness.wait(part, deadline, say)
         _first_boot_done(part)
+        sharing.attach(part, say)
     say(f"{part.name} is running ({_where_and_accel(machine)})")
 
 
@@ -253,6 +254,7 @@ def _resume(machine: Machine, say: Say) -> bool:
         say(f"{part.name}: the suspended state is discarded, {reason}; booting afresh")
         return False
     set_clock(part, say)
+    sharing.attach(part, say)  # its mounts went down before the save; the host may have changed
     say(f"{part.name} resumed ({_where_and_accel(machine)})")
     return True
 
@@ -387,6 +389,7 @@ def _suspend(machine: Machine, say: Say) -> None:
         raise VmError(f"{part.name} is not running: there is nothing to suspend")
     if part.kvm_snapshot:
         raise VmError(KVM_SNAPSHOT_SUSPEND)
+    sharing.detach(part, "suspend")
     connection.close(part)
     try:
         where = machine.save_state(status)
@@ -402,5 +405,6 @@ def _suspend(machine: Machine, say: Say) -> None:
     except VmError:
         if machine.uses_ssh_master:
             connection.open_master(part)  # the VM runs on: keep it as fast to reach as it was
+        sharing.attach(part, say)
         raise
     say(f"{part.name} suspended ({where}); start resumes it")

@@ -9,7 +9,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from kvmtasks.config import seedrules
+from kvmtasks.config import seedrules, shares
 from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.engines.running import current
@@ -35,6 +35,15 @@ class Forward:
 
 
 @dataclass(frozen=True)
+class ShareFact:
+    host: str
+    guest: str
+    read_only: bool
+    carrier: str  # as configured: auto, 9p, virtiofs, rsync
+    carried_by: str | None  # how it is carried now (9p, virtiofs, rsync, tar); None: not running
+
+
+@dataclass(frozen=True)
 class Facts:
     """Everything status says; describe() and as_json() only format it."""
 
@@ -54,6 +63,7 @@ class Facts:
     pinned_known_hosts: Path | None = None  # known_hosts kvmtasks writes from the host key it made
     problem: str | None = None  # why a state left on disk cannot be resumed
     ssh_config: Path | None = None  # the part's ssh config file, for any ssh tool
+    shares: tuple[ShareFact, ...] = ()  # option share, in its order
 
     @property
     def running(self) -> bool:
@@ -88,7 +98,23 @@ def gather(part: Part, *, address: str, console_log: Path | None,
         pinned_known_hosts=RunFiles.of(part).known_hosts if seedrules.pins_host_key(part) else None,
         problem=problem,
         ssh_config=sshconfig.path(part) if part.ssh_port is not None else None,
+        shares=_share_facts(part, running=status.running),
     )
+
+
+def _share_facts(part: Part, *, running: bool) -> tuple[ShareFact, ...]:
+    now = shares.carried(part.state_directory) if running else {}
+    return tuple(ShareFact(s.host, s.guest, s.read_only, s.carrier.value, now.get(s.guest))
+                 for s in part.shares)
+
+
+def share_lines(facts: Facts) -> list[str]:
+    lines = []
+    for share in facts.shares:
+        how = share.carried_by or ("not carried" if facts.running else "when started")
+        mode = "read-only" if share.read_only else "read-write"
+        lines.append(f"  share {share.host} -> {share.guest} ({mode}, {share.carrier}: {how})")
+    return lines
 
 
 def describe(facts: Facts) -> list[str]:
@@ -121,7 +147,7 @@ def describe(facts: Facts) -> list[str]:
         lines.append(f"  ssh key {facts.ssh_key}" + (" (made by kvmtasks)" if facts.ssh_key_made else ""))
     if facts.pinned_known_hosts is not None:
         lines.append(f"  host key pinned in {facts.pinned_known_hosts}")
-    return lines
+    return lines + share_lines(facts)
 
 
 def as_json(facts: Facts) -> str:
@@ -138,5 +164,6 @@ def as_json(facts: Facts) -> str:
         "console_log": str(facts.console_log) if facts.console_log is not None else None,
         "disks": {role: str(path) for role, path in facts.disks.items()},
         "ssh_config": str(facts.ssh_config) if facts.ssh_config is not None else None,
+        "shares": [asdict(share) for share in facts.shares],
     }
     return json.dumps(data, indent=1)

@@ -1,4 +1,4 @@
-"""Entry point of the generated scripts (PART-ctl, -ssh, -sendfile, -getfile, -runscript)."""
+"""Entry point of the generated scripts (PART-ctl, -ssh, -sendfile, -getfile, -runscript, -sync)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kvmtasks.config import bounded, partjson
 from kvmtasks.config.part import Part
-from kvmtasks.engines import destroy, engine, partlock, statusreport
+from kvmtasks.engines import destroy, engine, partlock, sharing, statusreport
 from kvmtasks.engines.running import current
 from kvmtasks.errors import KvmTasksError, VmError
 from kvmtasks.guest import ssh
@@ -53,6 +53,10 @@ HELP = {
                "(remote first, as in erp5.recipe.kvm).",
     "runscript": "Run COMMAND in the guest of part {part} over ssh; its output streams through "
                  "and its exit status is returned. The words go to the guest's shell, as with ssh.",
+    "sync": "Copy the copied folders of part {part} (option share, carried by rsync, or by tar when "
+            "the guest lacks rsync) into the guest again: deletions follow, excluded names stay. "
+            "--pull brings the guest's copies back to the host instead (read-only ones never). "
+            "Live shares (9p, virtiofs) need nothing.",
 }
 
 
@@ -72,6 +76,11 @@ def _parser(part: Part, kind: str) -> argparse.ArgumentParser:
         snapshot = actions.choices["snapshot"]
         snapshot.add_argument("operation", choices=("save", "restore", "list", "delete"))
         snapshot.add_argument("name", metavar="NAME", nargs="?")
+    elif kind == "sync":
+        parser.add_argument("--pull", action="store_true",
+                            help="copy the guest's folders back to the host (deletions too)")
+        parser.add_argument("guest_dirs", metavar="GUESTDIR", nargs="*",
+                            help="only these shares (default: all)")
     elif kind in ("sendfile", "getfile"):
         parser.add_argument("remotefile", metavar="REMOTEFILE")
         parser.add_argument("localfile", metavar="LOCALFILE", type=Path)
@@ -135,6 +144,11 @@ def run(part: Part, kind: str, args: Sequence[str]) -> int:
         return ssh.runscript(part, list(args))
     if kind == "ctl":
         return _ctl(part, _parser(part, kind).parse_args(args))
+    if kind == "sync":
+        options = _parser(part, kind).parse_args(args)
+        with partlock.operation(part, "sync"):
+            sharing.sync(part, options.guest_dirs, pull=options.pull, say=print)
+        return 0
     remote_file, local_file = _names(_parser(part, kind), args)
     if kind == "sendfile":
         ssh.sendfile(part, remote_file, local_file)

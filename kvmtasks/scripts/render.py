@@ -1,4 +1,4 @@
-"""Write a part's control scripts: PART-ctl, -ssh, -sendfile, -getfile, -runscript, and its
+"""Write a part's control scripts: PART-ctl, -ssh, -sendfile, -getfile, -runscript, -sync, and its
 ssh config file (guest/sshconfig.py), which the scripts use.
 
 A script holds no config value in shell code: it is a few lines of Python
@@ -19,7 +19,7 @@ from kvmtasks.errors import ProvisionError
 from kvmtasks.guest import sshconfig
 from kvmtasks.scripts import leanscript
 
-SCRIPTS = ("ctl", "ssh", "sendfile", "getfile", "runscript")
+SCRIPTS = ("ctl", "ssh", "sendfile", "getfile", "runscript", "sync")
 PACKAGE_ROOT = Path(kvmtasks.__file__).resolve().parent.parent
 
 

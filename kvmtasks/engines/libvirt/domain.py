@@ -13,6 +13,8 @@ from pathlib import Path
 
 from kvmtasks.config.options import ImageType
 from kvmtasks.config.part import Part, forwards
+from kvmtasks.config.shares import tag
+from kvmtasks.engines import sharing
 from kvmtasks.errors import VmError
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -122,6 +124,7 @@ def domain_xml(part: Part, *, domain_type: str, disk: Disk, listen_address: str,
         if model is None:
             raise VmError(f"kvm_graphic = {part.kvm_graphic!r} has no libvirt video model")
         ET.SubElement(ET.SubElement(devices, "video"), "model", type=model)
+    _filesystems(devices, part)
     rng = ET.SubElement(devices, "rng", model="virtio")
     ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
     arguments = [*network_args(part, listen_address), *part.kvm_extra_args]
@@ -143,6 +146,18 @@ def _disk(devices: ET.Element, part: Part, disk: Disk) -> None:
         ET.SubElement(element, "target", dev="vda", bus="virtio")
     if part.kvm_snapshot:
         ET.SubElement(element, "transient")  # guest writes are dropped when the domain stops
+
+
+def _filesystems(devices: ET.Element, part: Part) -> None:
+    """The live 9p shares of a local libvirt host: accessmode mapped is QEMU's mapped-xattr
+    (the guest's owners and modes in xattrs, files on the host owned by the user QEMU runs as)."""
+    for index, share, _carrier in sharing.live(part):
+        element = ET.SubElement(devices, "filesystem", type="mount", accessmode="mapped")
+        ET.SubElement(element, "driver", type="path", wrpolicy="immediate")
+        ET.SubElement(element, "source", dir=share.host)
+        ET.SubElement(element, "target", dir=tag(index))
+        if share.read_only:
+            ET.SubElement(element, "readonly")
 
 
 def _seed_cdrom(devices: ET.Element, seed: Disk) -> None:

@@ -15,7 +15,7 @@ import time
 from kvmtasks.config.diskformat import boot_disk
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
-from kvmtasks.engines import lifecycle
+from kvmtasks.engines import lifecycle, sharing
 from kvmtasks.engines.libvirt import managedsave, vm
 from kvmtasks.engines.libvirt.virsh import virsh
 from kvmtasks.engines.running import current
@@ -58,6 +58,7 @@ def save(part: Part, name: str, say: lifecycle.Say = print) -> None:
     if not current(part).running:
         raise not_running(part)
     replaced = any(snapshot.name == name for snapshot in listing(part))
+    sharing.detach(part, f"save snapshot {name}")
     if replaced:
         virsh(part, "snapshot-delete", part.name, name, timeout=SNAPSHOT_TIMEOUT)
     virsh(part, "snapshot-create-as", part.name, name, timeout=SNAPSHOT_TIMEOUT)
@@ -81,6 +82,7 @@ def restore(part: Part, name: str, say: lifecycle.Say = print) -> None:
     if part.ssh_port is not None:
         vm.wait_for_login(part)
     lifecycle.set_clock(part, say)
+    sharing.attach(part, say)  # the copies as the host has them now
     if running:
         say(f"{part.name}: restored snapshot {name}")
     else:

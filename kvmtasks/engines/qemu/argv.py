@@ -8,6 +8,8 @@ from kvmtasks.config.options import ImageType
 from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.config.seedrules import seed_path
+from kvmtasks.config.shares import Carrier, tag, virtiofs_socket
+from kvmtasks.engines import sharing
 
 
 def escape(value: str | Path) -> str:
@@ -77,6 +79,7 @@ def qemu_argv(
         "-smp", str(part.kvm_smp),
         *disk_args(part, disk_format, discard),
         *seed_args(part),
+        *share_args(part),
         # Entropy from the host: guests otherwise stall generating ssh keys at first boot.
         "-device", "virtio-rng-pci",
     ]
@@ -101,3 +104,31 @@ def qemu_argv(
         *part.kvm_extra_args,
     ]
     return argv
+
+
+def memory_size(memory: str) -> str:
+    """kvm_memory as a memory backend's size: -m reads a bare number as MiB, a backend as bytes."""
+    return memory if memory[-1].isalpha() else f"{memory}M"
+
+
+def share_args(part: Part) -> list[str]:
+    """The live shares' devices. 9p: security_model=mapped-xattr, so what the guest writes is
+    owned on the host by the user running QEMU (the guest's owner and mode kept in xattrs),
+    never a device or setuid file of the host's. virtiofs: the vhost-user socket of the share's
+    virtiofsd, and guest memory shared with it (a memfd backend)."""
+    args: list[str] = []
+    for index, share, carrier in sharing.live(part):
+        if carrier is Carrier.NINEP:
+            readonly = ",readonly=on" if share.read_only else ""
+            args += ["-fsdev", f"local,id=kvmtasks-fs{index},path={escape(share.host)},"
+                               f"security_model=mapped-xattr,multidevs=remap{readonly}",
+                     "-device", f"virtio-9p-pci,fsdev=kvmtasks-fs{index},mount_tag={tag(index)}"]
+        else:
+            socket = virtiofs_socket(part.state_directory, index)
+            args += ["-chardev", f"socket,id=kvmtasks-vfs{index},path={escape(socket)}",
+                     "-device", f"vhost-user-fs-pci,chardev=kvmtasks-vfs{index},tag={tag(index)}"]
+    if any(carrier is Carrier.VIRTIOFS for _, _, carrier in sharing.live(part)):
+        args = ["-object", f"memory-backend-memfd,id=kvmtasks-mem,size={memory_size(part.kvm_memory)},"
+                           "share=on",
+                "-machine", "memory-backend=kvmtasks-mem", *args]
+    return args

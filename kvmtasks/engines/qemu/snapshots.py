@@ -13,7 +13,7 @@ from kvmtasks import command
 from kvmtasks.config.diskformat import boot_disk
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
-from kvmtasks.engines import lifecycle
+from kvmtasks.engines import lifecycle, sharing
 from kvmtasks.engines.qemu import qmp, savestate, vm
 from kvmtasks.engines.qemu.argv import escape
 from kvmtasks.engines.running import current
@@ -64,11 +64,13 @@ def save(part: Part, name: str, say: lifecycle.Say = print) -> None:
     if not current(part).running:
         raise not_running(part)
     replaced = any(snapshot.name == name for snapshot in listing(part))
+    sharing.detach(part, f"save snapshot {name}")
     connection.close(part)  # its TCP connection would come back half-open from a restore
     try:
         _hmp(part, f"savevm {name}")
     finally:
         connection.open_master(part)
+        sharing.attach(part, say)
     saved = _existing(part, name)
     say(saved_line(part, name, replaced, f"{(saved.state_size or 0) / 1e6:.0f} MB of memory state"))
 
@@ -90,6 +92,7 @@ def restore(part: Part, name: str, say: lifecycle.Say = print) -> None:
     finally:
         connection.open_master(part)
     lifecycle.set_clock(part, say)
+    sharing.attach(part, say)
     say(f"{part.name}: restored snapshot {name}")
 
 

@@ -16,7 +16,7 @@ from kvmtasks.config.part import Part, forwards, listen_address
 from kvmtasks.config.runfiles import RunFiles, Status, clean_run_files, command_line, is_our_qemu, read_pid
 from kvmtasks.engines import lifecycle, portprobe, statusreport
 from kvmtasks.engines.lifecycle import KvmUnusable, Say, Seen
-from kvmtasks.engines.qemu import machine, qmp, savestate
+from kvmtasks.engines.qemu import machine, qmp, savestate, virtiofs
 from kvmtasks.engines.qemu.argv import qemu_argv
 from kvmtasks.engines.running import current
 from kvmtasks.engines.statusreport import State
@@ -103,9 +103,11 @@ class QemuMachine:
                          listen_address=self.address, machine=self.machine_type)
 
     def _run(self, accel: Accel, extra: tuple[str, ...]) -> None:
+        virtiofs.start(self.part)
         try:
             command.checked([*self._argv(accel), *extra], timeout=120)
         except CommandFailed as error:
+            virtiofs.stop(self.part)
             clean_run_files(self.files)
             message = error.reason or f"exit status {error.exit_code}"
             if accel is Accel.KVM and "kvm" in error.stderr.lower():
@@ -145,6 +147,7 @@ class QemuMachine:
                     os.kill(pid, sig)
                 if self._gone(pid, QUIT_WAIT):
                     break
+        virtiofs.stop(self.part)
         clean_run_files(self.files)
 
     def _gone(self, pid: int, seconds: float) -> bool:
