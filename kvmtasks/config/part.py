@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmtasks.config.options import Accel, Compression, Engine, ImageType, Redirect
+from kvmtasks.config.networks import NetworkLink
+from kvmtasks.config.options import Accel, Compression, Engine, ImageType, NetworkRequest, Redirect
 from kvmtasks.errors import ConfigError
 
 ACCEL_ENV = "KVMTASKS_ACCEL"
@@ -76,6 +77,8 @@ class Part:
     cloud_init_hostname: str
     cloud_init_user_data: Path | None
     cloud_init_network_config: Path | None
+    networks: tuple[NetworkRequest, ...] = ()  # the option as written
+    links: tuple[NetworkLink, ...] = ()  # resolved with the project's other parts (networks.join)
 
     @property
     def download_path(self) -> Path:

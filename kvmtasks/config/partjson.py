@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kvmtasks.config.options import Accel, Compression, Engine, ImageType, Redirect
+from kvmtasks.config.networks import Member, NetworkLink
+from kvmtasks.config.options import Accel, Compression, Engine, ImageType, NetworkRequest, Redirect
 from kvmtasks.config.part import Buildout, Part
 
 _PATHS = {"config_file", "file", "location", "kvm_bin_directory", "kvm_run_directory", "ssh_key_path",
@@ -17,7 +18,7 @@ _PATHS = {"config_file", "file", "location", "kvm_bin_directory", "kvm_run_direc
 def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, Redirect | Buildout):
+    if isinstance(value, Redirect | Buildout | NetworkRequest | NetworkLink | Member):
         return _plain(dataclasses.asdict(value))
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
@@ -47,4 +48,8 @@ def from_json(text: str) -> Part:
     data["kvm_net"] = tuple(data["kvm_net"])
     data["kvm_extra_args"] = tuple(data["kvm_extra_args"])
     data["kvm_redir"] = tuple(Redirect(**item) for item in data["kvm_redir"])
+    data["networks"] = tuple(NetworkRequest(**item) for item in data.get("networks", ()))
+    data["links"] = tuple(
+        NetworkLink(**{**item, "peers": tuple(Member(**peer) for peer in item["peers"])})
+        for item in data.get("links", ()))
     return Part(**data)

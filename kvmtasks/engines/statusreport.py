@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmtasks.config import seedrules
+from kvmtasks.config.networks import NetworkLink
 from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.engines.running import current
@@ -54,6 +55,7 @@ class Facts:
     pinned_known_hosts: Path | None = None  # known_hosts kvmtasks writes from the host key it made
     problem: str | None = None  # why a state left on disk cannot be resumed
     ssh_config: Path | None = None  # the part's ssh config file, for any ssh tool
+    networks: tuple[NetworkLink, ...] = ()  # the private networks it joins
 
     @property
     def running(self) -> bool:
@@ -88,6 +90,7 @@ def gather(part: Part, *, address: str, console_log: Path | None,
         pinned_known_hosts=RunFiles.of(part).known_hosts if seedrules.pins_host_key(part) else None,
         problem=problem,
         ssh_config=sshconfig.path(part) if part.ssh_port is not None else None,
+        networks=part.links,
     )
 
 
@@ -121,6 +124,10 @@ def describe(facts: Facts) -> list[str]:
         lines.append(f"  ssh key {facts.ssh_key}" + (" (made by kvmtasks)" if facts.ssh_key_made else ""))
     if facts.pinned_known_hosts is not None:
         lines.append(f"  host key pinned in {facts.pinned_known_hosts}")
+    for link in facts.networks:
+        peers = ", ".join(f"{peer.part} {peer.address.split('/')[0]}" for peer in link.peers)
+        lines.append(f"  network {link.network} {link.address} mac {link.mac}"
+                     f" (with {peers or 'no other part'})")
     return lines
 
 
@@ -138,5 +145,8 @@ def as_json(facts: Facts) -> str:
         "console_log": str(facts.console_log) if facts.console_log is not None else None,
         "disks": {role: str(path) for role, path in facts.disks.items()},
         "ssh_config": str(facts.ssh_config) if facts.ssh_config is not None else None,
+        "networks": [{"network": link.network, "subnet": link.subnet, "address": link.address,
+                      "mac": link.mac, "peers": [asdict(peer) for peer in link.peers]}
+                     for link in facts.networks],
     }
     return json.dumps(data, indent=1)
