@@ -68,6 +68,25 @@ def mac_address(project: str, network: str, part: str) -> str:
     return ":".join(f"{byte:02x}" for byte in (0x02, *digest[:5]))
 
 
+# QEMU gives the first NIC without a MAC of its own this one (later ones count up from it).
+QEMU_FIRST_MAC = "52:54:00:12:34:56"
+
+
+def user_nic_mac(kvm_net: Sequence[str]) -> str | None:
+    """The MAC of the user-mode NIC that kvm_net makes (a `nic` line's macaddr, else QEMU's
+    first), for a seed that brings it up with DHCP beside the private NICs; None without one."""
+    lines = list(kvm_net) or ["nic"]
+    for line in lines:
+        kind, _, rest = line.partition(",")
+        if kind == "nic":
+            for option in rest.split(","):
+                name, _, value = option.partition("=")
+                if name == "macaddr":
+                    return value.lower()
+            return QEMU_FIRST_MAC
+    return QEMU_FIRST_MAC if "user" in [line.split(",", 1)[0] for line in lines] else None
+
+
 @dataclass(frozen=True)
 class _Joined:
     part: Part

@@ -65,8 +65,14 @@ for m in {modules}; do insmod /lib/modules/{release}/$m.ko 2>/dev/null; done
 hostname kvmtasks-guest
 ip link set lo up
 n=0; while ! ip link show eth0 >/dev/null 2>&1 && [ $n -lt 50 ]; do usleep 100000; n=$((n+1)); done
-ip link set eth0 up
-ip addr add 10.0.2.15/24 dev eth0
+# the user-mode NIC: the first whose MAC is not locally administered (02:..., kvmtasks'
+# private networks, which kvmtasks sets up over ssh once the guest answers)
+nic=eth0
+for d in /sys/class/net/eth*; do
+  case $(cat $d/address) in 02:*) ;; *) nic=${{d##*/}}; break ;; esac
+done
+ip link set $nic up
+ip addr add 10.0.2.15/24 dev $nic
 ip route add default via 10.0.2.2
 # the boot disk is a whole-disk FAT; IDE probing is asynchronous, hence the retries
 n=0
