@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmtasks.config.loader import load_parts
+from kvmtasks.config.runfiles import network_folder
 from tests.netns import FOREIGN, Netns, NetnsProject, capture, packets
 from tests.vmfixtures import Guest, free_port, needs_qemu, qemu_pids_under
 
@@ -90,6 +92,9 @@ def test_parts_reach_their_network_only_by_name_through_a_restart_and_nothing_le
         assert one.run("-n", "3", "stop:a", "stop:b", "stop:c", timeout=120).returncode == 0
         assert other.run("stop:d", timeout=120).returncode == 0
     assert qemu_pids_under(tmp_path) == []
+    # Stopped parts leave no socket behind (QEMU leaves them; kvmtasks removes them).
+    links = [link for p in load_parts([*one.configs, *other.configs], cwd=tmp_path) for link in p.links]
+    assert len(links) == 4 and not any(network_folder(link).exists() for link in links)
     # The capture saw the ssh traffic to the guests (on loopback), and nothing else.
     assert len(packets(pcap, "tcp")) > 100
     assert packets(pcap, FOREIGN) == []

@@ -3,6 +3,7 @@ engines and ssh all need. Nothing here runs a program; "is it running" is engine
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -81,6 +82,15 @@ def network_socket(link: NetworkLink, sender: str, receiver: str) -> Path:
         return hashlib.sha256(name.encode()).hexdigest()[:8]
 
     return network_folder(link) / f"{short(sender)}-{short(receiver)}"
+
+
+def clean_network_sockets(part: Part) -> None:
+    """The sockets a stopped part's QEMU bound (QEMU leaves them), and a folder left empty."""
+    for link in part.links:
+        for peer in link.peers:
+            network_socket(link, part.name, peer.part).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # other parts' sockets are still in it
+            network_folder(link).rmdir()
 
 
 @dataclass(frozen=True)

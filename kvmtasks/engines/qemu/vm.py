@@ -16,6 +16,7 @@ from kvmtasks.config.part import Part, forwards, listen_address
 from kvmtasks.config.runfiles import (
     RunFiles,
     Status,
+    clean_network_sockets,
     clean_run_files,
     command_line,
     is_our_qemu,
@@ -159,6 +160,7 @@ class QemuMachine:
                 if self._gone(pid, QUIT_WAIT):
                     break
         clean_run_files(self.files)
+        clean_network_sockets(self.part)
 
     def _gone(self, pid: int, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
