@@ -99,6 +99,9 @@ ETC = {
     "etc/shells": "/bin/sh\n",
     "etc/hosts": "127.0.0.1 localhost kvmtasks-guest\n",
     "etc/resolv.conf": "nameserver 10.0.2.3\n",
+    # /etc/hosts first: the other parts of a private network are named there (glibc's default
+    # without this file asks DNS first, and a "not found" from it ends the search).
+    "etc/nsswitch.conf": "hosts: files dns\n",
 }
 ACPID = "::respawn:/bin/busybox acpid -f\n"
 # busybox acpid runs /etc/acpi/ACTION/PARAMETER for an event; this one is the power button.
