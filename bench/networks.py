@@ -7,6 +7,9 @@ one private network (`networks = bench`), b with a port forward of the host's 12
 port 5001, and measures, in turns, repeated:
 
 - over the network: a sends SIZE bytes (256 MiB) to b by its name, `dd | nc b 5001`;
+- through a hub process, the design kvmtasks did not choose, for comparison: a QEMU with no
+  guest (`-machine none`) whose hub joins one `-netdev stream` server (unix socket) per part,
+  each part a stream client on a NIC of its own (given through kvm_extra_args);
 - through the forwards: the same copy from a to the host (10.0.2.2, QEMU's user-mode network)
   on the port forwarded to b: guest to host to guest, what parts without a private network do;
 - latency: `ping` from a to b on the network, and from a to the host's user-mode address.
@@ -57,21 +60,39 @@ ROUND_TRIP = re.compile(r"round-trip min/avg/max = ([\d.]+)/([\d.]+)/([\d.]+) ms
 @dataclass
 class Results:
     network_s: list[float] = field(default_factory=list)
+    hub_s: list[float] = field(default_factory=list)
+    ping_hub_ms: list[float] = field(default_factory=list)
     forward_s: list[float] = field(default_factory=list)
     ping_network_ms: list[float] = field(default_factory=list)
     ping_host_ms: list[float] = field(default_factory=list)
 
 
+HUB_MACS = {"a": "02:00:00:00:77:0a", "b": "02:00:00:00:77:0b"}
+HUB_ADDRESSES = {"a": "192.168.77.1/24", "b": "192.168.77.2/24"}
+
+
+def hub_argv(folder: Path) -> list[str]:
+    """The hub process: one stream server per part, all on one hub, no guest."""
+    argv = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none"]
+    for index, name in enumerate(HUB_MACS):
+        argv += ["-netdev", f"stream,id=s{index},server=on,addr.type=unix,"
+                            f"addr.path={folder / f'hub-{name}.sock'}",
+                 "-netdev", f"hubport,id=p{index},hubid=0,netdev=s{index}"]
+    return argv
+
+
 def make_project(folder: Path, image: Path, key: Path, forward_port: int) -> dict[str, str]:
-    folder.mkdir(parents=True)
     sections = []
     for name in ("a", "b"):
         redirect = f"kvm_redir = tcp:{forward_port}::{LISTEN_PORT}\n" if name == "b" else ""
+        hub_nic = (f"  -netdev\n  stream,id=hub,server=off,addr.type=unix,"
+                   f"addr.path={folder / f'hub-{name}.sock'}\n"
+                   f"  -device\n  virtio-net-pci,netdev=hub,mac={HUB_MACS[name]}\n")
         sections.append(
             f"[{name}]\nfile = {image}\nkvm_snapshot = true\nssh_port = {free_port()}\n"
             f"ssh_key_path = {key}\nkvm_memory = 256M\nkvm_accel = tcg\n"
             f"kvm_boot_timeout = {BOOT_TIMEOUT:g}\nkvm_shutdown_timeout = 5\nnetworks = bench\n"
-            f"{redirect}")
+            f"kvm_extra_args =\n{hub_nic}{redirect}")
     config = folder / "networks.cfg"
     config.write_text(f"[buildout]\ndirectory = {folder}\n\n" + "\n".join(sections))
     return environment(KVMTASKS_CONFIG=str(config), HOME=str(folder / "home"))
@@ -96,6 +117,14 @@ def copy_seconds(folder: Path, env: dict[str, str], target: str, port: int, size
     if match is None:
         raise SystemExit(f"no time in {out!r}")
     return int(match.group(1) or 0) * 60 + float(match.group(2))
+
+
+def join_hub(folder: Path, env: dict[str, str]) -> None:
+    """The hub's NIC up in each guest, found by its MAC (kvmtasks knows nothing of it)."""
+    for name, mac in HUB_MACS.items():
+        in_guest(folder, env, name, "for d in /sys/class/net/*; do "
+                 f"if [ $(cat $d/address) = {mac} ]; then ip addr add {HUB_ADDRESSES[name]} "
+                 "dev ${d##*/}; ip link set ${d##*/} up; fi; done")
 
 
 def ping_ms(folder: Path, env: dict[str, str], target: str) -> float:
@@ -126,9 +155,12 @@ def report(size: int, results: Results, repeat: int, quiet: Quiet, uptime: str) 
         table(["measurement", "median", "runs"], [
             row(f"{size_label(size)} a to b over the private network (by name)",
                 results.network_s, "s", rate=True),
+            row(f"{size_label(size)} a to b through a hub process (not chosen)",
+                results.hub_s, "s", rate=True),
             row(f"{size_label(size)} a to b through the host (b's port forward)",
                 results.forward_s, "s", rate=True),
             row("ping a to b on the private network", results.ping_network_ms, "ms"),
+            row("ping a to b through a hub process (not chosen)", results.ping_hub_ms, "ms"),
             row("ping a to the host's user-mode address (10.0.2.2)", results.ping_host_ms, "ms"),
         ]),
         "",
@@ -140,9 +172,20 @@ def report(size: int, results: Results, repeat: int, quiet: Quiet, uptime: str) 
 
 def summary_line(size: int, results: Results) -> str:
     network, forward = median(results.network_s), median(results.forward_s)
-    return (f"network_mib_s={size / MiB / network:.1f} forward_mib_s={size / MiB / forward:.1f} "
+    hub = median(results.hub_s)
+    return (f"network_mib_s={size / MiB / network:.1f} hub_mib_s={size / MiB / hub:.1f} "
+            f"forward_mib_s={size / MiB / forward:.1f} "
             f"network/forward={forward / network:.2f} ping_network_ms="
-            f"{median(results.ping_network_ms):.2f} ping_host_ms={median(results.ping_host_ms):.2f}")
+            f"{median(results.ping_network_ms):.2f} ping_hub_ms={median(results.ping_hub_ms):.2f} "
+            f"ping_host_ms={median(results.ping_host_ms):.2f}")
+
+
+def wait_for_sockets(folder: Path, hub: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while not all((folder / f"hub-{name}.sock").exists() for name in HUB_MACS):
+        if hub.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the hub process did not listen")
+        time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,22 +202,34 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         image = build_guest_image(work / "guest.img", key.with_suffix(".pub"), GUEST_CACHE).path
         folder, forward_port = work / "project", free_port()
+        folder.mkdir()
         env = make_project(folder, image, key, forward_port)
-        with killed_afterwards(work):
-            measure(doit_argv("-n", "2", "start:a", "start:b"), env=env, cwd=folder).check()
-            for round_number in range(options.repeat):
-                order = ["network", "forward"] if round_number % 2 == 0 else ["forward", "network"]
-                for way in order:
-                    quiet.wait()
-                    if way == "network":
-                        results.network_s.append(copy_seconds(folder, env, "b", LISTEN_PORT, size))
-                    else:
-                        results.forward_s.append(copy_seconds(folder, env, "10.0.2.2", forward_port,
+        hub = subprocess.Popen(hub_argv(folder), stdin=subprocess.DEVNULL)
+        try:
+            wait_for_sockets(folder, hub)
+            with killed_afterwards(work):
+                measure(doit_argv("-n", "2", "start:a", "start:b"), env=env, cwd=folder).check()
+                join_hub(folder, env)
+                for round_number in range(options.repeat):
+                    ways = ["network", "hub", "forward"]
+                    for way in ways[round_number % 3:] + ways[:round_number % 3]:
+                        quiet.wait()
+                        if way == "network":
+                            results.network_s.append(copy_seconds(folder, env, "b", LISTEN_PORT, size))
+                        elif way == "hub":
+                            results.hub_s.append(copy_seconds(folder, env, "192.168.77.2", LISTEN_PORT,
                                                               size))
-                results.ping_network_ms.append(ping_ms(folder, env, "b"))
-                results.ping_host_ms.append(ping_ms(folder, env, "10.0.2.2"))
-                print(f"  round {round_number + 1}/{options.repeat} done", file=sys.stderr)
-            measure(doit_argv("-n", "2", "stop:a", "stop:b"), env=env, cwd=folder).check()
+                        else:
+                            results.forward_s.append(copy_seconds(folder, env, "10.0.2.2",
+                                                                  forward_port, size))
+                    results.ping_network_ms.append(ping_ms(folder, env, "b"))
+                    results.ping_hub_ms.append(ping_ms(folder, env, "192.168.77.2"))
+                    results.ping_host_ms.append(ping_ms(folder, env, "10.0.2.2"))
+                    print(f"  round {round_number + 1}/{options.repeat} done", file=sys.stderr)
+                measure(doit_argv("-n", "2", "stop:a", "stop:b"), env=env, cwd=folder).check()
+        finally:
+            hub.kill()
+            hub.wait()
         uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
         text = report(size, results, options.repeat, quiet, uptime)
     write_section(options.output, "networks", text)
