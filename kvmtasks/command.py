@@ -51,9 +51,10 @@ def find(program: str) -> str:
     return path
 
 
-def run(argv: Sequence[str], *, timeout: float | None = None) -> Result:
+def run(argv: Sequence[str], *, timeout: float | None = None, stdin: str | None = None) -> Result:
     """Run argv to completion, capturing its output; CommandNotFound, CommandTimedOut, but
-    never an error for its exit status (checked() is the run for which one is a failure)."""
+    never an error for its exit status (checked() is the run for which one is a failure).
+    stdin, when given, is the program's input (data, never parsed by a shell of ours)."""
     import sh  # here, not at the top: doit runs that start nothing should not pay for loading it
 
     command = sh.Command(find(argv[0]))
@@ -61,7 +62,7 @@ def run(argv: Sequence[str], *, timeout: float | None = None) -> Result:
     # The timeout is kept here, not by sh's _timeout: that one is watched by a thread that
     # wakes every 0.1 s, so every command with a timeout would end up to 0.1 s late.
     running = command(*argv[1:], _bg=True, _bg_exc=False, _return_cmd=True, _ok_code=ALL_EXIT_CODES,
-                      _tty_out=False)
+                      _tty_out=False, _in=stdin)
     timer = _Deadline(running.process, timeout) if timeout is not None else None
     try:
         running.wait()
@@ -79,10 +80,11 @@ def run(argv: Sequence[str], *, timeout: float | None = None) -> Result:
     )
 
 
-def checked(argv: Sequence[str], *, timeout: float | None = None, doing: str | None = None) -> Result:
+def checked(argv: Sequence[str], *, timeout: float | None = None, doing: str | None = None,
+            stdin: str | None = None) -> Result:
     """Run argv as run() does; a non-zero exit status is a CommandFailed that says what was being
     done (doing), which program exited with which status, and the program's last error line."""
-    result = run(argv, timeout=timeout)
+    result = run(argv, timeout=timeout, stdin=stdin)
     if result.exit_code != 0:
         reason = last_error_line(result.stderr)
         program = os.path.basename(argv[0])

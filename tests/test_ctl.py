@@ -24,7 +24,7 @@ from tests.conftest import Project
 from tests.vmfixtures import free_port
 
 STATUS_KEYS = {"part", "state", "engine", "libvirt_uri", "pid", "accelerator", "forwards", "vnc",
-               "ssh_command", "console_log", "disks", "ssh_config", "shares"}
+               "ssh_command", "console_log", "disks", "ssh_config", "shares", "networks"}
 
 
 def run(project: Project, name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

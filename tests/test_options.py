@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmtasks.config import options
-from kvmtasks.config.options import OPTIONS, OPTIONS_BY_NAME, Accel, Compression, ImageType, Redirect
+from kvmtasks.config.options import (
+    OPTIONS,
+    OPTIONS_BY_NAME,
+    Accel,
+    Compression,
+    ImageType,
+    NetworkRequest,
+    Redirect,
+)
 from kvmtasks.config.shares import Share
 
 from .conftest import REPO_ROOT
@@ -36,6 +44,11 @@ GOOD: dict[str, list[tuple[str, Any]]] = {
         ("2222::22", (Redirect("tcp", 2222, "", 22),)),
         ("udp:5353:10.0.2.15:53\ntcp:8080::80",
          (Redirect("udp", 5353, "10.0.2.15", 53), Redirect("tcp", 8080, "", 80))),
+    ],
+    "parse_networks": [
+        ("back\nfront 192.168.5.7/24", (NetworkRequest("back", "back", None),
+                                        NetworkRequest("front 192.168.5.7/24", "front", "192.168.5.7/24"))),
+        ("", ()),
     ],
     "parse_hostname": [("localhost", "localhost"), ("10.0.0.1", "10.0.0.1"),
                        ("vm-1.example", "vm-1.example")],
@@ -76,6 +89,7 @@ BAD: dict[str, list[str]] = {
     "parse_vga": ["", "vga", "STD"],
     "parse_net": ["bogus,a=b", "user\nnonsense"],
     "parse_redirects": ["22", "sctp:1::2", "tcp:0::22", "tcp:1::70000", "tcp:1:not-an-ip:22", "a:b:c"],
+    "parse_networks": ["a b", "n 1.2.3.4/24", "n 10.0.0.1", "n\nn", "n 10.0.0.0/24", "-n"],
     "parse_hostname": ["", "-bad", "a b", "host/name"],
     "parse_user": ["", "1root", "a b", "-x"],
     "parse_guest_hostname": ["", "-vm", "vm-", "my_vm", "a..b", "a b", "x" * 64, ".".join(["a"] * 128)],

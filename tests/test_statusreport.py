@@ -56,7 +56,7 @@ def test_the_json_holds_every_fact_programs_read() -> None:
         ],
         "vnc": "127.0.0.1:3", "ssh_command": ["ssh", "-p", "2222", "root@localhost"],
         "console_log": "/state/console.log", "disks": {"image": "/i.img", "overlay": "/o.qcow2"},
-        "ssh_config": "/state/ssh_config", "shares": [],
+        "ssh_config": "/state/ssh_config", "shares": [], "networks": [],
     }
     suspended = json.loads(as_json(replace(RUNNING, state=State.SUSPENDED, ssh_command=None)))
     assert (suspended["state"], suspended["ssh_command"]) == ("suspended", None)

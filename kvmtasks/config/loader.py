@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kvmtasks.config import bounded, extends, seedrules, setupsteps, sshvalue
+from kvmtasks.config import bounded, extends, networks, seedrules, setupsteps, sshvalue
 from kvmtasks.config.buildout import Config, Key, references
 from kvmtasks.config.cfgfile import DEPENDENCIES
 from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Compression, Engine, closest
@@ -49,7 +49,7 @@ def load_parts(paths: Iterable[Path], cwd: Path | None = None) -> list[Part]:
             seen[part.name] = path
             _one_owner(part, owners)
             parts.append(part)
-    return parts
+    return networks.join(parts)
 
 
 def _one_owner(part: Part, owners: dict[Path, Part]) -> None:
@@ -287,6 +287,9 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
     if values["kvm_engine"] is Engine.LIBVIRT and file is not None and path_is_block_device(file):
         raise ConfigError(f"{where} file = {str(file)!r}: a block device cannot be copied into a "
                           "libvirt storage pool; use kvm_engine = qemu")
+    if values["kvm_engine"] is Engine.LIBVIRT and values.get("networks"):
+        raise ConfigError(f"{where} networks = {values['networks'][0].line!r}: private networks "
+                          "join parts of kvm_engine = qemu only")
     compression = _compression(values, where)
     overlay = values.get("overlay", image is not None)
     if values.get("disk_size") is not None and not overlay:
@@ -348,6 +351,7 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         cloud_init_user_data=user_data,
         cloud_init_network_config=network_config,
         shares=shares,
+        networks=values.get("networks", ()),
     )
 
 

@@ -53,6 +53,19 @@ class Redirect:
     guest_port: int
 
 
+@dataclass(frozen=True)
+class NetworkRequest:
+    """One line of ``networks``: a network the part joins, with the address it asks for."""
+
+    line: str
+    name: str
+    address: str | None  # ADDRESS/PREFIX as given; None: assigned from the subnet
+
+
+# Each network is one more virtio NIC on the pc machine's PCI bus (32 slots, a few taken).
+NIC_SLOTS = 8
+NETWORK_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+
 DIGEST_LENGTHS = {"md5": 32, "sha256": 64, "sha512": 128}
 TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
 FALSE_WORDS = frozenset({"false", "no", "off", "0"})
@@ -209,6 +222,44 @@ def parse_redirects(value: str) -> tuple[Redirect, ...]:
     return tuple(redirects)
 
 
+def parse_networks(value: str) -> tuple[NetworkRequest, ...]:
+    requests: list[NetworkRequest] = []
+    for line in parse_lines(value):
+        fields = line.split()
+        if len(fields) > 2:
+            raise ValueError(f"line {line!r} is not NAME or NAME ADDRESS/PREFIX")
+        name = fields[0]
+        if not NETWORK_NAME.fullmatch(name):
+            raise ValueError(f"line {line!r}: network name {name!r} is not a plain word "
+                             "(a letter, then letters, digits, '_' or '-'; 32 at most)")
+        if any(r.name == name for r in requests):
+            raise ValueError(f"line {line!r}: network {name} is joined twice")
+        address = fields[1] if len(fields) == 2 else None
+        if address is not None:
+            try:
+                interface = ipaddress.IPv4Interface(address)
+            except ValueError:
+                interface = None
+            if interface is None or "/" not in address:
+                raise ValueError(f"line {line!r}: {address!r} is not an IPv4 ADDRESS/PREFIX, "
+                                 "e.g. 192.168.50.10/24")
+            if interface.network.prefixlen > 30:
+                raise ValueError(f"line {line!r}: a /{interface.network.prefixlen} holds no "
+                                 "two parts; use a prefix of 30 or less")
+            if not interface.ip.is_private or interface.ip.is_loopback:
+                raise ValueError(f"line {line!r}: {interface.ip} is not a private address "
+                                 "(10/8, 172.16/12, 192.168/16)")
+            if interface.ip in (interface.network.network_address,
+                                interface.network.broadcast_address):
+                raise ValueError(f"line {line!r}: {interface.ip} is not a host address of "
+                                 f"{interface.network}")
+            address = str(interface)
+        requests.append(NetworkRequest(line, name, address))
+    if len(requests) > NIC_SLOTS:
+        raise ValueError(f"{len(requests)} networks, more than the {NIC_SLOTS} NIC slots a part has")
+    return tuple(requests)
+
+
 def parse_hostname(value: str) -> str:
     text = value.strip()
     if not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z.:-]*", text):
@@ -334,6 +385,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("kvm_graphic", parse_vga, None, "Graphics card (`-vga`), e.g. std."),
     Option("kvm_net", parse_net, None,
            "One `-net` definition per line, e.g. `user,hostname=vm` and `nic,model=ne2k_pci`."),
+    Option("networks", parse_networks, None,
+           "Private networks the part joins with other parts of this project, one per line: "
+           "`NAME` or `NAME ADDRESS/PREFIX`; one more NIC on each (at most "
+           f"{NIC_SLOTS}). Addresses not given are assigned stably from the subnet the given "
+           "ones name, else from a private /24 chosen per project and network. See "
+           "[Private networks](#private-networks-between-parts)."),
     Option("kvm_redir", parse_redirects, None,
            "Port forwards, one per line: `[tcp|udp]:HOSTPORT:[GUESTADDR]:GUESTPORT`; "
            "a host port (per protocol) once."),

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmtasks.config.options import Accel, Compression, Engine, ImageType, Redirect
+from kvmtasks.config.networks import NetworkLink
+from kvmtasks.config.options import Accel, Compression, Engine, ImageType, NetworkRequest, Redirect
 from kvmtasks.config.setupsteps import SetupStep
 from kvmtasks.config.shares import Share
 from kvmtasks.errors import ConfigError
@@ -81,6 +82,8 @@ class Part:
     # The guest setup's steps (option `setup`): each one a cached disk layer the part boots over.
     setup: tuple[SetupStep, ...] = ()
     shares: tuple[Share, ...] = ()  # option share: host folders in the guest (config/shares.py)
+    networks: tuple[NetworkRequest, ...] = ()  # the option as written
+    links: tuple[NetworkLink, ...] = ()  # resolved with the project's other parts (networks.join)
 
     @property
     def download_path(self) -> Path:

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kvmtasks.config.options import Accel, Compression, Engine, ImageType, Redirect
+from kvmtasks.config.networks import Member, NetworkLink
+from kvmtasks.config.options import Accel, Compression, Engine, ImageType, NetworkRequest, Redirect
 from kvmtasks.config.part import Buildout, Part
 from kvmtasks.config.setupsteps import Copy, SetupStep
 from kvmtasks.config.shares import Carrier, Share
@@ -19,7 +20,8 @@ _PATHS = {"config_file", "file", "location", "kvm_bin_directory", "kvm_run_direc
 def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, Redirect | Buildout | SetupStep | Copy | Share):
+    if isinstance(value, Redirect | Buildout | SetupStep | Copy | Share | NetworkRequest | NetworkLink
+                  | Member):
         return _plain(dataclasses.asdict(value))
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
@@ -59,4 +61,8 @@ def from_json(text: str) -> Part:
     data["shares"] = tuple(Share(**{**item, "carrier": Carrier(item["carrier"]),
                                     "excludes": tuple(item["excludes"])})
                            for item in data.get("shares", ()))
+    data["networks"] = tuple(NetworkRequest(**item) for item in data.get("networks", ()))
+    data["links"] = tuple(
+        NetworkLink(**{**item, "peers": tuple(Member(**peer) for peer in item["peers"])})
+        for item in data.get("links", ()))
     return Part(**data)

@@ -3,12 +3,14 @@ engines and ssh all need. Nothing here runs a program; "is it running" is engine
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmtasks.config.networks import NetworkLink
 from kvmtasks.config.part import Part
 
 
@@ -66,6 +68,29 @@ def control_socket(part: Part) -> Path:
     """The ssh master's socket of the part: a short hashed name in the private runtime folder."""
     key = hashlib.sha256(str(part.state_directory.absolute()).encode()).hexdigest()[:20]
     return runtime_folder() / key
+
+
+def network_folder(link: NetworkLink) -> Path:
+    """A private network's sockets: one folder per project and network, in the runtime folder."""
+    return runtime_folder() / f"net-{link.key}"
+
+
+def network_socket(link: NetworkLink, sender: str, receiver: str) -> Path:
+    """The datagram socket sender's QEMU binds to talk with receiver's on link's network.
+    Hashed names keep the path short (108 bytes) whatever the part names."""
+    def short(name: str) -> str:
+        return hashlib.sha256(name.encode()).hexdigest()[:8]
+
+    return network_folder(link) / f"{short(sender)}-{short(receiver)}"
+
+
+def clean_network_sockets(part: Part) -> None:
+    """The sockets a stopped part's QEMU bound (QEMU leaves them), and a folder left empty."""
+    for link in part.links:
+        for peer in link.peers:
+            network_socket(link, part.name, peer.part).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # other parts' sockets are still in it
+            network_folder(link).rmdir()
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,14 @@ for m in {modules}; do insmod /lib/modules/{release}/$m.ko 2>/dev/null; done
 hostname kvmtasks-guest
 ip link set lo up
 n=0; while ! ip link show eth0 >/dev/null 2>&1 && [ $n -lt 50 ]; do usleep 100000; n=$((n+1)); done
-ip link set eth0 up
-ip addr add 10.0.2.15/24 dev eth0
+# the user-mode NIC: the first whose MAC is not locally administered (02:..., kvmtasks'
+# private networks, which kvmtasks sets up over ssh once the guest answers)
+nic=eth0
+for d in /sys/class/net/eth*; do
+  case $(cat $d/address) in 02:*) ;; *) nic=${{d##*/}}; break ;; esac
+done
+ip link set $nic up
+ip addr add 10.0.2.15/24 dev $nic
 ip route add default via 10.0.2.2
 # the boot disk is a whole-disk FAT; IDE probing is asynchronous, hence the retries
 n=0
@@ -95,6 +101,9 @@ ETC = {
     "etc/shells": "/bin/sh\n",
     "etc/hosts": "127.0.0.1 localhost kvmtasks-guest\n",
     "etc/resolv.conf": "nameserver 10.0.2.3\n",
+    # /etc/hosts first: the other parts of a private network are named there (glibc's default
+    # without this file asks DNS first, and a "not found" from it ends the search).
+    "etc/nsswitch.conf": "hosts: files dns\n",
 }
 ACPID = "::respawn:/bin/busybox acpid -f\n"
 # busybox acpid runs /etc/acpi/ACTION/PARAMETER for an event; this one is the power button.

@@ -27,7 +27,7 @@ from kvmtasks.engines import partlock, poweroff, sharing
 from kvmtasks.engines.running import current
 from kvmtasks.engines.statusreport import Facts
 from kvmtasks.errors import VmError
-from kvmtasks.guest import clock, connection, hostkeys, readiness, ssh, sshconfig
+from kvmtasks.guest import clock, connection, hostkeys, netsetup, readiness, ssh, sshconfig
 
 Say = Callable[[str], None]
 CONSOLE_TAIL_LINES = 20
@@ -191,7 +191,20 @@ def _start(machine: Machine, say: Say, loadvm: str | None) -> None:
         readiness.wait(part, deadline, say)
         _first_boot_done(part)
         sharing.attach(part, say)
+        _join_networks(machine)
     say(f"{part.name} is running ({_where_and_accel(machine)})")
+
+
+def _join_networks(machine: Machine) -> None:
+    """A guest without a seed gets its private networks over ssh (a seed's network-config does
+    it for the others); a guest that cannot is stopped, as any start that fails."""
+    if not machine.part.links or machine.part.cloud_init:
+        return
+    try:
+        netsetup.configure(machine.part)
+    except VmError:
+        machine.force_off()
+        raise
 
 
 def _disk_id(part: Part) -> str:

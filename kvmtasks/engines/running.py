@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from kvmtasks.config.options import Engine
 from kvmtasks.config.part import Part
-from kvmtasks.config.runfiles import RunFiles, Status, clean_run_files, is_our_qemu, read_pid
+from kvmtasks.config.runfiles import (
+    RunFiles,
+    Status,
+    clean_network_sockets,
+    clean_run_files,
+    is_our_qemu,
+    read_pid,
+)
 
 
 def current(part: Part) -> Status:
@@ -24,6 +31,7 @@ def current(part: Part) -> Status:
         return Status(True, pid, accel)
     if files.pidfile.exists():
         clean_run_files(files)
+        clean_network_sockets(part)
     return Status(False)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmtasks.config import seedrules, shares
+from kvmtasks.config.networks import NetworkLink
 from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.engines.running import current
@@ -64,6 +65,7 @@ class Facts:
     problem: str | None = None  # why a state left on disk cannot be resumed
     ssh_config: Path | None = None  # the part's ssh config file, for any ssh tool
     shares: tuple[ShareFact, ...] = ()  # option share, in its order
+    networks: tuple[NetworkLink, ...] = ()  # the private networks it joins
 
     @property
     def running(self) -> bool:
@@ -99,6 +101,7 @@ def gather(part: Part, *, address: str, console_log: Path | None,
         problem=problem,
         ssh_config=sshconfig.path(part) if part.ssh_port is not None else None,
         shares=_share_facts(part, running=status.running),
+        networks=part.links,
     )
 
 
@@ -147,7 +150,12 @@ def describe(facts: Facts) -> list[str]:
         lines.append(f"  ssh key {facts.ssh_key}" + (" (made by kvmtasks)" if facts.ssh_key_made else ""))
     if facts.pinned_known_hosts is not None:
         lines.append(f"  host key pinned in {facts.pinned_known_hosts}")
-    return lines + share_lines(facts)
+    lines += share_lines(facts)
+    for link in facts.networks:
+        peers = ", ".join(f"{peer.part} {peer.address.split('/')[0]}" for peer in link.peers)
+        lines.append(f"  network {link.network} {link.address} mac {link.mac}"
+                     f" (with {peers or 'no other part'})")
+    return lines
 
 
 def as_json(facts: Facts) -> str:
@@ -165,5 +173,8 @@ def as_json(facts: Facts) -> str:
         "disks": {role: str(path) for role, path in facts.disks.items()},
         "ssh_config": str(facts.ssh_config) if facts.ssh_config is not None else None,
         "shares": [asdict(share) for share in facts.shares],
+        "networks": [{"network": link.network, "subnet": link.subnet, "address": link.address,
+                      "mac": link.mac, "peers": [asdict(peer) for peer in link.peers]}
+                     for link in facts.networks],
     }
     return json.dumps(data, indent=1)

@@ -19,6 +19,8 @@ from email.policy import compat32
 from pathlib import Path
 
 from kvmtasks.config.seedrules import CLOUD_CONFIG, MIME, user_data_kind
+from kvmtasks.provision.seednetwork import PrivateNic, hosts_bootcmd
+from kvmtasks.provision.seednetwork import network_config as merged_network_config
 
 VOLUME_LABEL = "cidata"  # what cloud-init's NoCloud looks for
 # ISO 9660 level-1 names (8.3, upper case) for readers that know nothing else; Linux reads the
@@ -41,6 +43,9 @@ class SeedInput:
     host_public_key: str
     user_data: str | None = None
     network_config: str | None = None
+    private_nics: tuple[PrivateNic, ...] = ()
+    primary_mac: str | None = None  # the user-mode NIC's, for DHCP beside the private NICs
+    hosts: tuple[tuple[str, str], ...] = ()  # (address, part name) of the other parts
 
 
 def _q(value: str) -> str:
@@ -80,6 +85,7 @@ def cloud_config(seed: SeedInput) -> str:
         "ssh_keys:",
         f"  ed25519_private: {_q(seed.host_private_key)}",
         f"  ed25519_public: {_q(seed.host_public_key.strip())}",
+        *hosts_bootcmd(seed.hosts),
     ]
     return "\n".join(lines) + "\n"
 
@@ -130,11 +136,12 @@ def instance_id(user_data_text: str, network_config: str | None, hostname: str) 
 def seed_files(seed: SeedInput) -> dict[str, bytes]:
     """The seed's files by name: meta-data, user-data, and network-config when given."""
     data = user_data(seed)
-    meta = (f"instance-id: {instance_id(data, seed.network_config, seed.hostname)}\n"
+    network = merged_network_config(seed.network_config, seed.private_nics, seed.primary_mac)
+    meta = (f"instance-id: {instance_id(data, network, seed.hostname)}\n"
             f"local-hostname: {_q(seed.hostname)}\n")
     files = {"meta-data": meta.encode(), "user-data": data.encode()}
-    if seed.network_config is not None:
-        files["network-config"] = seed.network_config.encode()
+    if network is not None:
+        files["network-config"] = network.encode()
     return files
 
 

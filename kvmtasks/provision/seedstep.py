@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvmtasks.config import bounded, seedrules
+from kvmtasks.config import bounded, networks, seedrules
 from kvmtasks.config.part import Part
 from kvmtasks.errors import ProvisionError
 from kvmtasks.provision import keys
 from kvmtasks.provision.seed import SeedInput, seed_files, write_iso
+from kvmtasks.provision.seednetwork import NetworkConfigError, PrivateNic
 
 
 def _read(path: Path, what: str, limit: int) -> str:
@@ -40,6 +41,9 @@ def user_inputs(part: Part) -> dict[str, Any]:
         "public_key": content(keys.public_path(given_key), bounded.KEY_LIMIT) if given_key else None,
         "user_data": content(part.cloud_init_user_data, bounded.USER_DATA_LIMIT),
         "network_config": content(part.cloud_init_network_config, bounded.NETWORK_CONFIG_LIMIT),
+        # The other parts' addresses too: a part joining the network changes every seed.
+        "networks": [[link.network, link.address, link.mac,
+                      [[peer.part, peer.address] for peer in link.peers]] for link in part.links],
     }
 
 
@@ -71,11 +75,20 @@ def seed_input(part: Part) -> SeedInput:
         network_config=(None if network_config is None
                         else _read(network_config, "cloud_init_network_config",
                                    bounded.NETWORK_CONFIG_LIMIT)),
+        private_nics=tuple(PrivateNic(f"kvmnet{index}", link.mac, link.address)
+                           for index, link in enumerate(part.links)),
+        primary_mac=networks.user_nic_mac(part.kvm_net),
+        hosts=tuple(dict.fromkeys((peer.address.split("/")[0], peer.part)
+                                  for link in part.links for peer in link.peers)),
     )
 
 
 def write_seed(part: Part) -> None:
-    files = seed_files(seed_input(part))
+    try:
+        files = seed_files(seed_input(part))
+    except NetworkConfigError as error:
+        raise ProvisionError(f"{part.config_file}: [{part.name}] cloud_init_network_config = "
+                             f"{str(part.cloud_init_network_config)!r}: {error}") from None
     part.state_directory.mkdir(parents=True, exist_ok=True)
     try:
         write_iso(seedrules.seed_path(part), files)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kvmtasks.config.options import ImageType
 from kvmtasks.config.part import Part, forwards
-from kvmtasks.config.runfiles import RunFiles
+from kvmtasks.config.runfiles import RunFiles, network_socket
 from kvmtasks.config.seedrules import seed_path
 from kvmtasks.config.shares import Carrier, tag, virtiofs_socket
 from kvmtasks.engines import sharing
@@ -60,6 +60,33 @@ def seed_args(part: Part) -> list[str]:
     return ["-drive", f"file={escape(seed_path(part))},if=ide,media=cdrom,readonly=on,format=raw"]
 
 
+# kvm_net's -net lines share hub 0 (QEMU's legacy VLAN): private networks take hubs of their own.
+PRIVATE_HUB_BASE = 100
+
+
+def private_network_args(part: Part) -> list[str]:
+    """One virtio NIC per private network, on a hub inside this QEMU that a datagram unix
+    socket joins to each other part of the network: no process but the guests' QEMUs, no IP
+    packet on the host, and a part that restarts binds its sockets again while the others'
+    datagrams wait for nobody (see README, "Private networks between parts")."""
+    args: list[str] = []
+    for index, link in enumerate(part.links):
+        hub, nic = PRIVATE_HUB_BASE + index, f"kvmnet{index}"
+        args += [
+            "-netdev", f"hubport,id={nic},hubid={hub}",
+            "-device", f"virtio-net-pci,netdev={nic},mac={link.mac}",
+        ]
+        for number, peer in enumerate(link.peers):
+            local = escape(network_socket(link, part.name, peer.part))
+            remote = escape(network_socket(link, peer.part, part.name))
+            args += [
+                "-netdev", f"dgram,id={nic}p{number},local.type=unix,local.path={local},"
+                           f"remote.type=unix,remote.path={remote}",
+                "-netdev", f"hubport,id={nic}h{number},hubid={hub},netdev={nic}p{number}",
+            ]
+    return args
+
+
 def qemu_argv(
     part: Part, *, accel: str, disk_format: str, listen_address: str, machine: str | None = None,
     discard: bool = False,
@@ -92,6 +119,7 @@ def qemu_argv(
     if part.kvm_graphic is not None:
         argv += ["-vga", part.kvm_graphic]
     argv += network_args(part, listen_address)
+    argv += private_network_args(part)
     argv += [
         "-chardev", f"file,id=console,path={escape(files.console_log)}",
         "-serial", "chardev:console",

@@ -13,7 +13,18 @@ from kvmtasks import command
 from kvmtasks.config.diskformat import boot_disk_format
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, forwards, listen_address
-from kvmtasks.config.runfiles import RunFiles, Status, clean_run_files, command_line, is_our_qemu, read_pid
+from kvmtasks.config.runfiles import (
+    RunFiles,
+    Status,
+    clean_network_sockets,
+    clean_run_files,
+    command_line,
+    is_our_qemu,
+    is_private_folder,
+    network_folder,
+    read_pid,
+    runtime_folder,
+)
 from kvmtasks.engines import lifecycle, portprobe, statusreport
 from kvmtasks.engines.lifecycle import KvmUnusable, Say, Seen
 from kvmtasks.engines.qemu import machine, qmp, savestate, virtiofs
@@ -63,6 +74,9 @@ class QemuMachine:
             )
         for forward in forwards(self.part):
             portprobe.check_free(forward.protocol, self.address, forward.host_port)
+        for link in self.part.links:
+            _private_folder(runtime_folder())
+            _private_folder(network_folder(link))
         self.machine_type = machine.resolve(self.part)
 
     def console_log(self) -> Path:
@@ -149,6 +163,7 @@ class QemuMachine:
                     break
         virtiofs.stop(self.part)
         clean_run_files(self.files)
+        clean_network_sockets(self.part)
 
     def _gone(self, pid: int, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
@@ -218,3 +233,15 @@ class QemuMachine:
 
 def machine_of(part: Part) -> lifecycle.Machine:
     return QemuMachine(part)
+
+
+def _private_folder(path: Path) -> None:
+    """A private network's sockets go where no other user can send to them or bind them."""
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+    except OSError as error:
+        raise VmError(f"cannot create {path} for the private networks' sockets: "
+                      f"{error.strerror}") from None
+    if not is_private_folder(path):
+        raise VmError(f"{path} is not a folder only you can use (owner, mode 0700): "
+                      "the private networks' sockets are not put there")
