@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kvmtasks.config import bounded, extends, seedrules, sshvalue
+from kvmtasks.config import archrules, bounded, extends, seedrules, sshvalue
 from kvmtasks.config.buildout import Config, Key, references
 from kvmtasks.config.cfgfile import DEPENDENCIES
 from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Compression, Engine, closest
@@ -278,6 +278,7 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
     _check_ssh_paths(where, {"ssh_key_path": key, "kvm_run_directory": run_directory})
     user_data, network_config = local_path("cloud_init_user_data"), local_path("cloud_init_network_config")
     _check_cloud_init(values, where, key, user_data, network_config)
+    arch, firmware = archrules.check(values, where)
     return Part(
         name=section,
         config_file=path,
@@ -291,7 +292,7 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         disk_size=values.get("disk_size"),
         download_digests=download,
         image_digests=image_digests,
-        kvm_binary=values["kvm_binary"],
+        kvm_binary=values.get("kvm_binary") or archrules.default_binary(arch),
         kvm_memory=values["kvm_memory"],
         kvm_smp=values["kvm_smp"],
         kvm_accel=values["kvm_accel"],
@@ -316,6 +317,8 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         cloud_init_hostname=values.get("cloud_init_hostname") or seedrules.default_hostname(section),
         cloud_init_user_data=user_data,
         cloud_init_network_config=network_config,
+        kvm_arch=arch,
+        firmware=firmware,
     )
 
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmtasks.config.options import Accel, Compression, Engine, ImageType, Redirect
+from kvmtasks.config.options import Accel, Arch, Compression, Engine, Firmware, ImageType, Redirect
 from kvmtasks.errors import ConfigError
 
 ACCEL_ENV = "KVMTASKS_ACCEL"
@@ -76,6 +76,8 @@ class Part:
     cloud_init_hostname: str
     cloud_init_user_data: Path | None
     cloud_init_network_config: Path | None
+    kvm_arch: Arch = Arch.X86_64
+    firmware: Firmware = Firmware.BIOS
 
     @property
     def download_path(self) -> Path:
@@ -115,6 +117,12 @@ class Part:
     def boot_disk(self) -> Path:
         """The disk QEMU boots: the overlay when there is one, else the image itself."""
         return self.overlay_path if self.overlay else self.image_path
+
+    @property
+    def varstore_path(self) -> Path:
+        """The part's own copy of its UEFI variable store, beside its overlay (qcow2, so that
+        named snapshots cover it too)."""
+        return self.location / f"{self.name}.efivars.qcow2"
 
     @property
     def state_directory(self) -> Path:
