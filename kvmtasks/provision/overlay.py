@@ -46,7 +46,15 @@ def reset(part: Part, say: Callable[[str], None] = print, *, vm_status: VmStatus
         if status.running:
             raise VmError(f"{part.name} is running (pid {status.pid}); stop it first, then reset")
         _make(part)
+        reset_varstore(part, say)
     say(f"{part.name}: disk reset to {part.image_path} (new overlay {part.overlay_path})")
+
+
+def reset_varstore(part: Part, say: Callable[[str], None]) -> None:
+    """The part's UEFI variables go with its disk: the next start copies the template again."""
+    if part.varstore_path.exists():
+        part.varstore_path.unlink()
+        say(f"{part.name}: UEFI variables reset (removed {part.varstore_path})")
 
 
 def record_path(part: Part) -> Path:
