@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import gzip
+import lzma
 import os
 import re
 import shutil
@@ -90,7 +91,7 @@ def _initramfs(root: Path, release: str, authorized_key: Path, host_key: bytes) 
     add("bin/sh", b"busybox", 0o777, stat.S_IFLNK)
     for name, module in zip(names, modules, strict=True):
         data = module.read_bytes()
-        add(f"lib/modules/{release}/{name}.ko", guestimage.lzma.decompress(data)
+        add(f"lib/modules/{release}/{name}.ko", lzma.decompress(data)
             if module.suffix == ".xz" else data)
     add("usr/sbin/dropbear", (root / "usr/sbin/dropbear").read_bytes(), 0o755)
     add("usr/lib/sftp-server", (root / "usr/lib/openssh/sftp-server").read_bytes(), 0o755)

@@ -54,6 +54,8 @@ class Facts:
     pinned_known_hosts: Path | None = None  # known_hosts kvmtasks writes from the host key it made
     problem: str | None = None  # why a state left on disk cannot be resumed
     ssh_config: Path | None = None  # the part's ssh config file, for any ssh tool
+    arch: str = "x86_64"  # kvm_arch
+    firmware: str = "bios"
 
     @property
     def running(self) -> bool:
@@ -82,12 +84,15 @@ def gather(part: Part, *, address: str, console_log: Path | None,
         vnc=part.kvm_vnc,
         ssh_command=tuple(ssh.login_argv(part, [], tty=False)) if part.ssh_port is not None else None,
         console_log=console_log,
-        disks={"image": part.image_path, **({"overlay": part.overlay_path} if part.overlay else {})},
+        disks={"image": part.image_path, **({"overlay": part.overlay_path} if part.overlay else {}),
+               **({"varstore": part.varstore_path} if part.firmware.value != "bios" else {})},
         ssh_key=seedrules.identity_file(part),
         ssh_key_made=part.ssh_key_path is None and part.cloud_init,
         pinned_known_hosts=RunFiles.of(part).known_hosts if seedrules.pins_host_key(part) else None,
         problem=problem,
         ssh_config=sshconfig.path(part) if part.ssh_port is not None else None,
+        arch=part.kvm_arch.value,
+        firmware=part.firmware.value,
     )
 
 
@@ -121,6 +126,8 @@ def describe(facts: Facts) -> list[str]:
         lines.append(f"  ssh key {facts.ssh_key}" + (" (made by kvmtasks)" if facts.ssh_key_made else ""))
     if facts.pinned_known_hosts is not None:
         lines.append(f"  host key pinned in {facts.pinned_known_hosts}")
+    if (facts.arch, facts.firmware) != ("x86_64", "bios"):  # said when it is not the PC's default
+        lines.append(f"  arch {facts.arch}, firmware {facts.firmware}")
     return lines
 
 
@@ -132,6 +139,8 @@ def as_json(facts: Facts) -> str:
         "libvirt_uri": facts.libvirt_uri,
         "pid": facts.pid,
         "accelerator": facts.accelerator,
+        "arch": facts.arch,
+        "firmware": facts.firmware,
         "forwards": [asdict(forward) for forward in facts.forwards],
         "vnc": facts.vnc,
         "ssh_command": list(facts.ssh_command) if facts.ssh_command is not None else None,
