@@ -1,11 +1,13 @@
-"""Build the tiny guest for arm64, booted through UEFI (Debian's arm64 kernel, busybox, dropbear).
+"""Build the tiny guest booted through UEFI: for arm64, or for amd64 (plain, or Secure Boot).
 
-The same guest as guestimage.py, from Debian's arm64 packages (downloaded and unpacked, never
-installed; the host needs `dpkg --add-architecture arm64`, which ./dev does): a GPT disk with
-one EFI system partition holding systemd-boot (as the removable-media BOOTAA64.EFI, so that an
-empty variable store boots it), its one entry, the kernel and the initramfs. The FAT is made in
-a file and placed at its offset, so building needs no root and no loop device. The guest mounts
-efivarfs, so that it can write UEFI variables.
+The same guest as guestimage.py (Debian's kernel, busybox, dropbear), from Debian's packages of
+that architecture (downloaded and unpacked, never installed; arm64 needs `dpkg --add-architecture
+arm64`, which ./dev does): a GPT disk with one EFI system partition holding the removable-media
+boot loader (BOOTAA64.EFI, BOOTX64.EFI: an empty variable store boots it), the kernel and the
+initramfs. The loader is systemd-boot with one entry; for Secure Boot it is Debian's signed chain,
+shim then GRUB, which boot Debian's signed kernel. The FAT is made in a file and placed at its
+offset, so building needs no root and no loop device. The guest mounts efivarfs, so that it can
+read and write UEFI variables.
 """
 
 from __future__ import annotations
@@ -24,18 +26,41 @@ import tempfile
 import uuid
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvmtasks.demo import guestimage
 from kvmtasks.demo.guestimage import GuestImage, GuestImageError
 
-ARCH = "arm64"
 PACKAGES = ("busybox-static", "dropbear-bin", "libtomcrypt1", "libtommath1", "libgmp10", "libc6",
             "libcrypt1", "zlib1g", "openssh-sftp-server", "systemd-boot-efi")
+# Debian's signed boot chain: shim (signed by Microsoft), GRUB and the kernel (signed by Debian).
+SECURE_BOOT_PACKAGES = ("shim-signed", "grub-efi-amd64-signed")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What differs between the architectures the builder knows."""
+
+    arch: str  # Debian's name
+    triplet: str  # the multiarch library folder
+    loader: tuple[str, str]  # the dynamic loader's path, and where its link points
+    removable: str  # the boot loader's file name on removable media
+    systemd_boot: str
+    console: str
+
+
+TARGETS = {
+    "arm64": Target("arm64", "aarch64-linux-gnu",
+                    ("lib/ld-linux-aarch64.so.1", "aarch64-linux-gnu/ld-linux-aarch64.so.1"),
+                    "BOOTAA64.EFI", "systemd-bootaa64.efi", "ttyAMA0"),
+    "amd64": Target("amd64", "x86_64-linux-gnu",
+                    ("lib64/ld-linux-x86-64.so.2", "../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+                    "BOOTX64.EFI", "systemd-bootx64.efi", "ttyS0"),
+}
+ARCH = "arm64"
 # dropbearkey runs on the host: the host key is made by the host's own dropbear build.
 HOST_KEY_PACKAGES = ("dropbear-bin", "libtomcrypt1", "libtommath1")
-LIBDIRS = ("lib/aarch64-linux-gnu", "usr/lib/aarch64-linux-gnu")
-LOADER = "lib/ld-linux-aarch64.so.1"
 # Debian's arm64 kernel has its PCI, virtio-blk and vfat drivers as modules; ACPI's power button
 # reaches acpid through button and evdev.
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
@@ -43,24 +68,27 @@ WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "vfat", "nls_cp437",
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 ESP_OFFSET = 1 << 20  # the partition's first byte: sector 2048, as partitioning tools align it
 LOADER_CONF = "default kvmtasks.conf\ntimeout 0\n"
-ENTRY = "title kvmtasks\nlinux /vmlinuz\ninitrd /initrd.gz\noptions console=ttyAMA0 quiet\n"
+ENTRY = "title kvmtasks\nlinux /vmlinuz\ninitrd /initrd.gz\noptions console={console} quiet\n"
+# Debian's signed GRUB reads grub.cfg beside itself, else from /EFI/debian.
+GRUB_CFG = ("set timeout=0\nmenuentry kvmtasks {{\n  linux /vmlinuz console={console} quiet\n"
+            "  initrd /initrd.gz\n}}\n")
 EFIVARFS = "mount -t efivarfs efivarfs /sys/firmware/efi/efivars 2>/dev/null\n"
 
 
-def _kernel_package(debs: Path) -> str:
-    cached = guestimage._newest_deb(debs, "linux-image-*-arm64")
+def _kernel_package(debs: Path, arch: str) -> str:
+    cached = guestimage._newest_deb(debs, f"linux-image-*-{arch}")
     if cached is not None:
         return cached.name.split("_")[0]
-    out = guestimage._run(["apt-cache", "depends", f"linux-image-{ARCH}:{ARCH}"],
-                          hint=f"run dpkg --add-architecture {ARCH} and apt-get update first (./dev setup)")
-    match = re.search(r"Depends: (linux-image-\d\S*?)(:arm64)?$", out, re.MULTILINE)
+    out = guestimage._run(["apt-cache", "depends", f"linux-image-{arch}:{arch}"],
+                          hint=f"run dpkg --add-architecture {arch} and apt-get update first (./dev setup)")
+    match = re.search(rf"Depends: (linux-image-\d\S*?)(:{arch})?$", out, re.MULTILINE)
     if match is None:
-        raise GuestImageError(f"apt-cache names no versioned linux-image package for {ARCH} "
-                              f"(run dpkg --add-architecture {ARCH} and apt-get update first)")
+        raise GuestImageError(f"apt-cache names no versioned linux-image package for {arch} "
+                              f"(run dpkg --add-architecture {arch} and apt-get update first)")
     return match.group(1)
 
 
-def _initramfs(root: Path, release: str, authorized_key: Path, host_key: bytes) -> bytes:
+def _initramfs(target: Target, root: Path, release: str, authorized_key: Path, host_key: bytes) -> bytes:
     entries: dict[str, tuple[int, bytes]] = {}
 
     def add(name: str, data: bytes = b"", mode: int = 0o644, kind: int = stat.S_IFREG) -> None:
@@ -95,11 +123,12 @@ def _initramfs(root: Path, release: str, authorized_key: Path, host_key: bytes) 
             if module.suffix == ".xz" else data)
     add("usr/sbin/dropbear", (root / "usr/sbin/dropbear").read_bytes(), 0o755)
     add("usr/lib/sftp-server", (root / "usr/lib/openssh/sftp-server").read_bytes(), 0o755)
-    # The arm64 libraries cannot be asked of the host's ldd: every one unpacked goes in (~5 MB).
-    for libdir in LIBDIRS:
+    # Another architecture's libraries cannot be asked of the host's ldd: every one unpacked goes
+    # in (~5 MB).
+    for libdir in (f"lib/{target.triplet}", f"usr/lib/{target.triplet}"):
         for library in sorted((root / libdir).glob("*.so*")):
-            add(f"lib/aarch64-linux-gnu/{library.name}", library.resolve().read_bytes(), 0o755)
-    add(LOADER, b"aarch64-linux-gnu/ld-linux-aarch64.so.1", 0o777, stat.S_IFLNK)
+            add(f"lib/{target.triplet}/{library.name}", library.resolve().read_bytes(), 0o755)
+    add(target.loader[0], target.loader[1].encode(), 0o777, stat.S_IFLNK)
     return guestimage._cpio_gz(entries)
 
 
@@ -146,36 +175,61 @@ def _gpt_disk(dest: Path, fat: Path) -> None:
         disk.write(backup)
 
 
-def build_uefi_guest_image(dest: Path, authorized_key: Path, cache_dir: Path) -> GuestImage:
-    """Build the arm64 image at dest (atomically); packages are cached in cache_dir."""
+def _boot_loader(target: Target, root: Path, esp: Path, secure_boot: bool) -> None:
+    """The removable-media boot loader and its configuration on the ESP."""
+    (esp / "EFI/BOOT").mkdir(parents=True)
+    if secure_boot:
+        chain = {"BOOTX64.EFI": "usr/lib/shim/shimx64.efi.signed",
+                 "grubx64.efi": "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"}
+        for name, packaged in chain.items():
+            _copy_needed(root / packaged, esp / "EFI/BOOT" / name, root)
+        (esp / "EFI/debian").mkdir(parents=True)
+        for folder in ("EFI/BOOT", "EFI/debian"):
+            (esp / folder / "grub.cfg").write_text(GRUB_CFG.format(console=target.console))
+        return
+    (esp / "loader/entries").mkdir(parents=True)
+    _copy_needed(root / "usr/lib/systemd/boot/efi" / target.systemd_boot, esp / "EFI/BOOT" / target.removable,
+                 root)
+    (esp / "loader/loader.conf").write_text(LOADER_CONF)
+    (esp / "loader/entries/kvmtasks.conf").write_text(ENTRY.format(console=target.console))
+
+
+def _copy_needed(source: Path, dest: Path, root: Path) -> None:
+    if not source.is_file():
+        raise GuestImageError(f"{source.relative_to(root)} is missing from the unpacked packages")
+    shutil.copyfile(source, dest)
+
+
+def build_uefi_guest_image(dest: Path, authorized_key: Path, cache_dir: Path, *, arch: str = ARCH,
+                           secure_boot: bool = False) -> GuestImage:
+    """Build the image at dest (atomically); packages are cached in cache_dir (one per arch).
+
+    secure_boot (amd64): Debian's signed shim, GRUB and kernel, which boot with Secure Boot on.
+    """
+    target = TARGETS[arch]
     dest, cache_dir = Path(dest).absolute(), Path(cache_dir).absolute()
     if not Path(authorized_key).is_file():
         raise GuestImageError(f"authorized key {authorized_key} not found")
     cache_dir.mkdir(parents=True, exist_ok=True)
+    packages = (*PACKAGES, *(SECURE_BOOT_PACKAGES if secure_boot else ()))
     with open(cache_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        kernel_pkg = _kernel_package(cache_dir / "debs")
-        root = guestimage._fetch_and_unpack(cache_dir, (kernel_pkg, *PACKAGES), arch=ARCH)
+        kernel_pkg = _kernel_package(cache_dir / "debs", arch)
+        root = guestimage._fetch_and_unpack(cache_dir, (kernel_pkg, *packages), arch=arch)
         host_root = guestimage._fetch_and_unpack(cache_dir / "host", HOST_KEY_PACKAGES)
     release = kernel_pkg.removeprefix("linux-image-").removesuffix("-unsigned")
     kernel = root / "boot" / f"vmlinuz-{release}"
-    boot = root / "usr/lib/systemd/boot/efi/systemd-bootaa64.efi"
-    for needed in (kernel, boot):
-        if not needed.is_file():
-            raise GuestImageError(f"{needed.relative_to(root)} is missing from the unpacked packages")
+    if not kernel.is_file():
+        raise GuestImageError(f"{kernel_pkg} has no {kernel.name}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         esp = tmp / "esp"
-        (esp / "EFI/BOOT").mkdir(parents=True)
-        (esp / "loader/entries").mkdir(parents=True)
-        shutil.copyfile(boot, esp / "EFI/BOOT/BOOTAA64.EFI")
-        (esp / "loader/loader.conf").write_text(LOADER_CONF)
-        (esp / "loader/entries/kvmtasks.conf").write_text(ENTRY)
+        _boot_loader(target, root, esp, secure_boot)
         (esp / "vmlinuz").write_bytes(_kernel_image(kernel))
         host_key = guestimage._host_key(host_root)
-        (esp / "initrd.gz").write_bytes(_initramfs(root, release, Path(authorized_key), host_key))
+        (esp / "initrd.gz").write_bytes(_initramfs(target, root, release, Path(authorized_key), host_key))
         payload = sum(p.stat().st_size for p in esp.rglob("*") if p.is_file())
         # ~3 MB spare for the guest's writes, the FAT itself, and whole MiB for the partition
         size_kb = -(-(payload // 1024 + 4096) // 1024) * 1024
@@ -194,10 +248,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvmtasks.demo.uefiguest", description=__doc__)
     parser.add_argument("dest", type=Path, help="raw disk image to write")
     parser.add_argument("--key", type=Path, required=True, help="ssh public key to authorize for root")
-    parser.add_argument("--cache", type=Path, required=True, help="download/unpack cache directory")
+    parser.add_argument("--cache", type=Path, required=True,
+                        help="download/unpack cache directory (one per architecture)")
+    parser.add_argument("--arch", choices=sorted(TARGETS), default=ARCH, help="Debian's architecture name")
+    parser.add_argument("--secure-boot", action="store_true",
+                        help="amd64: boot through Debian's signed shim and GRUB (Secure Boot)")
     args = parser.parse_args(argv)
+    if args.secure_boot and args.arch != "amd64":
+        parser.error("--secure-boot is for --arch amd64 (Debian's signed shim and GRUB)")
     try:
-        image = build_uefi_guest_image(args.dest, args.key, args.cache)
+        image = build_uefi_guest_image(args.dest, args.key, args.cache, arch=args.arch,
+                                       secure_boot=args.secure_boot)
     except GuestImageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
