@@ -6,14 +6,17 @@ import json
 import platform
 import re
 import subprocess
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from kvmtasks import command
+from kvmtasks.config.loader import load_file
 from kvmtasks.config.options import Accel, Arch, Firmware
 from kvmtasks.config.part import Part
 from kvmtasks.config.partjson import from_json, to_json
+from kvmtasks.engines.libvirt.domain import QEMU_NS, Disk, domain_xml
 from kvmtasks.engines.qemu import firmware, machine, varstore, vm
 from kvmtasks.engines.qemu.argv import qemu_argv
 from kvmtasks.engines.qemu.firmware import Flash
@@ -165,3 +168,42 @@ def test_kvm_runs_only_the_hosts_architecture(tmp_path: Path, monkeypatch: pytes
         vm.choose_accel(foreign)
     auto = load_one(tmp_path, f"image = {IMAGE}\nkvm_arch = aarch64")
     assert vm.choose_accel(auto) is Accel.TCG
+
+
+def domain_of(tmp_path: Path, body: str, domain_type: str = "qemu") -> ET.Element:
+    path = tmp_path / "kvm.cfg"
+    path.write_text(f"[buildout]\ndirectory = {tmp_path}\n\n[vm]\nfile = /srv/disk.img\n"
+                    f"kvm_engine = libvirt\nssh_port = 2222\n{body}")
+    (part,) = load_file(path, tmp_path)
+    return ET.fromstring(domain_xml(part, domain_type=domain_type, disk=Disk("pool", "vm-disk", "qcow2"),
+                                    listen_address="127.0.0.1", console_log=None,
+                                    seed=Disk("pool", "vm-seed", "raw")))
+
+
+def test_the_libvirt_domain_of_an_aarch64_part(tmp_path: Path) -> None:
+    domain = domain_of(tmp_path, "kvm_arch = aarch64")
+
+    os_element = domain.find("os")
+    assert os_element is not None and os_element.get("firmware") == "efi"
+    assert domain.find("os/type").attrib == {"arch": "aarch64", "machine": "virt"}  # type: ignore[union-attr]
+    features = {f.get("name"): f.get("enabled") for f in domain.iterfind("os/firmware/feature")}
+    assert features == {"secure-boot": "no", "enrolled-keys": "no"}
+    assert domain.find("cpu").attrib == {"mode": "maximum"}  # type: ignore[union-attr]
+    assert domain.find("devices/disk[@device='cdrom']/target").attrib["bus"] == "scsi"  # type: ignore[union-attr]
+    assert any("bus=pcie.0" in arg.attrib["value"] for arg in domain.iter(f"{{{QEMU_NS}}}arg"))
+    kvm = domain_of(tmp_path, "kvm_arch = aarch64", domain_type="kvm")
+    assert kvm.find("cpu").attrib == {"mode": "host-passthrough"}  # type: ignore[union-attr]
+
+
+def test_the_libvirt_domain_with_secure_boot_and_with_the_bios(tmp_path: Path) -> None:
+    secure = domain_of(tmp_path, "firmware = uefi-secure")
+    assert secure.find("os/type").attrib == {"arch": "x86_64", "machine": "q35"}  # type: ignore[union-attr]
+    features = {f.get("name"): f.get("enabled") for f in secure.iterfind("os/firmware/feature")}
+    assert features == {"secure-boot": "yes", "enrolled-keys": "yes"}
+    assert secure.find("features/smm").attrib == {"state": "on"}  # type: ignore[union-attr]
+
+    bios = domain_of(tmp_path, "")
+    assert bios.find("os").attrib == {} and bios.find("os/firmware") is None  # type: ignore[union-attr]
+    assert bios.find("os/type").attrib == {"arch": "x86_64"}  # type: ignore[union-attr]
+    assert bios.find("cpu") is None and bios.find("features/smm") is None
+    assert any("bus=pci.0" in arg.attrib["value"] for arg in bios.iter(f"{{{QEMU_NS}}}arg"))

@@ -38,6 +38,11 @@ PACKAGES = ("busybox-static", "dropbear-bin", "libtomcrypt1", "libtommath1", "li
 SECURE_BOOT_PACKAGES = ("shim-signed", "grub-efi-amd64-signed")
 
 
+# Debian's arm64 kernel has its PCI, virtio-blk and vfat drivers as modules; ACPI's power button
+# reaches acpid through button and evdev.
+WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
+                  "nls_utf8", "nls_iso8859_1", "efivarfs")
+
 @dataclass(frozen=True)
 class Target:
     """What differs between the architectures the builder knows."""
@@ -48,23 +53,21 @@ class Target:
     removable: str  # the boot loader's file name on removable media
     systemd_boot: str
     console: str
+    modules: tuple[str, ...]
 
 
 TARGETS = {
     "arm64": Target("arm64", "aarch64-linux-gnu",
                     ("lib/ld-linux-aarch64.so.1", "aarch64-linux-gnu/ld-linux-aarch64.so.1"),
-                    "BOOTAA64.EFI", "systemd-bootaa64.efi", "ttyAMA0"),
+                    "BOOTAA64.EFI", "systemd-bootaa64.efi", "ttyAMA0", WANTED_MODULES),
     "amd64": Target("amd64", "x86_64-linux-gnu",
                     ("lib64/ld-linux-x86-64.so.2", "../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
-                    "BOOTX64.EFI", "systemd-bootx64.efi", "ttyS0"),
+                    "BOOTX64.EFI", "systemd-bootx64.efi", "ttyS0",
+                    (*guestimage.WANTED_MODULES, "e1000e", "efivarfs")),  # the PC's NICs (Q35: e1000e)
 }
 ARCH = "arm64"
 # dropbearkey runs on the host: the host key is made by the host's own dropbear build.
 HOST_KEY_PACKAGES = ("dropbear-bin", "libtomcrypt1", "libtommath1")
-# Debian's arm64 kernel has its PCI, virtio-blk and vfat drivers as modules; ACPI's power button
-# reaches acpid through button and evdev.
-WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "vfat", "nls_cp437", "nls_ascii",
-                  "nls_utf8", "nls_iso8859_1", "efivarfs")
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 ESP_OFFSET = 1 << 20  # the partition's first byte: sector 2048, as partitioning tools align it
 LOADER_CONF = "default kvmtasks.conf\ntimeout 0\n"
@@ -104,7 +107,7 @@ def _initramfs(target: Target, root: Path, release: str, authorized_key: Path, h
     add("root", mode=0o700, kind=stat.S_IFDIR)
     add("dev/console", mode=0o600, kind=stat.S_IFCHR)
     modules = guestimage._module_closure(root / "lib/modules" / release,
-                                         WANTED_MODULES + guestimage.ACPI_MODULES)
+                                         target.modules + guestimage.ACPI_MODULES)
     names = [m.name.split(".ko")[0] for m in modules]
     init = guestimage.INIT.format(modules=" ".join(names), release=release)
     init = init.replace("hostname kvmtasks-guest\n", EFIVARFS + "hostname kvmtasks-guest\n", 1)
@@ -234,7 +237,7 @@ def build_uefi_guest_image(dest: Path, authorized_key: Path, cache_dir: Path, *,
         # ~3 MB spare for the guest's writes, the FAT itself, and whole MiB for the partition
         size_kb = -(-(payload // 1024 + 4096) // 1024) * 1024
         fat = tmp / "esp.fat"
-        guestimage._run(["mkfs.fat", "-C", "-F", "32", "-n", "KVMTASKS", str(fat), str(size_kb)])
+        guestimage._run(["mkfs.fat", "-C", "-n", "KVMTASKS", str(fat), str(size_kb)])
         guestimage._run(["mcopy", "-s", "-i", str(fat), *map(str, sorted(esp.iterdir())), "::"])
         try:
             _gpt_disk(partial, fat)
