@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 # The Debian package to suggest when a program is missing.
 PACKAGES = {
     "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-system-aarch64": "qemu-system-arm",
+    "qemu-system-riscv64": "qemu-system-misc",
     "qemu-img": "qemu-utils",
     "ssh": "openssh-client",
     "scp": "openssh-client",

@@ -24,7 +24,8 @@ from tests.conftest import Project
 from tests.vmfixtures import free_port
 
 STATUS_KEYS = {"part", "state", "engine", "libvirt_uri", "pid", "accelerator", "forwards", "vnc",
-               "ssh_command", "console_log", "disks", "ssh_config", "shares", "networks"}
+               "ssh_command", "console_log", "disks", "ssh_config", "shares", "networks",
+               "arch", "firmware"}
 
 
 def run(project: Project, name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -36,6 +37,7 @@ def check_status_json(text: str, project: Project, *, state: str, ssh_port: int)
     """One JSON object with every documented key, consistent with the part; returns it."""
     data = json.loads(text)
     assert set(data) == STATUS_KEYS
+    assert (data["arch"], data["firmware"]) == ("x86_64", "bios")
     assert (data["part"], data["state"], data["engine"], data["libvirt_uri"]) == ("vm", state, "qemu", None)
     run_dir = project.var / "vm"
     assert data["console_log"] == str(run_dir / "console.log")

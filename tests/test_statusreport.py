@@ -56,8 +56,12 @@ def test_the_json_holds_every_fact_programs_read() -> None:
         ],
         "vnc": "127.0.0.1:3", "ssh_command": ["ssh", "-p", "2222", "root@localhost"],
         "console_log": "/state/console.log", "disks": {"image": "/i.img", "overlay": "/o.qcow2"},
-        "ssh_config": "/state/ssh_config", "shares": [], "networks": [],
+        "ssh_config": "/state/ssh_config", "shares": [], "networks": [], "arch": "x86_64",
+        "firmware": "bios",
     }
+    foreign = replace(RUNNING, arch="aarch64", firmware="uefi")
+    assert json.loads(as_json(foreign))["arch"] == "aarch64"
+    assert describe(foreign)[-1] == "  arch aarch64, firmware uefi"
     suspended = json.loads(as_json(replace(RUNNING, state=State.SUSPENDED, ssh_command=None)))
     assert (suspended["state"], suspended["ssh_command"]) == ("suspended", None)
 

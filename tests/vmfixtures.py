@@ -124,3 +124,17 @@ def loop_device(backing: Path) -> Iterator[Path]:
         yield device
     finally:
         subprocess.run(["losetup", "-d", str(device)], check=False)
+
+
+# The arm64 guest's packages, in a cache of their own (a package name stands for one .deb there).
+ARM64_PACKAGE_CACHE = REPO_ROOT / ".cache" / "guest-arm64"
+
+
+@pytest.fixture(scope="session")
+def arm64_guest(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Guest:
+    """The tiny guest built from Debian's arm64 packages, booted through UEFI (demo/uefiguest.py)."""
+    from kvmtasks.demo.uefiguest import build_uefi_guest_image
+
+    folder = tmp_path_factory.mktemp("arm64-guest")
+    image = build_uefi_guest_image(folder / "guest.img", guest_key.with_suffix(".pub"), ARM64_PACKAGE_CACHE)
+    return Guest(image, guest_key)

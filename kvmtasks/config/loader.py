@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kvmtasks.config import bounded, extends, networks, seedrules, setupsteps, sshvalue
+from kvmtasks.config import archrules, bounded, extends, networks, seedrules, setupsteps, sshvalue
 from kvmtasks.config.buildout import Config, Key, references
 from kvmtasks.config.cfgfile import DEPENDENCIES
 from kvmtasks.config.options import DIGEST_LENGTHS, OPTIONS, OPTIONS_BY_NAME, Compression, Engine, closest
@@ -312,6 +312,7 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
                             has_ssh=values.get("ssh_port") is not None)
         if why is not None:
             raise ConfigError(f"{where} share: {why}")
+    arch, firmware = archrules.check(values, where)
     return Part(
         name=section,
         config_file=path,
@@ -325,7 +326,7 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         disk_size=values.get("disk_size"),
         download_digests=download,
         image_digests=image_digests,
-        kvm_binary=values["kvm_binary"],
+        kvm_binary=values.get("kvm_binary") or archrules.default_binary(arch),
         kvm_memory=values["kvm_memory"],
         kvm_smp=values["kvm_smp"],
         kvm_accel=values["kvm_accel"],
@@ -352,6 +353,8 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
         cloud_init_network_config=network_config,
         shares=shares,
         networks=values.get("networks", ()),
+        kvm_arch=arch,
+        firmware=firmware,
     )
 
 

@@ -36,6 +36,20 @@ class Accel(enum.StrEnum):
     TCG = "tcg"
 
 
+class Arch(enum.StrEnum):
+    """The guest's architecture, as QEMU's qemu-system-ARCH programs and descriptors name it."""
+
+    X86_64 = "x86_64"
+    AARCH64 = "aarch64"
+    RISCV64 = "riscv64"
+
+
+class Firmware(enum.StrEnum):
+    BIOS = "bios"
+    UEFI = "uefi"
+    UEFI_SECURE = "uefi-secure"
+
+
 class Engine(enum.StrEnum):
     """What runs a part's VM: QEMU started directly, or a libvirt host (local or remote)."""
 
@@ -153,6 +167,20 @@ def parse_accel(value: str) -> Accel:
         return Accel(value.strip().lower())
     except ValueError:
         raise ValueError("must be auto, kvm or tcg") from None
+
+
+def parse_arch(value: str) -> Arch:
+    try:
+        return Arch(value.strip().lower())
+    except ValueError:
+        raise ValueError(f"must be one of {', '.join(Arch)}") from None
+
+
+def parse_firmware(value: str) -> Firmware:
+    try:
+        return Firmware(value.strip().lower())
+    except ValueError:
+        raise ValueError(f"must be one of {', '.join(Firmware)}") from None
 
 
 def parse_engine(value: str) -> Engine:
@@ -370,7 +398,8 @@ OPTIONS: tuple[Option, ...] = (
            _CHECKSUM_HELP.format(algo="SHA-256", what="image (after decompression)")),
     Option("sha512_image", checksum_parser("sha512"), None,
            _CHECKSUM_HELP.format(algo="SHA-512", what="image (after decompression)")),
-    Option("kvm_binary", parse_program, "qemu-system-x86_64", "The QEMU program to run."),
+    Option("kvm_binary", parse_program, None,
+           "The QEMU program to run. Default: `qemu-system-ARCH` for `kvm_arch`."),
     Option("kvm_memory", parse_memory, "512M", "Guest memory (`-m`), e.g. 512M or 2G."),
     Option("kvm_smp", parse_cpus, "1", "Number of guest CPUs (`-smp`)."),
     Option("kvm_accel", parse_accel, "auto",
@@ -437,6 +466,15 @@ OPTIONS: tuple[Option, ...] = (
            "is carried: `auto` (default: a live 9p share where the guest mounts it, else a copy), "
            "`9p`, `virtiofs` (live), `rsync` (a copy at start and by `PART-sync`); "
            "`exclude=PATTERN` (rsync's pattern, repeatable) for copies."),
+    Option("kvm_arch", parse_arch, "x86_64",
+           "The guest's architecture: `x86_64` or `aarch64` (the `virt` machine, CPU `max` under "
+           "TCG). KVM only when it is the host's. `riscv64` is refused: Debian 12 packages no UEFI "
+           "firmware for it."),
+    Option("firmware", parse_firmware, None,
+           "`bios` (x86_64 only), `uefi` or `uefi-secure` (Secure Boot with Microsoft's keys "
+           "enrolled), found through QEMU's firmware descriptors; the part's own variable store "
+           "lives beside its overlay and `reset` resets it. Default: `bios` on x86_64, `uefi` "
+           "elsewhere."),
 )
 
 # The options of a step section (a section named in a part's `setup`): declared as the part's are.

@@ -12,7 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmtasks.config.networks import NetworkLink
-from kvmtasks.config.options import Accel, Compression, Engine, ImageType, NetworkRequest, Redirect
+from kvmtasks.config.options import (
+    Accel,
+    Arch,
+    Compression,
+    Engine,
+    Firmware,
+    ImageType,
+    NetworkRequest,
+    Redirect,
+)
 from kvmtasks.config.setupsteps import SetupStep
 from kvmtasks.config.shares import Share
 from kvmtasks.errors import ConfigError
@@ -84,6 +93,8 @@ class Part:
     shares: tuple[Share, ...] = ()  # option share: host folders in the guest (config/shares.py)
     networks: tuple[NetworkRequest, ...] = ()  # the option as written
     links: tuple[NetworkLink, ...] = ()  # resolved with the project's other parts (networks.join)
+    kvm_arch: Arch = Arch.X86_64
+    firmware: Firmware = Firmware.BIOS
 
     @property
     def download_path(self) -> Path:
@@ -123,6 +134,12 @@ class Part:
     def boot_disk(self) -> Path:
         """The disk QEMU boots: the overlay when there is one, else the image itself."""
         return self.overlay_path if self.overlay else self.image_path
+
+    @property
+    def varstore_path(self) -> Path:
+        """The part's own copy of its UEFI variable store, beside its overlay (qcow2, so that
+        named snapshots cover it too)."""
+        return self.location / f"{self.name}.efivars.qcow2"
 
     @property
     def state_directory(self) -> Path:

@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from kvmtasks.config.networks import Member, NetworkLink
-from kvmtasks.config.options import Accel, Compression, Engine, ImageType, NetworkRequest, Redirect
+from kvmtasks.config.options import (
+    Accel,
+    Arch,
+    Compression,
+    Engine,
+    Firmware,
+    ImageType,
+    NetworkRequest,
+    Redirect,
+)
 from kvmtasks.config.part import Buildout, Part
 from kvmtasks.config.setupsteps import Copy, SetupStep
 from kvmtasks.config.shares import Carrier, Share
@@ -54,6 +63,8 @@ def from_json(text: str) -> Part:
     data["kvm_accel"] = Accel(data["kvm_accel"])
     data["kvm_engine"] = Engine(data["kvm_engine"])
     data["compression"] = Compression(data["compression"])
+    data["kvm_arch"] = Arch(data.get("kvm_arch", Arch.X86_64))
+    data["firmware"] = Firmware(data.get("firmware", Firmware.BIOS))
     data["kvm_net"] = tuple(data["kvm_net"])
     data["kvm_extra_args"] = tuple(data["kvm_extra_args"])
     data["kvm_redir"] = tuple(Redirect(**item) for item in data["kvm_redir"])

@@ -3,10 +3,13 @@
 Run by ``./dev demo``. The image is built from Debian packages that are only
 downloaded and unpacked into ``.cache/``, never installed on this machine.
 Running it again reuses the image, and doit finds the provisioning up to date.
+``--arch aarch64`` does the same with the tiny arm64 guest, booted through UEFI under
+emulation: the part ``demo-arm64``, whose config the demo writes beside its image.
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import os
@@ -17,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from kvmtasks import command
-from kvmtasks.demo import guestimage
+from kvmtasks.demo import guestimage, uefiguest
 from kvmtasks.demo.guestimage import GuestImageError, build_guest_image
 from kvmtasks.errors import DemoError, KvmTasksError
 from kvmtasks.provision.digest import CHUNK, MultiHasher, hash_file
@@ -87,25 +90,69 @@ def ensure_image(key: Path) -> None:
     IMAGE_CONFIG.write_text("\n".join(lines) + "\n")
 
 
-def doit(*tasks: str) -> None:
+# The arm64 demo part: its config is written here (configs/ holds only what every run reads).
+ARM64_CONFIG = DEMO / "demo-arm64.cfg"
+ARM64_PART = """[buildout]
+directory = {root}
+
+[demo-arm64]
+# The tiny arm64 guest (python -m kvmtasks.demo --arch aarch64 builds it).
+image = {url}
+md5_image = {md5}
+sha256_image = {sha256}
+# qemu-system-aarch64, the virt machine, CPU max under TCG, UEFI (AAVMF) with its own variables.
+kvm_arch = aarch64
+firmware = uefi
+kvm_memory = 256M
+kvm_accel = auto
+kvm_boot_timeout = 240
+kvm_shutdown_timeout = 20
+kvm_net =
+  user,hostname=demo-arm64,restrict=on
+ssh_port = 10023
+ssh_key_path = {key}
+"""
+
+
+def ensure_arm64_config(key: Path) -> None:
+    """Build the arm64 image once (per version of its builders); write its part's config."""
+    image, stamp = DEMO / "demo-arm64.img", DEMO / "demo-arm64.builder"
+    builder = hashlib.sha256(Path(uefiguest.__file__).read_bytes()).hexdigest()[:16] + builder_digest()
+    if image.exists() and stamp.exists() and stamp.read_text() == builder:
+        say(f"arm64 demo image already built: {image}")
+    else:
+        say("building the arm64 demo image (packages go to .cache/guest-arm64)")
+        with tempfile.TemporaryDirectory(dir=DEMO) as scratch:
+            raw = Path(scratch) / "demo-arm64.img"
+            uefiguest.build_uefi_guest_image(raw, key.with_suffix(".pub"), CACHE / "guest-arm64")
+            os.replace(raw, image)
+        stamp.write_text(builder)
+    digests = hash_file(image, ("md5", "sha256"))
+    text = ARM64_PART.format(root=ROOT, url=image.as_uri(), key=key, **digests)
+    ARM64_CONFIG.write_text(f"# Written by python -m kvmtasks.demo --arch aarch64.\n{text}")
+
+
+def doit(*tasks: str, config: Path | None = None) -> None:
     env = {k: v for k, v in os.environ.items() if k != "KVMTASKS_CONFIG"}
+    if config is not None:
+        env["KVMTASKS_CONFIG"] = str(config)
     argv = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *tasks]
     say(" ".join(["doit", *tasks]))
     if subprocess.run(argv, env=env, check=False).returncode != 0:
         raise DemoError(f"doit {' '.join(tasks)} failed (see above)")
 
 
-def use_vm() -> None:
+def use_vm(part: str = "demo") -> None:
     runscript, sendfile, getfile = (
-        str(BIN / f"demo-{kind}") for kind in ("runscript", "sendfile", "getfile")
+        str(BIN / f"{part}-{kind}") for kind in ("runscript", "sendfile", "getfile")
     )
-    say("demo-runscript uname -a")
+    say(f"{part}-runscript uname -a")
     result = command.checked([runscript, "uname", "-a"])
     print(f"    the guest says: {result.stdout.strip()}")
     with tempfile.TemporaryDirectory() as scratch:
         outbound, inbound = Path(scratch) / "hello.txt", Path(scratch) / "back.txt"
         outbound.write_text("hello from the host\n")
-        say("demo-sendfile /root/hello.txt hello.txt, then demo-getfile it back")
+        say(f"{part}-sendfile /root/hello.txt hello.txt, then {part}-getfile it back")
         remote = "/root/hello.txt"
         for argv in ([sendfile, remote, str(outbound)], [getfile, remote, str(inbound)]):
             command.checked(argv)
@@ -115,17 +162,32 @@ def use_vm() -> None:
             raise DemoError("the file copied through the guest came back changed")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvmtasks.demo", description=__doc__)
+    parser.add_argument("--arch", choices=("x86_64", "aarch64"), default="x86_64",
+                        help="the guest's architecture (aarch64: under emulation, through UEFI)")
+    arch = parser.parse_args(argv).arch
+    part = "demo" if arch == "x86_64" else "demo-arm64"
     try:
-        if shutil.which("qemu-system-x86_64") is None:
-            raise DemoError("qemu-system-x86_64 not found; install the qemu-system-x86 package")
+        program = f"qemu-system-{arch}"
+        if shutil.which(program) is None:
+            raise DemoError(f"{program} not found; install the {command.PACKAGES[program]} package")
         key = ensure_key()
-        ensure_image(key)
-        doit("start:demo")
-        use_vm()
+        if arch == "x86_64":
+            ensure_image(key)
+            doit("start:demo")
+        else:
+            ensure_arm64_config(key)
+            doit("start:demo-arm64", config=ARM64_CONFIG)
+        use_vm(part)
     except (KvmTasksError, GuestImageError) as error:
         print(f"demo: {error}", file=sys.stderr)
         return 1
+    if part != "demo":
+        print(f"\nThe {part} VM is running (aarch64 through UEFI). Use it as the demo part:\n"
+              f"  bin/{part}-runscript 'uname -m'\n  bin/{part}-ssh\n"
+              f"Stop it:\n  bin/{part}-ctl stop\n")
+        return 0
     print(
         "\nThe demo VM is running. Use it:\n"
         "  bin/demo-runscript 'cat /proc/cpuinfo | head -5'\n"

@@ -158,7 +158,9 @@ def _kernel_package(debs: Path) -> str:
     return match.group(1)
 
 
-def _fetch_and_unpack(cache_dir: Path, packages: Sequence[str]) -> Path:
+def _fetch_and_unpack(cache_dir: Path, packages: Sequence[str], arch: str | None = None) -> Path:
+    """arch: another architecture's packages (its lists must be there: dpkg --add-architecture),
+    each in a cache_dir of its own, so that a package name stands for one .deb."""
     debs, root = cache_dir / "debs", cache_dir / "root"
     stamps = root / ".unpacked"
     stamps.mkdir(parents=True, exist_ok=True)
@@ -167,7 +169,8 @@ def _fetch_and_unpack(cache_dir: Path, packages: Sequence[str]) -> Path:
     if missing:
         # download into a scratch dir so an interrupted download never looks cached
         with tempfile.TemporaryDirectory(dir=debs) as tmp:
-            argv = ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *missing]
+            names = [f"{package}:{arch}" if arch else package for package in missing]
+            argv = ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *names]
             _run(argv, cwd=Path(tmp), hint="run apt-get update first")
             for fetched in Path(tmp).glob("*.deb"):
                 os.replace(fetched, debs / fetched.name)

@@ -38,6 +38,7 @@ def machine_files(part: Part) -> list[Path]:
         made += [generated, keys.public_path(generated)]
     if part.overlay:
         made += [part.overlay_path, overlay.record_path(part)]
+    made.append(part.varstore_path)  # UEFI's variables, the part's own (with or without overlay)
     return made
 
 

@@ -66,6 +66,8 @@ class Facts:
     ssh_config: Path | None = None  # the part's ssh config file, for any ssh tool
     shares: tuple[ShareFact, ...] = ()  # option share, in its order
     networks: tuple[NetworkLink, ...] = ()  # the private networks it joins
+    arch: str = "x86_64"  # kvm_arch
+    firmware: str = "bios"
 
     @property
     def running(self) -> bool:
@@ -94,7 +96,8 @@ def gather(part: Part, *, address: str, console_log: Path | None,
         vnc=part.kvm_vnc,
         ssh_command=tuple(ssh.login_argv(part, [], tty=False)) if part.ssh_port is not None else None,
         console_log=console_log,
-        disks={"image": part.image_path, **({"overlay": part.overlay_path} if part.overlay else {})},
+        disks={"image": part.image_path, **({"overlay": part.overlay_path} if part.overlay else {}),
+               **({"varstore": part.varstore_path} if part.firmware.value != "bios" else {})},
         ssh_key=seedrules.identity_file(part),
         ssh_key_made=part.ssh_key_path is None and part.cloud_init,
         pinned_known_hosts=RunFiles.of(part).known_hosts if seedrules.pins_host_key(part) else None,
@@ -102,6 +105,8 @@ def gather(part: Part, *, address: str, console_log: Path | None,
         ssh_config=sshconfig.path(part) if part.ssh_port is not None else None,
         shares=_share_facts(part, running=status.running),
         networks=part.links,
+        arch=part.kvm_arch.value,
+        firmware=part.firmware.value,
     )
 
 
@@ -155,6 +160,8 @@ def describe(facts: Facts) -> list[str]:
         peers = ", ".join(f"{peer.part} {peer.address.split('/')[0]}" for peer in link.peers)
         lines.append(f"  network {link.network} {link.address} mac {link.mac}"
                      f" (with {peers or 'no other part'})")
+    if (facts.arch, facts.firmware) != ("x86_64", "bios"):  # said when it is not the PC's default
+        lines.append(f"  arch {facts.arch}, firmware {facts.firmware}")
     return lines
 
 
@@ -166,6 +173,8 @@ def as_json(facts: Facts) -> str:
         "libvirt_uri": facts.libvirt_uri,
         "pid": facts.pid,
         "accelerator": facts.accelerator,
+        "arch": facts.arch,
+        "firmware": facts.firmware,
         "forwards": [asdict(forward) for forward in facts.forwards],
         "vnc": facts.vnc,
         "ssh_command": list(facts.ssh_command) if facts.ssh_command is not None else None,

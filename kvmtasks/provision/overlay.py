@@ -72,8 +72,16 @@ def reset(part: Part, say: Callable[[str], None] = print, *, vm_status: VmStatus
             raise VmError(f"{part.name} is running (pid {status.pid}); stop it first, then reset")
         base = base or _recorded_base(part)
         _make(part, base)
+        reset_varstore(part, say)
     say(f"{part.name}: disk reset to {base.path if base else part.image_path} "
         f"(new overlay {part.overlay_path})")
+
+
+def reset_varstore(part: Part, say: Callable[[str], None]) -> None:
+    """The part's UEFI variables go with its disk: the next start copies the template again."""
+    if part.varstore_path.exists():
+        part.varstore_path.unlink()
+        say(f"{part.name}: UEFI variables reset (removed {part.varstore_path})")
 
 
 def record_path(part: Part) -> Path:

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmtasks.config.options import ImageType
+from kvmtasks.config.options import Arch, Firmware, ImageType
 from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.shares import tag
 from kvmtasks.engines import sharing
@@ -101,15 +101,23 @@ def domain_xml(part: Part, *, domain_type: str, disk: Disk, listen_address: str,
     ET.SubElement(domain, "memory", unit=unit).text = value
     ET.SubElement(domain, "vcpu").text = str(part.kvm_smp)
     os_element = ET.SubElement(domain, "os")
-    ET.SubElement(os_element, "type", arch="x86_64").text = "hvm"
+    os_type = ET.SubElement(os_element, "type", arch=part.kvm_arch.value)
+    os_type.text = "hvm"
+    if _machine(part) is not None:
+        os_type.set("machine", _machine(part) or "")
+    _firmware(os_element, part)
     ET.SubElement(os_element, "boot", dev="hd")
-    ET.SubElement(ET.SubElement(domain, "features"), "acpi")
+    features = ET.SubElement(domain, "features")
+    ET.SubElement(features, "acpi")
+    if part.firmware is Firmware.UEFI_SECURE and part.kvm_arch is Arch.X86_64:
+        ET.SubElement(features, "smm", state="on")  # OVMF's Secure Boot store is SMM's alone
+    _cpu(domain, part, domain_type)
     ET.SubElement(domain, "on_poweroff").text = "destroy"
     ET.SubElement(domain, "on_crash").text = "destroy"
     devices = ET.SubElement(domain, "devices")
     _disk(devices, part, disk)
     if seed is not None:
-        _seed_cdrom(devices, seed)
+        _seed_cdrom(devices, seed, "ide" if part.kvm_arch is Arch.X86_64 else "scsi")
     if console_log is not None:
         serial = ET.SubElement(devices, "serial", type="file")
         ET.SubElement(serial, "source", path=str(console_log))
@@ -127,7 +135,7 @@ def domain_xml(part: Part, *, domain_type: str, disk: Disk, listen_address: str,
     _filesystems(devices, part)
     rng = ET.SubElement(devices, "rng", model="virtio")
     ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
-    arguments = [*network_args(part, listen_address), *part.kvm_extra_args]
+    arguments = [*_on_root_bus(part, network_args(part, listen_address)), *part.kvm_extra_args]
     if arguments:
         commandline = ET.SubElement(domain, f"{{{QEMU_NS}}}commandline")
         for argument in arguments:
@@ -160,15 +168,50 @@ def _filesystems(devices: ET.Element, part: Part) -> None:
             ET.SubElement(element, "readonly")
 
 
-def _seed_cdrom(devices: ET.Element, seed: Disk) -> None:
+def _seed_cdrom(devices: ET.Element, seed: Disk, bus: str = "ide") -> None:
     # IDE, as QEMU's -cdrom: a cloud image's kernel has the driver built in, whatever the disk bus.
     # hdc (the secondary channel) keeps hda free for image_type = hda. Read-only and out of
     # snapshots, so it never blocks one of the writable disk.
     element = ET.SubElement(devices, "disk", type="volume", device="cdrom", snapshot="no")
     ET.SubElement(element, "driver", name="qemu", type=seed.format)
     ET.SubElement(element, "source", pool=seed.pool, volume=seed.volume)
-    ET.SubElement(element, "target", dev="hdc", bus="ide")
+    # virt has no IDE: a CD-ROM on the SCSI controller libvirt adds (virtio-scsi there).
+    ET.SubElement(element, "target", dev="hdc" if bus == "ide" else "sdc", bus=bus)
     ET.SubElement(element, "readonly")
+
+
+def _machine(part: Part) -> str | None:
+    """The machine family (None: libvirt's default PC); libvirt stores the versioned name it
+    stands for when it defines the domain, which pins it as the direct engine does."""
+    if part.kvm_arch is not Arch.X86_64:
+        return "virt"
+    return "q35" if part.firmware is Firmware.UEFI_SECURE else None
+
+
+def _firmware(os_element: ET.Element, part: Part) -> None:
+    """UEFI chosen by libvirt from the same QEMU descriptors, by its features; libvirt keeps the
+    domain's own variable store (its nvram), copied from the descriptor's template."""
+    if part.firmware is Firmware.BIOS:
+        return
+    os_element.set("firmware", "efi")
+    secure = "yes" if part.firmware is Firmware.UEFI_SECURE else "no"
+    firmware = ET.SubElement(os_element, "firmware")
+    ET.SubElement(firmware, "feature", enabled=secure, name="enrolled-keys")
+    ET.SubElement(firmware, "feature", enabled=secure, name="secure-boot")
+
+
+def _cpu(domain: ET.Element, part: Part, domain_type: str) -> None:
+    """Another architecture's CPU: the host's under KVM, the most QEMU emulates under TCG."""
+    if part.kvm_arch is Arch.X86_64:
+        return
+    ET.SubElement(domain, "cpu", mode="host-passthrough" if domain_type == "kvm" else "maximum")
+
+
+def _on_root_bus(part: Part, arguments: list[str]) -> list[str]:
+    """The NICs' bus: Q35's and virt's PCI Express root is pcie.0, the PC's is pci.0."""
+    if part.kvm_arch is Arch.X86_64 and part.firmware is not Firmware.UEFI_SECURE:
+        return arguments
+    return [argument.replace(",bus=pci.0,", ",bus=pcie.0,") for argument in arguments]
 
 
 def made_by_kvmtasks(xml_text: str) -> bool:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvmtasks.config.options import ImageType
+from kvmtasks.config.options import Arch, ImageType
 from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.runfiles import RunFiles, network_socket
 from kvmtasks.config.seedrules import seed_path
 from kvmtasks.config.shares import Carrier, tag, virtiofs_socket
 from kvmtasks.engines import sharing
+from kvmtasks.engines.qemu.firmware import Flash
 
 
 def escape(value: str | Path) -> str:
@@ -87,9 +88,47 @@ def private_network_args(part: Part) -> list[str]:
     return args
 
 
+def cpu_args(part: Part, accel: str) -> list[str]:
+    """The CPU of a foreign architecture: the host's under KVM; under TCG the most QEMU emulates
+    (aarch64's virt machine would otherwise be a 32-bit Cortex-A15), with QEMU's own pointer
+    authentication, which TCG computes several times faster than the architected one."""
+    if part.kvm_arch is Arch.X86_64:
+        return []
+    if accel == "kvm":
+        return ["-cpu", "host"]
+    return ["-cpu", "max,pauth-impdef=on" if part.kvm_arch is Arch.AARCH64 else "max"]
+
+
+def firmware_args(flash: Flash | None) -> list[str]:
+    """UEFI in flash: the packaged code read-only, the part's variable store writable. Secure
+    Boot's store is writable only from SMM, which the machine and the flash must both enforce."""
+    if flash is None:
+        return []
+    args = [
+        "-drive", f"if=pflash,unit=0,format={flash.code_format},readonly=on,file={escape(flash.code)}",
+        "-drive", f"if=pflash,unit=1,format=qcow2,file={escape(flash.varstore)}",
+    ]
+    if flash.secure:
+        args += ["-machine", "smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"]
+    return args
+
+
+def virt_seed_args(part: Part) -> list[str]:
+    """The cloud-init seed on a virt machine, which has no IDE: a CD-ROM on virtio-scsi, which
+    Debian's and other cloud kernels for arm64 carry."""
+    if not part.cloud_init:
+        return []
+    return [
+        "-device", "virtio-scsi-pci,id=seedbus",
+        "-drive", f"file={escape(seed_path(part))},if=none,id=seed,media=cdrom,readonly=on,format=raw",
+        "-device", "scsi-cd,drive=seed,bus=seedbus.0",
+    ]
+
+
 def qemu_argv(
     part: Part, *, accel: str, disk_format: str, listen_address: str, machine: str | None = None,
     discard: bool = False,
+    flash: Flash | None = None,
 ) -> list[str]:
     """The full command line that starts the part's VM as a daemon.
 
@@ -102,10 +141,12 @@ def qemu_argv(
         "-name", escape(part.name),
         *(["-machine", machine] if machine else []),
         "-accel", accel,
+        *cpu_args(part, accel),
+        *firmware_args(flash),
         "-m", part.kvm_memory,
         "-smp", str(part.kvm_smp),
         *disk_args(part, disk_format, discard),
-        *seed_args(part),
+        *(seed_args(part) if part.kvm_arch is Arch.X86_64 else virt_seed_args(part)),
         *share_args(part),
         # Entropy from the host: guests otherwise stall generating ssh keys at first boot.
         "-device", "virtio-rng-pci",

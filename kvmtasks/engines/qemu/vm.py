@@ -4,6 +4,7 @@ as a daemon with a pid file and a QMP socket, its state saved and loaded through
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import time
 from pathlib import Path
@@ -27,8 +28,9 @@ from kvmtasks.config.runfiles import (
 )
 from kvmtasks.engines import lifecycle, portprobe, statusreport
 from kvmtasks.engines.lifecycle import KvmUnusable, Say, Seen
-from kvmtasks.engines.qemu import machine, qmp, savestate, virtiofs
+from kvmtasks.engines.qemu import machine, qmp, savestate, varstore, virtiofs
 from kvmtasks.engines.qemu.argv import qemu_argv
+from kvmtasks.engines.qemu.firmware import Flash
 from kvmtasks.engines.running import current
 from kvmtasks.engines.statusreport import State
 from kvmtasks.errors import CommandFailed, VmError
@@ -46,8 +48,20 @@ SOCKET_PATH_MAX = 107
 def choose_accel(part: Part) -> Accel:
     accel = part.effective_accel
     if accel is Accel.AUTO:
-        return Accel.KVM if os.access("/dev/kvm", os.R_OK | os.W_OK) else Accel.TCG
+        return Accel.KVM if kvm_runs(part) else Accel.TCG
+    if accel is Accel.KVM and not native(part):
+        raise VmError(f"{part.name}: kvm_accel = kvm cannot run a {part.kvm_arch.value} guest on this "
+                      f"{platform.machine()} host; set kvm_accel = tcg or auto")
     return accel
+
+
+def native(part: Part) -> bool:
+    """Whether the guest's architecture is the host's: KVM runs only those."""
+    return part.kvm_arch.value == platform.machine()
+
+
+def kvm_runs(part: Part) -> bool:
+    return native(part) and os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
 class QemuMachine:
@@ -61,6 +75,7 @@ class QemuMachine:
         self.files = RunFiles.of(part)
         self.address = listen_address(part.ssh_hostname)
         self.machine_type: str | None = None
+        self.flash: Flash | None = None
 
     def where(self, status: Status) -> str:
         return f"pid {status.pid}"
@@ -78,6 +93,7 @@ class QemuMachine:
             _private_folder(runtime_folder())
             _private_folder(network_folder(link))
         self.machine_type = machine.resolve(self.part)
+        self.flash = varstore.prepare(self.part, self.machine_type)
 
     def console_log(self) -> Path:
         return self.files.console_log
@@ -114,7 +130,7 @@ class QemuMachine:
 
     def _argv(self, accel: Accel) -> list[str]:
         return qemu_argv(self.part, accel=accel.value, disk_format=boot_disk_format(self.part),
-                         listen_address=self.address, machine=self.machine_type)
+                         listen_address=self.address, machine=self.machine_type, flash=self.flash)
 
     def _run(self, accel: Accel, extra: tuple[str, ...]) -> None:
         virtiofs.start(self.part)
