@@ -46,34 +46,9 @@ HOSTNAME = "kvmtasks-debian"
 # even with `quiet`, so a test can tell a clean poweroff from a killed qemu.
 KERNEL_COMMAND_LINE = "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=1"
 # Bump when the build steps change in a way the inputs below do not show.
-# 2: the boot trims below, and the initramfs rebuilt from the short module list.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 1
 # The drivers the guest cannot boot without, checked in the initramfs.
 INITRAMFS_MODULES = ("virtio_blk", "virtio_pci")
-
-# What a test guest boots without, in both variants: under TCG on one vCPU every unit, module
-# and process costs boot time, and the suite boots these guests a dozen times.
-# The initramfs holds only what finds and mounts the root (Debian's MODULES=most packs every
-# storage and filesystem driver: 36 MB to unpack, and udev loads what it finds in them).
-INITRAMFS_FILES = {
-    "etc/initramfs-tools/conf.d/kvmtasks-test.conf": "MODULES=list\n",
-    "etc/initramfs-tools/modules": "virtio_pci\nvirtio_blk\ncrc32c_generic\next4\n",
-}
-# Periodic maintenance that never comes due in a test's minutes but still starts at boot
-# (e2scrub_reap alone takes 14-30 s of the one vCPU), and a getty on a screen nobody reads
-# (the console is ttyS0).
-MASKED_UNITS = ("e2scrub_reap.service", "e2scrub_all.timer", "fstrim.timer", "apt-daily.timer",
-                "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "man-db.timer", "getty@tty1.service")
-# Drivers for the emulated hardware no test uses, which udev would otherwise load at every boot:
-# the floppy drive (blkid's probe of fd0 retries for seconds while cloud-init looks for its seed),
-# the PC speaker, the parallel port, the VGA framebuffer (bochs and the DRM stack under it), the
-# mouse, the SMBus, and KVM with the AMD crypto co-processor driver (TCG's CPU model offers SVM).
-BLACKLIST = ("floppy", "pcspkr", "parport_pc", "ppdev", "lp", "bochs", "joydev", "psmouse",
-             "serio_raw", "i2c_piix4", "kvm_amd", "kvm_intel", "ccp")
-TRIM_FILES = {
-    **INITRAMFS_FILES,
-    "etc/modprobe.d/kvmtasks-test.conf": "".join(f"blacklist {name}\n" for name in BLACKLIST),
-}
 
 
 @dataclass(frozen=True)
@@ -93,7 +68,7 @@ class Variant:
         inputs: dict[str, object] = {
             "version": BUILDER_VERSION, "suite": SUITE, "packages": self.packages, "size": IMAGE_SIZE,
             "files": dict(self.files), "services": self.services, "directories": self.directories,
-            "command_line": KERNEL_COMMAND_LINE, "trim_files": TRIM_FILES, "masked": MASKED_UNITS,
+            "command_line": KERNEL_COMMAND_LINE,
         }  # fmt: skip
         if self.name != PLAIN.name:  # the plain guest keeps the cache key it always had
             inputs.update(variant=self.name, baked_in_keys=self.baked_in_keys)
@@ -127,19 +102,6 @@ PLAIN = Variant(
 # restrict=on); it still finds the seed by its `cidata` label, as on a stock image. The locale
 # module is off: in a minbase root update-locale refuses the en_US.UTF-8 it has just generated,
 # which would turn every first boot into a cloud-init error (and costs ~15 s under TCG).
-# The config and final stages run Debian's module lists less the modules for what the offline
-# guest has not got (apt mirrors, grub, snap, ntp, configuration managers, hotplug) and the host
-# key fingerprints on the console (kvmtasks pins the key itself): every module is Python
-# imported and run under TCG (grub-dpkg alone took 2.2 s). The init stage's list is Debian's.
-CLOUD_CONFIG_MODULES = ("ssh-import-id", "locale", "set-passwords", "timezone", "runcmd")
-CLOUD_FINAL_MODULES = ("write-files-deferred", "scripts-vendor", "scripts-per-once", "scripts-per-boot",
-                       "scripts-per-instance", "scripts-user", "ssh-authkey-fingerprints",
-                       "final-message", "power-state-change")
-CLOUD_CFG = (
-    "datasource_list: [ NoCloud, None ]\nlocale: false\n"
-    + "cloud_config_modules:\n" + "".join(f" - {name}\n" for name in CLOUD_CONFIG_MODULES)
-    + "cloud_final_modules:\n" + "".join(f" - {name}\n" for name in CLOUD_FINAL_MODULES)
-)
 CLOUD_INIT = Variant(
     name="cloud-init",
     packages=("systemd-sysv", "udev", "dbus", "iproute2", "kmod", "procps", "e2fsprogs",
@@ -149,7 +111,7 @@ CLOUD_INIT = Variant(
         "etc/hostname": "localhost\n",
         "etc/fstab": "/dev/vda / ext4 defaults 0 1\n",
         "etc/network/interfaces": "source /etc/network/interfaces.d/*\n\nauto lo\niface lo inet loopback\n",
-        "etc/cloud/cloud.cfg.d/90-kvmtasks-test.cfg": CLOUD_CFG,
+        "etc/cloud/cloud.cfg.d/90-kvmtasks-test.cfg": "datasource_list: [ NoCloud, None ]\nlocale: false\n",
     },
     services=("ssh",),
     directories=("var/log/journal",),
@@ -330,7 +292,7 @@ def _build(folder: Path, debs: Path, mirror: str, variant: Variant) -> None:
 
 
 def _configure(root: Path, variant: Variant, public_key: Path) -> None:
-    for name, text in {**TRIM_FILES, **variant.files}.items():
+    for name, text in variant.files.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)  # resolv.conf may be a dangling symlink
@@ -338,9 +300,6 @@ def _configure(root: Path, variant: Variant, public_key: Path) -> None:
     for name in variant.directories:
         (root / name).mkdir(parents=True, exist_ok=True)
     _run(["chroot", str(root), "systemctl", "enable", *variant.services], "enabling the services")
-    _run(["chroot", str(root), "systemctl", "mask", *MASKED_UNITS], "masking the units")
-    # The kernel's package made its initramfs before the short module list was there.
-    _run(["chroot", str(root), "update-initramfs", "-u", "-k", "all"], "update-initramfs")
     if not (root / "usr" / "lib" / "openssh" / "sftp-server").is_file():
         raise DebianGuestError("openssh-server brought no sftp-server")
     host_keys = list((root / "etc" / "ssh").glob("ssh_host_*"))
