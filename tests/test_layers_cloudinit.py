@@ -6,6 +6,7 @@ The guest has no network (user-mode, restrict=on): its package comes in as a .de
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -66,12 +67,14 @@ def in_guest(project: Project, part: str, command: str) -> str:
 def test_two_projects_share_the_layers_and_boot_machines_of_their_own(tmp_path: Path) -> None:
     guest = debian_guest_or_skip(CLOUD_INIT)
     cache = tmp_path / "download-cache"
+    # One package for both projects: dpkg-deb stamps the time, and a step's key is its files' bytes.
+    deb = tiny_deb(tmp_path)
     projects = []
     for name, parts in (("one", ("web", "db")), ("two", ("api",))):
         project = Project(tmp_path / name)
         project.root.mkdir()
         project.buildout = {"download-cache": str(cache)}
-        tiny_deb(project.root)
+        shutil.copy2(deb, project.root / "hello.deb")
         project.write("".join(part_config(part, guest, free_port()) for part in parts) + STEPS)
         projects.append((project, parts))
 
@@ -113,7 +116,8 @@ def test_two_projects_share_the_layers_and_boot_machines_of_their_own(tmp_path: 
 
         # Nothing of the builder's is left on the disk: its login key, its host key.
         (web_part,) = [p for p in load_file(one.configs[0], one.root) if p.name == web]
-        builder_state = web_part.state_directory / f"{web}-builder"
+        # Whichever part's setup task won the race built the layers: its builder's keys.
+        (builder_state,) = [key.parent for key in one.var.glob("*/*-builder/id_ed25519")]
         secrets = [keys.read_public(builder_state / "id_ed25519").split()[1],
                    keys.read_public(builder_state / "ssh_host_ed25519_key").split()[1],
                    # key material (the first line after the header is the same for every ed25519 key)
