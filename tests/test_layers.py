@@ -17,6 +17,7 @@ from kvmtasks.config.loader import load_parts
 from kvmtasks.config.part import Part
 from kvmtasks.config.setupsteps import Copy, SetupStep
 from kvmtasks.errors import ConfigError
+from kvmtasks.graph.tasks import part_tasks
 from kvmtasks.layers import key, store
 from kvmtasks.layers.builder import _archive, builder_part
 from tests.test_config import write
@@ -51,6 +52,18 @@ def test_steps_are_parsed_in_order_and_are_not_parts(tmp_path: Path) -> None:
     lines = "dpkg -i /tmp/debs/*.deb\nsystemctl enable nginx"
     assert packages == SetupStep("packages", (), lines, None, 3600)
     assert app == SetupStep("app", (Copy(tmp_path / "app", "/srv/app/"),), None, tmp_path / "install.sh", 60)
+
+
+def test_a_setup_part_gets_a_task_per_step_and_an_export(tmp_path: Path) -> None:
+    (part,) = load(tmp_path, f"[web]\nimage = {IMAGE}\nsetup =\n    one\n    two\n\n"
+                             "[one]\nrun = true\n\n[two]\nrun = true\n")
+    names = [f"{task['basename']}:{task['name']}" for task in part_tasks(part)]
+    assert "setup:web:one" in names and "setup:web:two" in names
+    assert "export:web" in names
+    export = next(task for task in part_tasks(part) if task["basename"] == "export")
+    assert export["task_dep"] == ["provision:web"]
+    (plain,) = load(tmp_path, f"[web]\nimage = {IMAGE}\n")
+    assert not any(task["basename"] in ("setup", "export") for task in part_tasks(plain))
 
 
 def test_a_step_list_is_shared_with_macros_and_extended(tmp_path: Path) -> None:

@@ -22,10 +22,11 @@ from kvmtasks.config.options import Compression
 from kvmtasks.config.part import Part
 from kvmtasks.engines import destroy, engine, partlock, ports
 from kvmtasks.engines.running import current
+from kvmtasks.graph import layertasks
 from kvmtasks.graph.actions import clean_unless_running, guarded
 from kvmtasks.graph.report import Reporter
 from kvmtasks.guest import sshconfig
-from kvmtasks.layers import builder, partdisk
+from kvmtasks.layers import builder, partdisk, store
 from kvmtasks.provision import cache, checksums, overlay, seedstep
 from kvmtasks.provision import steps as provision
 from kvmtasks.scripts import render
@@ -151,6 +152,8 @@ def part_tasks(part: Part, shared_ports: tuple[ports.Clash, ...] = ()) -> Iterat
         "task_dep": [f"{step}:{part.name}" for step in steps] + _setup_names(part)[-1:],
         "doc": step_doc("provision", part),
     }
+    if part.setup:
+        yield layertasks.export_task(part, store.top_layer)
     yield from _vm_tasks(part, shared_ports)
 
 
