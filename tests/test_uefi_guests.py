@@ -124,8 +124,10 @@ def test_an_x86_64_guest_through_ovmf(project: Project, amd64_uefi_guest: Guest)
 
 
 def test_secure_boot_with_debians_signed_chain(project: Project, secure_boot_guest: Guest) -> None:
-    project.write(vm_config(secure_boot_guest, f"image = file://{secure_boot_guest.image.path}", free_port(),
-                            "firmware = uefi-secure\nkvm_boot_timeout = 240\n"))
+    config = vm_config(secure_boot_guest, f"image = file://{secure_boot_guest.image.path}", free_port(),
+                       "firmware = uefi-secure\nkvm_boot_timeout = 240\n")
+    # shim, GRUB and the kernel under OVMF with SMM: the memory the chain was tried with by hand.
+    project.write(config.replace("kvm_memory = 256M", "kvm_memory = 512M"))
     started(project)
     (pid,) = qemu_pids_under(project.root)
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
