@@ -281,7 +281,8 @@ def report(image: Path, ctl: list[float], raw: list[float], stops: dict[str, lis
         "other round, each in a fresh folder with a fresh copy of the image. " + quiet.note(),
         "",
         f"Guest: the demo's tiny image ({image.stat().st_size / MB:.0f} MB raw: Debian kernel, "
-        "busybox, dropbear), 256 MB of memory, 1 CPU, TCG. The raw loop runs `ssh` with "
+        "busybox, dropbear), 256 MB of memory, 1 CPU; x86_64 through the BIOS (SeaBIOS), TCG. "
+        "The raw loop runs `ssh` with "
         f"ConnectTimeout={POLL_CONNECT_TIMEOUT} every {POLL_PAUSE:g} s until it succeeds.",
         "",
         *machine_lines(["qemu-system-x86_64", "--version"]),

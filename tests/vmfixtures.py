@@ -138,3 +138,28 @@ def arm64_guest(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Gu
     folder = tmp_path_factory.mktemp("arm64-guest")
     image = build_uefi_guest_image(folder / "guest.img", guest_key.with_suffix(".pub"), ARM64_PACKAGE_CACHE)
     return Guest(image, guest_key)
+
+
+AMD64_UEFI_PACKAGE_CACHE = REPO_ROOT / ".cache" / "guest-uefi-amd64"
+
+
+@pytest.fixture(scope="session")
+def amd64_uefi_guest(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Guest:
+    """The tiny x86_64 guest on a GPT disk with an EFI system partition (systemd-boot)."""
+    from kvmtasks.demo.uefiguest import build_uefi_guest_image
+
+    folder = tmp_path_factory.mktemp("amd64-uefi-guest")
+    image = build_uefi_guest_image(folder / "guest.img", guest_key.with_suffix(".pub"),
+                                   AMD64_UEFI_PACKAGE_CACHE, arch="amd64")
+    return Guest(image, guest_key)
+
+
+@pytest.fixture(scope="session")
+def secure_boot_guest(tmp_path_factory: pytest.TempPathFactory, guest_key: Path) -> Guest:
+    """The tiny x86_64 guest booted by Debian's signed shim, GRUB and kernel."""
+    from kvmtasks.demo.uefiguest import build_uefi_guest_image
+
+    folder = tmp_path_factory.mktemp("secure-boot-guest")
+    image = build_uefi_guest_image(folder / "guest.img", guest_key.with_suffix(".pub"),
+                                   AMD64_UEFI_PACKAGE_CACHE, arch="amd64", secure_boot=True)
+    return Guest(image, guest_key)

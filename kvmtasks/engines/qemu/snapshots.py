@@ -11,6 +11,7 @@ import json
 
 from kvmtasks import command
 from kvmtasks.config.diskformat import boot_disk
+from kvmtasks.config.options import Firmware
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.engines import lifecycle, sharing
@@ -111,7 +112,18 @@ def delete(part: Part, name: str, say: lifecycle.Say = print) -> None:
         image = f"driver=qcow2,file.driver=file,file.filename={escape(disk)}"
         command.checked(["qemu-img", "snapshot", "--image-opts", "-d", name, "--", image],
                         timeout=120, doing=f"deleting snapshot {name} from {disk}")
+        _delete_from_varstore(part, name)
     say(f"{part.name}: snapshot {name} deleted")
+
+
+def _delete_from_varstore(part: Part, name: str) -> None:
+    """A UEFI part's savevm also snapshots its variable store (qcow2): delete it there too. One
+    that is not there (the store was copied after the snapshot) is no error."""
+    store = part.varstore_path
+    if part.firmware is Firmware.BIOS or not store.exists():
+        return
+    image = f"driver=qcow2,file.driver=file,file.filename={escape(store)}"
+    command.run(["qemu-img", "snapshot", "--image-opts", "-d", name, "--", image], timeout=120)
 
 
 def describe(part: Part) -> list[str]:
