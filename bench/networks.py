@@ -110,8 +110,10 @@ def in_guest(folder: Path, env: dict[str, str], part: str, command: str) -> str:
 def copy_seconds(folder: Path, env: dict[str, str], target: str, port: int, size: int) -> float:
     """b listens; a sends size bytes to target:port; a's busybox `time` of the whole copy,
     once b says it received every byte (a refused connection would time nothing)."""
+    # nc's input never ends (at the end of its input, busybox nc would close the connection).
     in_guest(folder, env, "b", "rm -f /tmp/received; setsid sh -c "
-             f"'nc -l -p {LISTEN_PORT} | wc -c > /tmp/received' </dev/null >/dev/null 2>&1 &")
+             f"'sleep 900 | nc -l -p {LISTEN_PORT} | wc -c > /tmp/received' "
+             "</dev/null >/dev/null 2>&1 &")
     time.sleep(1)
     out = in_guest(folder, env, "a", f"time sh -c 'dd if=/dev/zero bs=64k count={size // (64 << 10)}"
                                      f" 2>/dev/null | nc {target} {port}'")
