@@ -108,14 +108,25 @@ def in_guest(folder: Path, env: dict[str, str], part: str, command: str) -> str:
 
 
 def copy_seconds(folder: Path, env: dict[str, str], target: str, port: int, size: int) -> float:
-    """b listens; a sends size bytes to target:port; a's busybox `time` of the whole copy."""
-    in_guest(folder, env, "b", f"nc -l -p {LISTEN_PORT} </dev/null >/dev/null 2>&1 &")
-    time.sleep(0.5)
+    """b listens; a sends size bytes to target:port; a's busybox `time` of the whole copy,
+    once b says it received every byte (a refused connection would time nothing)."""
+    # nc's input never ends (at the end of its input, busybox nc would close the connection).
+    in_guest(folder, env, "b", "rm -f /tmp/received; setsid sh -c "
+             f"'sleep 900 | nc -l -p {LISTEN_PORT} | wc -c > /tmp/received' "
+             "</dev/null >/dev/null 2>&1 &")
+    time.sleep(1)
     out = in_guest(folder, env, "a", f"time sh -c 'dd if=/dev/zero bs=64k count={size // (64 << 10)}"
                                      f" 2>/dev/null | nc {target} {port}'")
     match = REAL.search(out)
     if match is None:
         raise SystemExit(f"no time in {out!r}")
+    for _ in range(50):
+        received = in_guest(folder, env, "b", "cat /tmp/received 2>/dev/null || true").strip()
+        if received:
+            break
+        time.sleep(0.2)
+    if received != str(size):
+        raise SystemExit(f"b received {received or 'nothing'} bytes of {size} from {target}:{port}")
     return int(match.group(1) or 0) * 60 + float(match.group(2))
 
 
