@@ -65,16 +65,7 @@ def run(argv: Sequence[str], *, timeout: float | None = None, stdin: str | None 
     # wakes every 0.1 s, so every command with a timeout would end up to 0.1 s late.
     running = command(*argv[1:], _bg=True, _bg_exc=False, _return_cmd=True, _ok_code=ALL_EXIT_CODES,
                       _tty_out=False, _in=stdin)
-    timer = _Deadline(running.process, timeout) if timeout is not None else None
-    try:
-        running.wait()
-    except sh.SignalException:
-        if timer is None or not timer.fired:
-            raise
-        raise CommandTimedOut(f"{argv[0]} did not finish within {timeout:g} s") from None
-    finally:
-        if timer is not None:
-            timer.cancel()
+    _wait(running, argv[0], timeout)
     return Result(
         running.exit_code,
         running.stdout.decode(errors="replace"),
@@ -204,6 +195,22 @@ class _Process:
 
     def kill(self) -> None:
         self._process.kill()
+def _wait(running: Any, program: str, timeout: float | None) -> None:
+    """Wait for an sh command started in the background, killing it at timeout (CommandTimedOut)."""
+    import sh
+
+    timer = _Deadline(running.process, timeout) if timeout is not None else None
+    try:
+        running.wait()
+    except sh.SignalException:
+        if timer is None or not timer.fired:
+            raise
+        raise CommandTimedOut(f"{program} did not finish within {timeout:g} s") from None
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
 def run_with_files(argv: Sequence[str], *, stdin: str | None = None, stdout: str | None = None,
                    timeout: float | None = None) -> Result:
     """run(), with stdin read from a file and/or stdout written to one (binary streams, such as
@@ -217,16 +224,7 @@ def run_with_files(argv: Sequence[str], *, stdin: str | None = None, stdout: str
         sink = files.enter_context(open(stdout, "wb")) if stdout is not None else None
         running = command(*argv[1:], _bg=True, _bg_exc=False, _return_cmd=True,
                           _ok_code=ALL_EXIT_CODES, _tty_out=False, _in=source, _out=sink)
-        timer = _Deadline(running.process, timeout) if timeout is not None else None
-        try:
-            running.wait()
-        except sh.SignalException:
-            if timer is None or not timer.fired:
-                raise
-            raise CommandTimedOut(f"{argv[0]} did not finish within {timeout:g} s") from None
-        finally:
-            if timer is not None:
-                timer.cancel()
+        _wait(running, argv[0], timeout)
     out = b"" if sink is not None else running.stdout
     return Result(running.exit_code, out.decode(errors="replace"), running.stderr.decode(errors="replace"))
 
