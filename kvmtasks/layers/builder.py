@@ -31,7 +31,7 @@ from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.config.setupsteps import SetupStep
 from kvmtasks.engines import lifecycle
-from kvmtasks.engines.qemu.argv import qemu_argv
+from kvmtasks.engines.qemu.argv import LAYER_CLUSTER, qemu_argv
 from kvmtasks.engines.qemu.vm import QemuMachine
 from kvmtasks.errors import CommandFailed, CommandTimedOut, ProvisionError
 from kvmtasks.guest import connection, ssh
@@ -138,8 +138,8 @@ def _build(part: Part, root: Path, links: list[store.Link], todo: list[store.Lin
 def _first_disk(part: Part, builder: Part, below: str, *, first: bool) -> None:
     fmt = "raw" if below.startswith("base-") and _is_raw(builder.file) else "qcow2"
     size = [str(size_bytes(part.disk_size))] if first and part.disk_size else []
-    command.checked(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b",
-                     store.expected_backing(below), str(builder.boot_disk), *size],
+    command.checked(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={LAYER_CLUSTER}",
+                     "-F", fmt, "-b", store.expected_backing(below), str(builder.boot_disk), *size],
                     timeout=capture.QEMU_IMG_TIMEOUT,
                     doing=f"creating the builder's disk {builder.boot_disk}")
 

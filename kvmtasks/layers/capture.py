@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kvmtasks import command
 from kvmtasks.config.part import Part
+from kvmtasks.engines.qemu.argv import LAYER_CLUSTER
 from kvmtasks.engines.qemu.qmp import QmpClient
 from kvmtasks.errors import VmError
 
@@ -37,8 +38,8 @@ def forget_identity(part: Part, builder_key: str | None) -> str:
     layer is then a new instance, with its own host name, host keys, login key and machine-id."""
     lines = [f"rm -rf {SCRATCH}"]
     if part.cloud_init:
-        # Zeroed in place before they go: a freed block keeps its bytes in the layer, and fstrim
-        # passes on only whole clusters of the qcow2 file, never a key file's lone 4 KiB block.
+        # Zeroed in place before they go, and what older copies freed is trimmed away before
+        # the capture (layers have 4 KiB clusters, a trim of one block frees it).
         lines += [
             "for f in $(find /var/lib/cloud /var/log /etc/ssh -xdev -type f \\( -path '/var/lib/cloud/*' "
             "-o -name 'cloud-init*.log' -o -name 'ssh_host_*' \\) 2>/dev/null); do "
@@ -93,8 +94,8 @@ def snapshot(qmp_socket: Path, next_file: Path, backing_name: str, node_name: st
             raise VmError("QMP query-block: the builder's disk is not there")
         device, size = disks[0]["device"], disks[0]["inserted"]["image"]["virtual-size"]
         # -u: the backing is named as it will be once the layer is in the cache, not opened now.
-        command.checked(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "qcow2",
-                         "-b", backing_name, str(next_file), str(size)],
+        command.checked(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={LAYER_CLUSTER}",
+                         "-u", "-F", "qcow2", "-b", backing_name, str(next_file), str(size)],
                         timeout=QEMU_IMG_TIMEOUT, doing=f"creating {next_file}")
         client.execute("blockdev-add", **{
             "driver": "qcow2", "node-name": node_name, "discard": "unmap",

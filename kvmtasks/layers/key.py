@@ -16,7 +16,7 @@ from kvmtasks.config.setupsteps import SetupStep
 
 # Raised whenever what a capture leaves in a layer changes (the identity removed, the trim):
 # every cached layer is then made again.
-CAPTURE_VERSION = 2
+CAPTURE_VERSION = 3
 CHUNK = 1 << 20
 
 
