@@ -159,6 +159,26 @@ class Project:
             return {task: json.loads(data) for task, data in rows}
 
 
+def _boots_guests(item: pytest.Item) -> bool:
+    return item.get_closest_marker("vm") is not None or "libvirtd" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group tests for `pytest -n 2 --dist loadgroup` (what `./dev test` runs), and put the
+    files that boot guests first.
+
+    A file is one group, so its module-scoped guest boots once on one worker; every test that
+    needs libvirtd is one group, since the fixture stops the daemon it started when its worker
+    ends. Guest files first: they are the long ones, and the quick files then fill the gaps
+    at the end instead of leaving one worker alone with a long guest file.
+    """
+    heavy_files = {item.path for item in items if _boots_guests(item)}
+    for item in items:
+        group = "libvirtd" if "libvirtd" in getattr(item, "fixturenames", ()) else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.path not in heavy_files)  # stable: order kept within each
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Project:
     root = tmp_path / "buildout"
