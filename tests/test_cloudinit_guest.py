@@ -6,7 +6,8 @@ Three boots, all under ``kvm_snapshot = true`` (every boot a first boot, as afte
 re-provisioning) with strict host-key checking and the host key kvmtasks pinned:
 1. root with the key kvmtasks made, plus the user's own user-data (a runcmd leaves a file);
 2. an edited user-data (a new instance) whose runcmd fails: a warning, not a failed start;
-3. a given key for a user that is not root and gets in as root through sudo.
+3. a given key for a user that is not root and gets in as root through sudo; a live share and
+   a copied folder, mounted and copied through sudo (ownership as root and as that user).
 Then two boots around a reset of an overlay: a fresh first boot from the same seed.
 The guest's disk is the cached image itself, used in place: -snapshot or the overlay keeps every
 write off it.
@@ -16,6 +17,8 @@ may leave the machine; the guest is reached through the 127.0.0.1 forward alone.
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -134,11 +137,18 @@ def test_cloud_image_gets_its_login_host_key_and_user_data_from_the_seed(
     assert script(project, "vm-ctl", "stop").returncode == 0
 
     # 3. A key of the user's own, for a user that is not root: created, with passwordless sudo.
+    # The same boot carries a live share (auto: 9p) and a copied folder (the guest has no rsync).
     given = tmp_path / "given_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(given)], check=True)
     (project.root / "user-data").write_text(USER_DATA_ONE)
     ssh_port = free_port()
-    project.write(config(cloud_guest, ssh_port, f"ssh_user = alice\nssh_key_path = {given}\n"))
+    live, copy = tmp_path / "live", tmp_path / "copy"
+    for folder in (live, copy):
+        folder.mkdir()
+    (live / "hello.txt").write_text("hello\n")
+    (copy / "a.txt").write_text("a\n")
+    project.write(config(cloud_guest, ssh_port, f"ssh_user = alice\nssh_key_path = {given}\n"
+                                                f"share =\n  {live} /srv/live\n  {copy} /srv/copy rsync\n"))
     began = time.monotonic()
     third = project.run("start:vm", timeout=BOOT_TIMEOUT + 120)
     timings["third start (alice, given key)"] = time.monotonic() - began
@@ -152,6 +162,7 @@ def test_cloud_image_gets_its_login_host_key_and_user_data_from_the_seed(
     status = script(project, "vm-ctl", "status")
     assert f"ssh key {given}\n" in status.stdout and "made by kvmtasks" not in status.stdout, status.stdout
     assert known_hosts.read_text() == pinned.replace(str(first_port), str(ssh_port))
+    check_shares_as_a_normal_user(project, live, copy)
     assert script(project, "vm-ctl", "stop").returncode == 0
     assert qemu_pids_under(project.root) == []
 
@@ -160,6 +171,46 @@ def test_cloud_image_gets_its_login_host_key_and_user_data_from_the_seed(
     with capsys.disabled():
         print("\ncloud-init guest: "
               + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()))
+
+
+def check_shares_as_a_normal_user(project: Project, live: Path, copy: Path) -> None:
+    """The shares of a guest whose ssh_user (alice) is not root: mounted and copied through sudo;
+    who owns what the guest writes, as root and as alice, in the guest and on the host."""
+    facts = json.loads(script(project, "vm-ctl", "status", "--json").stdout)
+    assert {s["guest"]: s["carried_by"] for s in facts["shares"]} == {"/srv/live": "9p", "/srv/copy": "tar"}
+    # Live: the host's change is there with no command run.
+    assert guest_output(project, "cat /srv/live/hello.txt") == "hello"
+    (live / "new.txt").write_text("from the host\n")
+    assert guest_output(project, "cat /srv/live/new.txt") == "from the host"
+    # Root's file (through sudo): root's in the guest; on the host the user running QEMU's,
+    # mode 0600, the guest's owner kept in an extended attribute (mapped-xattr).
+    made = guest_output(project, "sudo -n sh -c 'echo by root > /srv/live/root.txt'"
+                                 " && stat -c '%U %G %a' /srv/live/root.txt")
+    assert made == "root root 644"
+    on_host = (live / "root.txt").stat()
+    assert (live / "root.txt").read_text() == "by root\n"
+    assert (on_host.st_uid, on_host.st_mode & 0o777) == (os.getuid(), 0o600)
+    assert os.getxattr(live / "root.txt", "user.virtfs.uid") == (0).to_bytes(4, "little")
+    # alice: the host's folder is seen with its host owner and mode (root's, 0755 here), so she
+    # writes only where root in the guest gave her a folder; her files are hers in the guest.
+    assert script(project, "vm-runscript", "touch /srv/live/alice.txt").returncode != 0
+    assert not (live / "alice.txt").exists()
+    alice = int(guest_output(project, "id -u"))
+    mine = guest_output(project, "sudo -n install -d -o alice -g alice /srv/live/alice"
+                                 " && echo mine > /srv/live/alice/mine.txt"
+                                 " && stat -c '%U %G %a' /srv/live/alice/mine.txt")
+    assert mine == "alice alice 644"
+    on_host = (live / "alice" / "mine.txt").stat()
+    assert (on_host.st_uid, on_host.st_mode & 0o777) == (os.getuid(), 0o600)
+    assert os.getxattr(live / "alice" / "mine.txt", "user.virtfs.uid") == alice.to_bytes(4, "little")
+    # The copy: GUESTDIR made through sudo and given to alice, who writes in it; pulled back.
+    assert guest_output(project, "stat -c '%U' /srv/copy /srv/copy/a.txt && cat /srv/copy/a.txt") == (
+        "alice\nalice\na")
+    run_in_guest(project, "echo result > /srv/copy/result.txt && rm /srv/copy/a.txt")
+    pulled = script(project, "vm-sync", "--pull")
+    assert pulled.returncode == 0 and "(tar)" in pulled.stdout, pulled.stdout + pulled.stderr
+    assert sorted(p.name for p in copy.iterdir()) == ["result.txt"]
+    assert (copy / "result.txt").read_text() == "result\n"
 
 
 def test_known_hosts_before_a_boot_with_the_tiny_guest(project: Project, guest: Guest) -> None:

@@ -1,5 +1,6 @@
 """Whether another user may read a file: the permission rules (pure), then the verdict on real
-folders, files, symbolic links and ACLs compared with the kernel's, as nobody opening the file."""
+folders, files, symbolic links and ACLs compared with the kernel's, as nobody opening the file;
+a live share's folder, listed and entered, and the one line for one libvirt's QEMU cannot open."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from kvmtasks.config.loader import load_file
+from kvmtasks.config.part import Part
+from kvmtasks.engines import sharing
+from kvmtasks.engines.libvirt import qemufiles
 from kvmtasks.engines.libvirt.fileaccess import (
     ACL_GROUP,
     ACL_GROUP_OBJ,
@@ -29,6 +34,7 @@ from kvmtasks.engines.libvirt.fileaccess import (
     parse_acl,
     permits,
 )
+from kvmtasks.errors import VmError
 from tests.otheruser import run_as
 
 ALICE = User("alice", 1000, frozenset({1000, 27}))
@@ -219,3 +225,76 @@ def test_the_verdict_is_the_kernels(base: Path, layout: Callable[[Path], Path], 
     assert found == (None if expected is None else
                      Obstacle(base / expected.split()[1], expected.split()[0]))
     assert run_as("nobody", open_it) == ("read" if expected is None else "denied")
+
+
+# ---- folders: listed and entered (a live share's HOSTDIR on libvirt) ----
+
+def folder_tree(base: Path, mode: int) -> Path:
+    folder = base / "share"
+    folder.mkdir()
+    (folder / "file").write_text("content")
+    (folder / "file").chmod(0o644)
+    folder.chmod(mode)
+    return folder
+
+
+FOLDERS: list[tuple[int, str | None]] = [
+    (0o755, None),
+    (0o711, "r"),   # entered, not listed
+    (0o744, "x"),   # listed, not entered
+    (0o700, "r"),   # neither: read is the first missing
+]
+
+
+@pytest.mark.parametrize(("mode", "expected"), FOLDERS, ids=[oct(mode) for mode, _ in FOLDERS])
+def test_a_folder_is_listed_and_entered_as_the_kernel_says(base: Path, mode: int,
+                                                           expected: str | None) -> None:
+    folder = folder_tree(base, mode)
+
+    def open_it() -> str:
+        try:
+            os.listdir(folder)
+            (folder / "file").read_bytes()
+        except PermissionError:
+            return "denied"
+        return "opened"
+
+    found = obstacle(folder, NOBODY, READ | SEARCH)
+    assert found == (None if expected is None else Obstacle(folder, expected))
+    assert run_as("nobody", open_it) == ("opened" if expected is None else "denied")
+
+
+def libvirt_part(base: Path, share: str) -> Part:
+    config = base / "kvm.cfg"
+    config.write_text(f"[buildout]\ndirectory = {base}\n\n[vm]\nfile = /srv/disk.img\nkvm_engine = libvirt\n"
+                      f"ssh_port = 2222\nshare =\n  {share}\n")
+    (part,) = load_file(config, base)
+    return part
+
+
+def test_a_live_share_libvirts_qemu_cannot_open_is_one_line(base: Path) -> None:
+    """The folder of a live share on local libvirt, checked as QEMU's user (nobody here) would
+    open it: the line names the file, the part, the share and the folder that stops it."""
+    private = base / "private"
+    private.mkdir(mode=0o700)
+    folder = private / "src"
+    folder.mkdir()
+    part = libvirt_part(base, f"{folder} /srv/src")
+    shares = [share for _index, share, _carrier in sharing.live(part)]
+    assert [share.guest for share in shares] == ["/srv/src"]  # auto on a local libvirt: 9p
+
+    with pytest.raises(VmError) as refused:
+        qemufiles.check_share_folders(part, shares, NOBODY)
+    assert str(refused.value) == (
+        f"{base / 'kvm.cfg'}: [vm] share: line '{folder} /srv/src auto': libvirt's QEMU cannot "
+        f"open the folder {folder}: it runs as nobody on qemu:///system and lacks x permission on "
+        f"the folder {private}; grant it (say, setfacl -m u:nobody:x {private}) or share a folder "
+        "nobody can open")
+
+    grant_search(private, NOBODY.uid)  # the grant the line suggests
+    qemufiles.check_share_folders(part, shares, NOBODY)
+    folder.chmod(0o700)
+    with pytest.raises(VmError, match=f"lacks r permission on the folder {folder};"):
+        qemufiles.check_share_folders(part, shares, NOBODY)
+    # A copied folder is no business of QEMU's: nothing to check.
+    assert sharing.live(libvirt_part(base, f"{folder} /srv/src rsync")) == []

@@ -439,15 +439,21 @@ def loopback_sshd(tmp_path: Path, libvirtd: None) -> Iterator[tuple[int, Path, P
 @pytest.mark.vm
 @pytest.mark.usefixtures("no_vm_left")
 def test_a_part_runs_on_a_remote_libvirt_host_through_ssh(
-    project: Project, guest: Guest, pool: str, domain_name: str,
+    project: Project, guest_with_shares: Guest, pool: str, domain_name: str,
     loopback_sshd: tuple[int, Path, Path], tmp_path: Path,
 ) -> None:
+    """The guest reached through the libvirt host; its share (auto) a folder copied over the same
+    connection, pushed again and pulled back by PART-sync."""
+    guest = guest_with_shares
     port, key, log = loopback_sshd
     uri = f"qemu+ssh://root@127.0.0.1:{port}/system?keyfile={key}&no_verify=1"
     image = tmp_path / "guest.img"
     shutil.copyfile(guest.image.path, image)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_text("a\n")
     project.write(libvirt_config(guest, domain_name, f"file = {image}", pool, free_port(),
-                                 f"libvirt_uri = {uri}\n"))
+                                 f"libvirt_uri = {uri}\nshare =\n  {source} /srv/src\n"))
 
     started = project.run(f"start:{domain_name}", timeout=400)
     assert started.returncode == 0, started.describe()
@@ -465,6 +471,21 @@ def test_a_part_runs_on_a_remote_libvirt_host_through_ssh(
     assert (console.returncode, console.stderr) == (
         1, f"{domain_name}-ctl: the serial console of {domain_name} is logged on its libvirt host "
            f"({uri}), not here\n")
+    # The share: no live device on a remote host (the domain has none), a copy by rsync instead.
+    assert [(s["guest"], s["carried_by"]) for s in facts["shares"]] == [("/srv/src", "rsync")]
+    assert ET.fromstring(_virsh("dumpxml", domain_name).stdout).findall("devices/filesystem") == []
+    in_guest = script(project, f"{domain_name}-runscript", "cat /srv/src/a.txt")
+    assert (in_guest.returncode, in_guest.stdout) == (0, "a\n"), in_guest.stderr
+    (source / "b.txt").write_text("b\n")
+    pushed = script(project, f"{domain_name}-sync")
+    assert pushed.returncode == 0 and "(rsync)" in pushed.stdout, pushed.stdout + pushed.stderr
+    worked = script(project, f"{domain_name}-runscript",
+                    "cat /srv/src/b.txt && echo result > /srv/src/result.txt && rm /srv/src/a.txt")
+    assert (worked.returncode, worked.stdout) == (0, "b\n"), worked.stderr
+    pulled = script(project, f"{domain_name}-sync", "--pull")
+    assert pulled.returncode == 0 and "/srv/src -> " in pulled.stdout, pulled.stdout + pulled.stderr
+    assert sorted(p.name for p in source.iterdir()) == ["b.txt", "result.txt"]
+    assert (source / "result.txt").read_text() == "result\n"
 
     # Any ssh tool reaches the guest through the part's ssh config, by the same jump.
     config = project.var / domain_name / "ssh_config"
@@ -853,18 +874,29 @@ def test_a_cloud_image_gets_its_seed_on_a_remote_libvirt_host(
 @pytest.mark.usefixtures("no_vm_left")
 def test_a_live_9p_share_on_local_libvirt(project: Project, guest_with_shares: Guest, pool: str,
                                           domain_name: str, shared_folder: Path) -> None:
-    """The domain carries the share as <filesystem accessmode='mapped'>; mounted over ssh."""
+    """The domain carries the share as <filesystem accessmode='mapped'>; mounted over ssh. A folder
+    libvirt's QEMU cannot open is refused first, in one line."""
     name = domain_name
     live, readonly = shared_folder / "live", shared_folder / "ro"
     for folder in (live, readonly):
         folder.mkdir()
-    live.chmod(0o777)  # libvirt's QEMU, its own user, writes there
     (live / "hello.txt").write_text("hello\n")
     (readonly / "fixed.txt").write_text("fixed\n")
     extra = f"share =\n  {live} /srv/live\n  {readonly} /srv/ro ro\n"
-    project.write(libvirt_config(guest_with_shares, name, f"file = {guest_with_shares.image.path}", pool,
-                                 free_port(), extra))
+    config = project.write(libvirt_config(guest_with_shares, name, f"file = {guest_with_shares.image.path}",
+                                          pool, free_port(), extra))
     (user,) = qemufiles.qemu_users(_virsh("capabilities").stdout)
+    # A folder libvirt's QEMU cannot list: one line before anything is defined.
+    live.chmod(0o700)
+    refused = project.run(f"start:{name}", timeout=120)
+    assert refused.returncode != 0
+    assert refused.error_lines(f"start:{name}:") == [
+        f"ERROR: start:{name}: {config}: [{name}] share: line '{live} /srv/live auto': libvirt's QEMU "
+        f"cannot open the folder {live}: it runs as {user.name} on qemu:///system and lacks r "
+        f"permission on the folder {live}; grant it (say, setfacl -m u:{user.name}:r {live}) or share "
+        f"a folder {user.name} can open"], refused.describe()
+    assert name not in _virsh("list", "--all", "--name").stdout.split()
+    live.chmod(0o777)  # libvirt's QEMU, its own user, writes there
 
     started = project.run(f"start:{name}", timeout=400)
     assert started.returncode == 0, started.describe()

@@ -212,3 +212,10 @@ def test_the_mount_in_the_guest_is_quoted_for_its_shell_and_goes_through_sudo(tm
     as_user = mounts.as_root(_part(tmp_path, "ssh_user = debian\n"), "mount x")
     assert as_user == "sudo -n sh -c 'mount x'"
     assert mounts.as_root(_part(tmp_path, ""), "mount x") == "mount x"
+
+
+def test_a_copied_folder_another_user_may_not_create_is_made_through_sudo(tmp_path: Path) -> None:
+    assert copies.make_folder_script(_part(tmp_path, ""), "/srv/my dir") == "mkdir -p -- '/srv/my dir'"
+    assert copies.make_folder_script(_part(tmp_path, "ssh_user = debian\n"), "/srv/my dir") == (
+        "mkdir -p -- '/srv/my dir' 2>/dev/null || { sudo -n mkdir -p -- '/srv/my dir'"
+        " && sudo -n chown -- \"$(id -u):$(id -g)\" '/srv/my dir'; }")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Project
+from tests.conftest import DoitRun, Project
 from tests.httpserver import FileServer
 from tests.test_vm_e2e import script
 from tests.vmfixtures import Guest, free_port, needs_qemu
@@ -33,6 +33,13 @@ def guest_text(project: Project, path: str) -> str:
     return read.stdout
 
 
+def listing(project: Project, folder: str) -> list[str]:
+    """Every name under the guest's folder, sorted, as find prints them (``.`` first)."""
+    found = in_guest(project, f"cd {folder} && find . | sort")
+    assert found.returncode == 0, found.stderr
+    return found.stdout.split()
+
+
 def carried(project: Project) -> dict[str, str | None]:
     status = json.loads(script(project, "vm-ctl", "status", "--json").stdout)
     return {share["guest"]: share["carried_by"] for share in status["shares"]}
@@ -44,13 +51,41 @@ def sync(project: Project, *args: str) -> str:
     return done.stdout
 
 
-def test_live_and_copied_shares_through_one_boot(
-    project: Project, guest_with_shares: Guest, http_server: FileServer, tmp_path: Path
-) -> None:
-    guest = guest_with_shares
+def tiny_part(guest: Guest, http_server: FileServer, *shares: str) -> str:
+    """The part vm on the tiny guest, carrying these share lines."""
+    url = http_server.put("guest.img.gz", guest.gzipped())
+    return (f"[vm]\nimage = {url}\nssh_port = {free_port()}\nssh_key_path = {guest.key}\n"
+            "kvm_memory = 256M\nkvm_accel = tcg\nkvm_boot_timeout = 120\nkvm_shutdown_timeout = 3\n"
+            "share =\n" + "".join(f"  {line}\n" for line in shares))
+
+
+def start(project: Project, config: str) -> DoitRun:
+    project.write(config)
+    started = project.run("start:vm", timeout=300)
+    assert started.returncode == 0, started.describe()
+    return started
+
+
+def outside_folder(tmp_path: Path) -> Path:
+    """A host folder beside the shares, with a secret a share's link points at."""
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.txt").write_text("host secret\n")
+    return outside
+
+
+def assert_the_link_stays_in_the_guest(project: Project, link: str, outside: Path) -> None:
+    """A host link in HOSTDIR to outside it: the guest resolves it in its own tree, so it reads
+    nothing and writes nothing there."""
+    assert in_guest(project, f"cat {link}/secret.txt").returncode != 0
+    assert in_guest(project, f"echo x > {link}/planted").returncode != 0
+    assert not (outside / "planted").exists()
+
+
+def test_live_and_copied_shares_through_one_boot(
+    project: Project, guest_with_shares: Guest, http_server: FileServer, tmp_path: Path
+) -> None:
+    outside = outside_folder(tmp_path)
     live, readonly, copy = tmp_path / "live", tmp_path / "ro", tmp_path / "copy"
     for folder in (live, readonly, copy / "sub", copy / "cache"):
         folder.mkdir(parents=True)
@@ -65,15 +100,8 @@ def test_live_and_copied_shares_through_one_boot(
     (copy / "inside").symlink_to("sub/b.txt")
     (copy / "escape").symlink_to(outside)
     (copy / "climb").symlink_to("../outside/secret.txt")
-    url = http_server.put("guest.img.gz", guest.gzipped())
-    project.write(
-        f"[vm]\nimage = {url}\nssh_port = {free_port()}\nssh_key_path = {guest.key}\n"
-        "kvm_memory = 256M\nkvm_accel = tcg\nkvm_boot_timeout = 120\nkvm_shutdown_timeout = 3\n"
-        f"share =\n  {live} /srv/live\n  {readonly} /srv/ro ro 9p\n"
-        f"  {copy} /srv/copy rsync exclude=*.o exclude=cache/\n")
-
-    started = project.run("start:vm", timeout=300)
-    assert started.returncode == 0, started.describe()
+    start(project, tiny_part(guest_with_shares, http_server, f"{live} /srv/live", f"{readonly} /srv/ro ro 9p",
+                             f"{copy} /srv/copy rsync exclude=*.o exclude=cache/"))
     assert carried(project) == {"/srv/live": "9p", "/srv/ro": "9p", "/srv/copy": "rsync"}
     status = script(project, "vm-ctl", "status").stdout
     assert f"  share {live} -> /srv/live (read-write, auto: 9p)" in status
@@ -107,9 +135,7 @@ def test_live_and_copied_shares_through_one_boot(
 
     # Nothing through the share reaches outside HOSTDIR: the host's link resolves in the guest's
     # own tree; the guest's link and device node are plain files on the host.
-    assert in_guest(project, "cat /srv/live/escape/secret.txt").returncode != 0
-    assert in_guest(project, "echo x > /srv/live/escape/planted").returncode != 0
-    assert not (outside / "planted").exists()
+    assert_the_link_stays_in_the_guest(project, "/srv/live/escape", outside)
     assert in_guest(project, "ln -s /etc /srv/live/link && mknod /srv/live/null c 1 3").returncode == 0
     assert not (live / "link").is_symlink() and (live / "link").is_file()
     assert (live / "null").is_file()
@@ -122,8 +148,7 @@ def test_live_and_copied_shares_through_one_boot(
     assert sorted(p.name for p in readonly.iterdir()) == ["fixed.txt"]
 
     # The copy: excludes left out, the link inside kept, the links out of HOSTDIR left out.
-    listing = in_guest(project, "cd /srv/copy && find . | sort").stdout.split()
-    assert listing == [".", "./a.txt", "./gone.txt", "./inside", "./sub", "./sub/b.txt"]
+    assert listing(project, "/srv/copy") == [".", "./a.txt", "./gone.txt", "./inside", "./sub", "./sub/b.txt"]
     assert guest_text(project, "/srv/copy/inside") == "b\n"
     # PART-sync: a change, a deletion, a new file; the guest's excluded file stays.
     in_guest(project, "echo guest build > /srv/copy/guest.o")
@@ -133,8 +158,8 @@ def test_live_and_copied_shares_through_one_boot(
     began = time.monotonic()
     assert "(rsync)" in sync(project)
     print(f"PART-sync after a small change: {time.monotonic() - began:.2f} s")
-    listing = in_guest(project, "cd /srv/copy && find . | sort").stdout.split()
-    assert listing == [".", "./a.txt", "./guest.o", "./inside", "./sub", "./sub/b.txt", "./sub/c.txt"]
+    assert listing(project, "/srv/copy") == [".", "./a.txt", "./guest.o", "./inside", "./sub", "./sub/b.txt",
+                                             "./sub/c.txt"]
     assert guest_text(project, "/srv/copy/a.txt") == "a2\n"
     # --pull: the guest's work comes back; a link it made out of the folder does not.
     in_guest(project, "echo result > /srv/copy/result.txt && rm /srv/copy/sub/c.txt"
@@ -149,8 +174,7 @@ def test_live_and_copied_shares_through_one_boot(
     (copy / "a.txt").write_text("a3\n")
     (copy / "result.txt").unlink()
     assert "(tar)" in sync(project)
-    listing = in_guest(project, "cd /srv/copy && find . | sort").stdout.split()
-    assert listing == [".", "./a.txt", "./guest.o", "./inside", "./sub", "./sub/b.txt"]
+    assert listing(project, "/srv/copy") == [".", "./a.txt", "./guest.o", "./inside", "./sub", "./sub/b.txt"]
     assert guest_text(project, "/srv/copy/a.txt") == "a3\n"
     in_guest(project, "echo tar back > /srv/copy/tarback.txt && rm /srv/copy/sub/b.txt"
                       " && ln -s /etc/passwd /srv/copy/evil && ln -s ../../x /srv/copy/sub/up")
@@ -196,28 +220,20 @@ def virtiofsd_pids() -> list[int]:
 def test_a_virtiofs_share_lives_and_ends_with_its_vm(
     project: Project, guest_with_shares: Guest, http_server: FileServer, tmp_path: Path
 ) -> None:
-    guest = guest_with_shares
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret.txt").write_text("host secret\n")
+    outside = outside_folder(tmp_path)
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "hello.txt").write_text("hello\n")
     (shared / "escape").symlink_to(outside)
-    url = http_server.put("guest.img.gz", guest.gzipped())
     before = set(virtiofsd_pids())
-    config = (f"[vm]\nimage = {url}\nssh_port = {free_port()}\nssh_key_path = {guest.key}\n"
-              "kvm_memory = 256M\nkvm_accel = tcg\nkvm_boot_timeout = 120\nkvm_shutdown_timeout = 3\n"
-              f"share =\n  {shared} /srv/fs virtiofs\n")
+    config = tiny_part(guest_with_shares, http_server, f"{shared} /srv/fs virtiofs")
     # QEMU refuses to start: the daemon started for it does not outlive the failure.
     project.write(config + "kvm_extra_args = -no-such-option\n")
     failed = project.run("start:vm", timeout=300)
     assert failed.returncode != 0
     assert set(virtiofsd_pids()) == before
 
-    project.write(config)
-    started = project.run("start:vm", timeout=300)
-    assert started.returncode == 0, started.describe()
+    start(project, config)
     assert set(virtiofsd_pids()) - before  # its sandbox is a child process of its own
     assert carried(project) == {"/srv/fs": "virtiofs"}
     assert guest_text(project, "/srv/fs/hello.txt") == "hello\n"
@@ -225,10 +241,7 @@ def test_a_virtiofs_share_lives_and_ends_with_its_vm(
     assert guest_text(project, "/srv/fs/new.txt") == "from the host\n"
     assert in_guest(project, "echo back > /srv/fs/back.txt").returncode == 0
     assert (shared / "back.txt").read_text() == "back\n"
-    # The host's link out of the folder: the guest resolves it in its own tree.
-    assert in_guest(project, "cat /srv/fs/escape/secret.txt").returncode != 0
-    assert in_guest(project, "echo x > /srv/fs/escape/planted").returncode != 0
-    assert not (outside / "planted").exists()
+    assert_the_link_stays_in_the_guest(project, "/srv/fs/escape", outside)
     refused = script(project, "vm-ctl", "suspend")
     assert refused.returncode == 1 and "carried by virtiofs" in refused.stderr, refused.stderr
     assert guest_text(project, "/srv/fs/hello.txt") == "hello\n"
@@ -241,17 +254,11 @@ def test_auto_copies_a_share_the_guest_cannot_mount(
     project: Project, guest_with_rsync: Guest, http_server: FileServer, tmp_path: Path
 ) -> None:
     """The tiny guest built without the 9p modules: auto says so and copies the folder instead."""
-    guest = guest_with_rsync
     source = tmp_path / "src"
     source.mkdir()
     (source / "a.txt").write_text("a\n")
-    url = http_server.put("guest.img.gz", guest.gzipped())
-    project.write(f"[vm]\nimage = {url}\nssh_port = {free_port()}\nssh_key_path = {guest.key}\n"
-                  "kvm_memory = 256M\nkvm_accel = tcg\nkvm_boot_timeout = 120\nkvm_shutdown_timeout = 3\n"
-                  f"share =\n  {source} /srv/src\n")
 
-    started = project.run("start:vm", timeout=300)
-    assert started.returncode == 0, started.describe()
+    started = start(project, tiny_part(guest_with_rsync, http_server, f"{source} /srv/src"))
     assert "vm: share /srv/src: the guest cannot mount 9p" in started.stdout
     assert "copying it instead" in started.stdout
     assert carried(project) == {"/srv/src": "rsync"}

@@ -79,10 +79,21 @@ def has_rsync(part: Part) -> bool:
                        timeout=ssh.CONNECT_TIMEOUT + 20).exit_code == 0
 
 
+def make_folder_script(part: Part, guest: str) -> str:
+    """The guest shell's words that make GUESTDIR. Another ssh_user than root copies as itself
+    (files belong to who writes them): a GUESTDIR it may not create (under /srv, /opt) is made
+    through sudo and given to it, as Vagrant's rsync folders are."""
+    folder = shlex.quote(guest)
+    if part.ssh_user == "root":
+        return f"mkdir -p -- {folder}"
+    return (f"mkdir -p -- {folder} 2>/dev/null || {{ sudo -n mkdir -p -- {folder}"
+            f" && sudo -n chown -- \"$(id -u):$(id -g)\" {folder}; }}")
+
+
 def push(part: Part, share: Share) -> str:
     """The guest's GUESTDIR made a copy of HOSTDIR; how ("rsync" or "tar")."""
     folder = shlex.quote(share.guest)
-    _guest(part, f"mkdir -p -- {folder}", doing=f"creating {share.guest} in the guest")
+    _guest(part, make_folder_script(part, share.guest), doing=f"creating {share.guest} in the guest")
     if has_rsync(part):
         _rsync(part, share, pull=False)
         return "rsync"

@@ -96,8 +96,9 @@ class Obstacle:
     permission: str
 
 
-def obstacle(path: Path, user: User) -> Obstacle | None:
-    """None when user can open path (absolute) for reading; else the first permission it lacks.
+def obstacle(path: Path, user: User, want: int = READ) -> Obstacle | None:
+    """None when user can open path (absolute) for reading (want READ, a file) or list and enter
+    it (want READ | SEARCH, a folder); else the first permission it lacks.
 
     Raises OSError when this process cannot look the path up itself (it cannot tell then), and
     with ELOOP past the kernel's limit on symbolic links.
@@ -123,6 +124,7 @@ def obstacle(path: Path, user: User) -> Obstacle | None:
             pending[:0] = target.parts[1:] if target.is_absolute() else target.parts
             continue
         folder = candidate
-    if _denied(folder, user, READ):
-        return Obstacle(folder, "r")
+    for bit, letter in ((READ, "r"), (SEARCH, "x")):
+        if want & bit and _denied(folder, user, bit):
+            return Obstacle(folder, letter)
     return None

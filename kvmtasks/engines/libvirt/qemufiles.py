@@ -1,4 +1,5 @@
-"""The host files a libvirt part's QEMU opens itself, checked readable by the user it runs as.
+"""The host files a libvirt part's QEMU opens itself, checked readable by the user it runs as:
+the paths in kvm_extra_args, and the folders of live shares.
 
 libvirt gives QEMU the disks as volumes it manages (and chowns them to QEMU's
 user, dynamic_ownership), but the paths in kvm_extra_args (-kernel, -initrd,
@@ -24,7 +25,9 @@ from pathlib import Path
 
 from kvmtasks.config.part import Part
 from kvmtasks.config.remote import remote_of
-from kvmtasks.engines.libvirt.fileaccess import User, obstacle
+from kvmtasks.config.shares import Share
+from kvmtasks.engines import sharing
+from kvmtasks.engines.libvirt.fileaccess import READ, SEARCH, User, obstacle
 from kvmtasks.engines.libvirt.virsh import virsh
 from kvmtasks.errors import VmError
 
@@ -96,15 +99,17 @@ def _files(part: Part) -> list[Path]:
 
 
 def check_readable(part: Part) -> None:
-    """Refuse, before anything is defined, a file in kvm_extra_args that QEMU could not read."""
+    """Refuse, before anything is defined, a file in kvm_extra_args that QEMU could not read,
+    or a live share's folder it could not enter."""
     if remote_of(part) is not None:
         return
-    files = _files(part)
-    if not files:
+    files, shares = _files(part), [share for _index, share, _carrier in sharing.live(part)]
+    if not files and not shares:
         return
     for user in qemu_users(virsh(part, "capabilities")):
         if user.uid == 0:
             continue  # root's QEMU: whether libvirt left it its capabilities decides, not the modes
+        check_share_folders(part, shares, user)
         for file in files:
             try:
                 lacking = obstacle(file, user)
@@ -118,3 +123,22 @@ def check_readable(part: Part) -> None:
                     f"the {kind} {lacking.path}; grant it (say, setfacl -m u:{user.name}:"
                     f"{lacking.permission} {lacking.path}) or move the file where {user.name} can read it"
                 )
+
+
+def check_share_folders(part: Part, shares: Sequence[Share], user: User) -> None:
+    """Refuse a live share whose HOSTDIR user cannot list and enter: libvirt hands QEMU the
+    folder's path untouched (no chown, unlike its volumes): QEMU would fail the start after the
+    domain is defined (it opens the folder), or the guest's mount every lookup (no x on it)."""
+    for share in shares:
+        try:
+            lacking = obstacle(Path(share.host), user, READ | SEARCH)
+        except OSError:
+            continue  # this process cannot look itself: QEMU's own message will do
+        if lacking is not None:
+            raise VmError(
+                f"{part.config_file}: [{part.name}] share: line {share.line()!r}: libvirt's QEMU "
+                f"cannot open the folder {share.host}: it runs as {user.name} on {part.libvirt_uri} "
+                f"and lacks {lacking.permission} permission on the folder {lacking.path}; grant it "
+                f"(say, setfacl -m u:{user.name}:{lacking.permission} {lacking.path}) or share a "
+                f"folder {user.name} can open"
+            )
