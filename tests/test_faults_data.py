@@ -246,7 +246,7 @@ def test_a_getfile_cut_mid_file_leaves_the_local_file_and_says_the_transfer_was_
 @pytest.mark.usefixtures("no_vm_left")
 @pytest.mark.vm
 @needs_qemu
-def test_getfile_over_an_existing_file_replaces_it_whole_and_keeps_its_mode(
+def test_getfile_and_sendfile_replace_a_file_whole_keep_its_mode_and_a_cut_sendfile_changes_nothing(
     project: Project, guest: Guest, tmp_path: Path
 ) -> None:
     project.write(vm_config(guest, f"file = {guest.image.path}\noverlay = true\n", free_port()))
@@ -263,6 +263,41 @@ def test_getfile_over_an_existing_file_replaces_it_whole_and_keeps_its_mode(
     assert local.read_text() == "new\n" and local.stat().st_mode & 0o777 == 0o640
     assert (folder / "small").read_text() == "new\n"
     assert [p.name for p in tmp_path.iterdir() if "getfile" in p.name] == []
+
+    # sendfile: over a file (its mode kept), into a folder, through a symlink (the link kept).
+    kept = script(project, "vm-runscript", "echo 'old, and longer' > /tmp/kept && chmod 600 /tmp/kept && "
+                                           "mkdir /tmp/in && ln -s /tmp/kept /tmp/link")
+    assert kept.returncode == 0, kept.stderr
+    sent = tmp_path / "sent.txt"
+    sent.write_text("sent\n")
+    sent.chmod(0o644)
+    for remote in ("/tmp/kept", "/tmp/in", "/tmp/link"):
+        done = script(project, "vm-sendfile", remote, str(sent))
+        assert done.returncode == 0, done.stderr
+    seen = script(project, "vm-runscript", "cat /tmp/kept /tmp/in/sent.txt; stat -c %a /tmp/kept; "
+                                           "readlink /tmp/link; ls -a /tmp /tmp/in | grep -c sendfile")
+    assert seen.stdout.split("\n") == ["sent", "sent", "600", "/tmp/kept", "0", ""], seen.stdout
+
+    # A sendfile cut by Ctrl-C half-way: the guest's file is as it was, no partial file is left.
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(4 * MIB) * 15)
+    sending = subprocess.Popen([str(project.root / "bin" / "vm-sendfile"), "/tmp/kept", str(big)],
+                               env={**os.environ, "HOME": str(project.root / "home"), **project.env},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        def arriving() -> bool:
+            listed = script(project, "vm-runscript", "ls -la /tmp | grep sendfile || true").stdout.split()
+            return len(listed) > 4 and int(listed[4]) > MIB
+        wait_for(arriving, "bytes arriving in the guest")
+        os.killpg(sending.pid, signal.SIGINT)
+        sending.communicate(timeout=120)
+    finally:
+        if sending.poll() is None:
+            os.killpg(sending.pid, signal.SIGKILL)
+    assert sending.returncode != 0
+    after = script(project, "vm-runscript", "cat /tmp/kept; ls -a /tmp | grep -c sendfile")
+    assert after.stdout.split("\n") == ["sent", "0", ""], after.stdout
     assert script(project, "vm-ctl", "stop").returncode == 0
 
 

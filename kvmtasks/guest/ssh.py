@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import socket
 import stat
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from kvmtasks import command
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.config.seedrules import pins_host_key
-from kvmtasks.errors import CommandFailed, CommandTimedOut, VmError
+from kvmtasks.errors import CommandError, CommandFailed, CommandTimedOut, VmError
 from kvmtasks.guest import sshconfig
 
 CONNECT_TIMEOUT = sshconfig.CONNECT_TIMEOUT
@@ -119,11 +120,11 @@ def copy_argv(part: Part, remote_file: str, local_file: Path, *, upload: bool, l
     return scp_argv(part, source, target, legacy=legacy)
 
 
-def copy(part: Part, remote_file: str, local_file: Path, *, upload: bool,
-         arriving: Path | None = None, shown: Path | None = None) -> None:
+def copy(part: Part, remote_file: str, local_file: Path, *, upload: bool, arriving: Path | None = None,
+         shown: Path | None = None, shown_remote: str | None = None) -> None:
     """scp, falling back to the legacy protocol for guests without an SFTP server. arriving is
     where a download's bytes land: once some did, a closed connection is a cut transfer, not a
-    guest without SFTP. shown is the local file's name in messages."""
+    guest without SFTP. shown and shown_remote are the files' names in messages."""
     first: CommandFailed | None = None
     try:
         try:
@@ -134,8 +135,8 @@ def copy(part: Part, remote_file: str, local_file: Path, *, upload: bool,
                 raise
             command.checked(copy_argv(part, remote_file, local_file, upload=upload, legacy=True))
     except CommandFailed as error:
-        near = shown or local_file
-        source, target = (near, remote_file) if upload else (remote_file, near)
+        near, far = shown or local_file, shown_remote or remote_file
+        source, target = (near, far) if upload else (far, near)
         # scp's last line ("lost connection") is no reason: ssh's, on the lines before, is.
         said = " ".join(error.stderr.split()) or f"exit status {error.exit_code}"
         got = _size(arriving)
@@ -157,9 +158,51 @@ def _size(path: Path | None) -> int:
 
 
 def sendfile(part: Part, remote_file: str, local_file: Path) -> None:
+    """local_file into the guest through a temporary name beside the target: a transfer cut
+    half-way (the VM stopped, Ctrl-C) leaves the guest's file as it was. The target is what scp
+    would write: a file named like local_file inside a folder, the file a symlink points to."""
     if not local_file.is_file():
         raise VmError(f"{local_file}: no such file")
-    copy(part, remote_file, local_file, upload=True)
+    target = _guest_target(part, remote_file, local_file.name)
+    partial = str(PurePosixPath(target).with_name(f".{PurePosixPath(target).name}.sendfile-{os.getpid()}"))
+    done = False
+    try:
+        copy(part, partial, local_file, upload=True, shown_remote=remote_file)
+        _in_guest(part, f"{_KEEP_OWNER_AND_MODE} {shlex.quote(target)} {shlex.quote(partial)} "
+                        f"&& mv -f -- {shlex.quote(partial)} {shlex.quote(target)}",
+                  f"replacing {remote_file}")
+        done = True
+    except VmError as error:
+        raise VmError(f"{error}; {remote_file} in the guest is unchanged") from None
+    finally:
+        if not done:
+            with contextlib.suppress(VmError, CommandError):
+                command.run(ssh_argv(part, [f"rm -f -- {shlex.quote(partial)}"]),
+                            timeout=CONNECT_TIMEOUT + 10)
+
+
+# Overwritten in place by scp, a file keeps its owner and mode; so does it when replaced ($1 by $2).
+_KEEP_OWNER_AND_MODE = ('keep() { [ -e "$1" ] || return 0; chown "$(stat -c %u:%g -- "$1")" -- "$2" '
+                        '2>/dev/null; chmod "$(stat -c %a -- "$1")" -- "$2"; }; keep')
+# Where scp would write: into a folder under the file's own name, through a symlink to its end.
+_TARGET = ('if [ -d "$1" ]; then printf "%s/%s" "${1%/}" "$2"; elif [ -L "$1" ] && '
+           't=$(readlink -f -- "$1"); then printf "%s" "$t"; else printf "%s" "$1"; fi')
+
+
+def _guest_target(part: Part, remote_file: str, name: str) -> str:
+    script = f"set -- {shlex.quote(remote_file)} {shlex.quote(name)}; {_TARGET}"
+    target = _in_guest(part, script, f"looking up {remote_file}")
+    if not PurePosixPath(target).name:
+        raise VmError(f"{remote_file!r}: names no file in the guest")
+    return target
+
+
+def _in_guest(part: Part, script: str, doing: str) -> str:
+    try:
+        return command.checked(ssh_argv(part, [script]), timeout=CONNECT_TIMEOUT + 60, doing=doing).stdout
+    except CommandFailed as error:
+        reason = error.reason or f"exit status {error.exit_code}"
+        raise VmError(f"{doing} in the guest failed: {reason}") from None
 
 
 def getfile(part: Part, remote_file: str, local_file: Path) -> None:
