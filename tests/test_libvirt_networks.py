@@ -23,6 +23,7 @@ import pytest
 
 from kvmtasks.config.loader import load_parts
 from kvmtasks.config.part import Part
+from kvmtasks.config.partjson import from_json, to_json
 from kvmtasks.config.runfiles import libvirt_network_root, network_folder, network_socket
 from kvmtasks.engines.libvirt import netfolder
 from kvmtasks.engines.libvirt.domain import QEMU_NS, Disk, domain_xml
@@ -64,6 +65,7 @@ def test_the_domain_joins_each_peer_by_a_unix_socket_in_the_libvirt_folder(tmp_p
     a = parts["a"]
     lan, side = a.links
     assert lan.libvirt and side.libvirt
+    assert from_json(to_json(a)) == a  # what the scripts load keeps where the sockets are
     args = qemu_args(a)
     # The user network's NIC on slot 0x10, the private ones from 0x11: the direct engine's
     # hub and sockets, each NIC on a fixed slot of the root bus.
