@@ -16,6 +16,7 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from kvmtasks.config.loader import load_parts
 from kvmtasks.config.part import Part
 from kvmtasks.config.partjson import from_json, to_json
 from kvmtasks.config.runfiles import libvirt_network_root, network_folder, network_socket
-from kvmtasks.engines.libvirt import netfolder
+from kvmtasks.engines.libvirt import netfolder, storage
 from kvmtasks.engines.libvirt.domain import QEMU_NS, Disk, domain_xml
 from kvmtasks.engines.libvirt.fileaccess import ACL_USER, ACL_XATTR, SEARCH, User, parse_acl
 from kvmtasks.engines.qemu.argv import private_network_args
@@ -191,6 +192,16 @@ def test_a_folder_that_is_not_ours_is_refused_in_one_line(scratch: Path) -> None
 
 
 # ---- real libvirtd, three tiny guests ----
+
+
+def test_parts_started_at_once_make_their_missing_pool_once(pool: str, tmp_path: Path) -> None:
+    """Three starts at once (`doit -n 3`) each find the pool missing: none fails."""
+    parts = loaded(config(tmp_path, {name: f"libvirt_pool = {pool}" for name in "abc"}))
+    with ThreadPoolExecutor(3) as threads:
+        outcomes = list(threads.map(storage.ensure_pool, parts.values()))
+    assert outcomes == [None, None, None]
+    assert "running" in _virsh("pool-info", pool).stdout
+    assert Path(f"/var/lib/libvirt/{pool}").is_dir()
 
 
 @pytest.fixture
