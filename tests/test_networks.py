@@ -134,10 +134,12 @@ def test_bad_networks_are_one_line(tmp_path: Path, lines: dict[str, str], needle
     assert needle in refusal(project(tmp_path, lines))
 
 
-def test_a_libvirt_part_is_refused_in_one_line(tmp_path: Path) -> None:
+def test_a_part_on_a_remote_libvirt_host_is_refused_in_one_line(tmp_path: Path) -> None:
     path = project(tmp_path, {"a": "lan"})
-    path.write_text(path.read_text() + "kvm_engine = libvirt\n")
-    assert "kvm_engine = qemu only" in refusal(path)
+    path.write_text(path.read_text() + "kvm_engine = libvirt\n"
+                    "libvirt_uri = qemu+ssh://root@host.example/system\n")
+    assert "[a] networks = 'lan': private networks join parts on this machine only, not on " \
+           "qemu+ssh://root@host.example/system" in refusal(path)
 
 
 def test_links_survive_the_scripts_json(tmp_path: Path) -> None:

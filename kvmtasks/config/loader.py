@@ -287,9 +287,10 @@ def _build(values: dict[str, Any], path: Path, section: str, buildout: Buildout)
     if values["kvm_engine"] is Engine.LIBVIRT and file is not None and path_is_block_device(file):
         raise ConfigError(f"{where} file = {str(file)!r}: a block device cannot be copied into a "
                           "libvirt storage pool; use kvm_engine = qemu")
-    if values["kvm_engine"] is Engine.LIBVIRT and values.get("networks"):
+    if values["kvm_engine"] is Engine.LIBVIRT and values.get("networks") \
+            and remote_host(values["libvirt_uri"]) is not None:
         raise ConfigError(f"{where} networks = {values['networks'][0].line!r}: private networks "
-                          "join parts of kvm_engine = qemu only")
+                          f"join parts on this machine only, not on {values['libvirt_uri']}")
     compression = _compression(values, where)
     overlay = values.get("overlay", image is not None)
     if values.get("disk_size") is not None and not overlay:

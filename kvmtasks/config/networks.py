@@ -41,6 +41,8 @@ class NetworkLink:
     address: str  # this part's, with its prefix
     mac: str
     peers: tuple[Member, ...]
+    # Its parts run on a local libvirt host: the sockets go where libvirt's QEMU user reaches them.
+    libvirt: bool = False
 
     @property
     def ip(self) -> str:
@@ -148,6 +150,23 @@ def _addresses(project: str, network: str, subnet: ipaddress.IPv4Network,
     return result
 
 
+def _one_engine(network: str, members: Sequence[_Joined]) -> bool:
+    """Whether the network's parts run on libvirt; refused when they do not all run on the same
+    engine and libvirt host (QEMU started directly and libvirt's QEMU run as different users, and
+    only one of them can own the network's folder)."""
+    def engine(joined: _Joined) -> str:
+        part = joined.part
+        return part.libvirt_uri if part.kvm_engine.value == "libvirt" else "kvm_engine = qemu"
+
+    first = members[0]
+    for member in members[1:]:
+        if engine(member) != engine(first):
+            raise ConfigError(f"{_where(member)}: network {network} has part {first.part.name} on "
+                              f"{engine(first)} and this part on {engine(member)}; a network's parts "
+                              "run on one engine and libvirt host")
+    return first.part.kvm_engine.value == "libvirt"
+
+
 def join(parts: Iterable[Part]) -> list[Part]:
     """The parts with their links: every network of every project resolved together."""
     parts = list(parts)
@@ -162,6 +181,7 @@ def join(parts: Iterable[Part]) -> list[Part]:
     links: dict[str, list[NetworkLink]] = {}
     for (project, network), members in networks.items():
         members.sort(key=lambda m: m.part.name)  # peers in name order, whatever the file order
+        libvirt = _one_engine(network, members)
         subnet = _subnet(project, network, members)
         addresses = _addresses(project, network, subnet, members)
         everyone = [Member(m.part.name, f"{addresses[m.part.name]}/{subnet.prefixlen}",
@@ -170,7 +190,7 @@ def join(parts: Iterable[Part]) -> list[Part]:
             links.setdefault(me.part, []).append(NetworkLink(
                 network=network, key=network_key(project, network), subnet=str(subnet),
                 address=me.address, mac=me.mac,
-                peers=tuple(m for m in everyone if m.part != me.part)))
+                peers=tuple(m for m in everyone if m.part != me.part), libvirt=libvirt))
     order = {part.name: [r.name for r in part.networks] for part in parts}
     return [replace(part, links=tuple(sorted(links.get(part.name, ()),
                                              key=lambda link: order[part.name].index(link.network))))

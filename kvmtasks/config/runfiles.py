@@ -71,8 +71,16 @@ def control_socket(part: Part) -> Path:
 
 
 def network_folder(link: NetworkLink) -> Path:
-    """A private network's sockets: one folder per project and network, in the runtime folder."""
-    return runtime_folder() / f"net-{link.key}"
+    """A private network's sockets: one folder per project and network, in the runtime folder
+    (for libvirt's parts, in the folder libvirt's QEMU user may enter)."""
+    return (libvirt_network_root() if link.libvirt else runtime_folder()) / f"net-{link.key}"
+
+
+def libvirt_network_root() -> Path:
+    """Where the networks of libvirt parts keep their sockets. libvirt runs QEMU as a user of its
+    own, which may not enter the private runtime folder (nor the user's XDG_RUNTIME_DIR): a folder
+    of ours in /tmp instead, shut to every other user but that one (engines/libvirt/netfolder.py)."""
+    return Path("/tmp") / f"kvmtasks-{os.getuid()}-libvirt"  # noqa: S108
 
 
 def network_socket(link: NetworkLink, sender: str, receiver: str) -> Path:

@@ -56,4 +56,5 @@ def _domain_state(part: Part) -> Status:
         accel = files.accel.read_text().strip() if files.accel.exists() else None
         return Status(True, None, accel)
     files.domain.unlink(missing_ok=True)
+    clean_network_sockets(part)
     return Status(False)

@@ -3,6 +3,11 @@
 libvirt 9.0 has no XML for user-mode port forwards, so the network goes in
 ``<qemu:commandline>`` as ``-netdev user,...,hostfwd=...`` with each NIC on a
 fixed PCI slot well above the ones libvirt hands out itself.
+
+The private networks go there too, as the direct engine's (engines/qemu/argv.py): a hub in the
+part's own QEMU joined to every other part by datagram unix sockets. libvirt's own interfaces
+join two guests only (``udp``, ``server``/``client``) or use multicast (``mcast``): more than two
+parts would need a hub process, which then cuts every part when it stops.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from kvmtasks.config.options import Arch, Firmware, ImageType
 from kvmtasks.config.part import Part, forwards
 from kvmtasks.config.shares import tag
 from kvmtasks.engines import sharing
+from kvmtasks.engines.qemu.argv import private_network_args
 from kvmtasks.errors import VmError
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -135,7 +141,9 @@ def domain_xml(part: Part, *, domain_type: str, disk: Disk, listen_address: str,
     _filesystems(devices, part)
     rng = ET.SubElement(devices, "rng", model="virtio")
     ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
-    arguments = [*_on_root_bus(part, network_args(part, listen_address)), *part.kvm_extra_args]
+    nics = network_args(part, listen_address)
+    private = private_network_args(part, pci_slot=FIRST_NIC_SLOT + nics.count("-device"))
+    arguments = [*_on_root_bus(part, [*nics, *private]), *part.kvm_extra_args]
     if arguments:
         commandline = ET.SubElement(domain, f"{{{QEMU_NS}}}commandline")
         for argument in arguments:

@@ -37,15 +37,27 @@ def overlay_record(part: Part) -> Path:
 
 
 def ensure_pool(part: Part) -> None:
+    """The pool defined, built and started when it is not. Parts started at once (`doit -n 3`)
+    may each find it missing: one defines it, the others' "already exists" and "already active"
+    are no failure, and every one builds it (a no-op on a built folder) before it starts it."""
     pools = virsh(part, "pool-list", "--all", "--name").split()
     if part.libvirt_pool not in pools:
         target = f"{POOL_ROOT}/{part.libvirt_pool}"
-        virsh(part, "pool-define-as", part.libvirt_pool, "dir", "--target", target)
-        virsh(part, "pool-build", part.libvirt_pool)
+        _unless(part, "already exists", "pool-define-as", part.libvirt_pool, "dir", "--target", target)
+        _unless(part, "already active", "pool-build", part.libvirt_pool)
         virsh(part, "pool-autostart", part.libvirt_pool)
     info = virsh(part, "pool-info", part.libvirt_pool)
     if "running" not in info:
-        virsh(part, "pool-start", part.libvirt_pool)
+        _unless(part, "already active", "pool-start", part.libvirt_pool)
+
+
+def _unless(part: Part, done: str, *args: str) -> None:
+    """virsh args, where a refusal saying done means another start did it first."""
+    try:
+        virsh(part, *args)
+    except VirshError as error:
+        if done not in error.reason:
+            raise
 
 
 def seed_volume_name(part: Part) -> str:

@@ -21,9 +21,9 @@ from kvmtasks.config import seedrules
 from kvmtasks.config.options import Accel
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.remote import remote_of
-from kvmtasks.config.runfiles import RunFiles, Status
+from kvmtasks.config.runfiles import RunFiles, Status, clean_network_sockets
 from kvmtasks.engines import lifecycle, statusreport
-from kvmtasks.engines.libvirt import hostports, layervolume, managedsave, qemufiles, storage
+from kvmtasks.engines.libvirt import hostports, layervolume, managedsave, netfolder, qemufiles, storage
 from kvmtasks.engines.libvirt.domain import domain_xml, made_by_kvmtasks
 from kvmtasks.engines.libvirt.virsh import STOPPED_DOMAIN_STATES, VirshError, virsh
 from kvmtasks.engines.lifecycle import Say, Seen
@@ -116,9 +116,11 @@ class LibvirtMachine:
 
     def prepare(self) -> None:
         """The forwards free on the libvirt host (reached through the part's ssh config, which
-        lifecycle.start has written), the files QEMU opens readable, our domain's uuid."""
+        lifecycle.start has written), the files QEMU opens readable, the private networks'
+        folders open to it, our domain's uuid."""
         check_ports(self.part)
         qemufiles.check_readable(self.part)
+        netfolder.prepare(self.part)
         self.uuid = _our_domain_uuid(self.part)
 
     def console_log(self) -> Path | None:
@@ -201,6 +203,7 @@ class LibvirtMachine:
         managedsave.save(self.part, domain_type(status.accel or "qemu"),
                          managedsave.fit(self.part, _defined_xml(self.part).read_text()))
         RunFiles.of(self.part).domain.unlink(missing_ok=True)
+        clean_network_sockets(self.part)
         return f"libvirt managed save on {self.part.libvirt_uri}"
 
     def recover(self, say: Say) -> None:
@@ -245,3 +248,4 @@ def _destroy(part: Part) -> None:
         if not (error.not_running or error.not_found):
             raise
     RunFiles.of(part).domain.unlink(missing_ok=True)
+    clean_network_sockets(part)  # QEMU leaves the sockets it bound

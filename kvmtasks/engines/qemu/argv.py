@@ -72,17 +72,20 @@ def seed_args(part: Part) -> list[str]:
 PRIVATE_HUB_BASE = 100
 
 
-def private_network_args(part: Part) -> list[str]:
+def private_network_args(part: Part, pci_slot: int | None = None) -> list[str]:
     """One virtio NIC per private network, on a hub inside this QEMU that a datagram unix
     socket joins to each other part of the network: no process but the guests' QEMUs, no IP
     packet on the host, and a part that restarts binds its sockets again while the others'
-    datagrams wait for nobody (see README, "Private networks between parts")."""
+    datagrams wait for nobody (see README, "Private networks between parts").
+    pci_slot: the first NIC's slot on the root bus, from there up (libvirt's domains, whose own
+    devices take the slots below); None lets QEMU place them."""
     args: list[str] = []
     for index, link in enumerate(part.links):
         hub, nic = PRIVATE_HUB_BASE + index, f"kvmnet{index}"
+        placement = "" if pci_slot is None else f",bus=pci.0,addr={pci_slot + index:#x}"
         args += [
             "-netdev", f"hubport,id={nic},hubid={hub}",
-            "-device", f"virtio-net-pci,netdev={nic},mac={link.mac}",
+            "-device", f"virtio-net-pci,netdev={nic}{placement},mac={link.mac}",
         ]
         for number, peer in enumerate(link.peers):
             local = escape(network_socket(link, part.name, peer.part))
