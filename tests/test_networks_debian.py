@@ -26,10 +26,11 @@ from tests.netns import FOREIGN, Netns, NetnsProject, capture, packets
 from tests.test_debian_guest import debian_guest_or_skip
 from tests.vmfixtures import free_port, needs_qemu, qemu_pids_under
 
-pytestmark = [needs_qemu, pytest.mark.vm]
+pytestmark = [needs_qemu, pytest.mark.vm, pytest.mark.timeout(1800)]  # the first test boots all three
 
 PARTS = ("db", "app", "web")
-BOOT_TIMEOUT = 400
+# Three Debian first boots at once on two cores, beside another worker's guest: a ceiling only.
+BOOT_TIMEOUT = 900
 # The test image has no ping: an ICMP echo from Python (which cloud-init brings), by name.
 PING = (
     "python3 -c 'import socket, struct, sys\n"

@@ -172,3 +172,16 @@ def test_config_values_stay_single_argv_elements(tmp_path: Path, value: str) -> 
     args = argv(part)
     assert f"file={escape(tmp_path / (value + '.img'))},if=virtio,cache=none,format=raw" in args
     assert args[-1] == value
+
+
+def test_the_qmp_socket_leaves_a_folder_too_deep_for_a_unix_socket_for_a_hashed_private_name(
+    tmp_path: Path,
+) -> None:
+    from kvmtasks.config.runfiles import SOCKET_PATH_MAX, long_path_socket_folder, qmp_socket
+
+    assert qmp_socket(tmp_path / "vm") == tmp_path / "vm" / "qmp.sock"
+    deep = tmp_path / ("d" * (SOCKET_PATH_MAX - len(str(tmp_path)))) / "vm"
+    moved = qmp_socket(deep)
+    assert moved.parent == long_path_socket_folder() and moved.name.startswith("qmp-")
+    assert len(str(moved)) < 50
+    assert qmp_socket(deep) == moved and qmp_socket(deep.parent / "other") != moved  # stable, per part

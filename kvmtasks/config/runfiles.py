@@ -31,7 +31,7 @@ class RunFiles:
         folder = part.state_directory
         return cls(
             pidfile=folder / "qemu.pid",
-            qmp_socket=folder / "qmp.sock",
+            qmp_socket=qmp_socket(folder),
             console_log=folder / "console.log",
             known_hosts=folder / "known_hosts",
             accel=folder / "accel",
@@ -45,13 +45,32 @@ class RunFiles:
 RUNTIME_FOLDER_MAX = 50
 
 
+# Linux's limit for a unix socket's path (108 bytes with its final NUL).
+SOCKET_PATH_MAX = 107
+
+
+def qmp_socket(state_directory: Path) -> Path:
+    """QEMU's QMP socket: in the part's folder, or where that path is too long for a socket (a
+    deep project, a setup builder's folder inside its part's), under a hashed name in
+    /tmp/kvmtasks-UID, the same whatever the environment, so every later run finds it."""
+    beside = state_directory / "qmp.sock"
+    if len(str(beside.absolute())) <= SOCKET_PATH_MAX:
+        return beside
+    key = hashlib.sha256(str(state_directory.absolute()).encode()).hexdigest()[:20]
+    return long_path_socket_folder() / f"qmp-{key}"
+
+
+def long_path_socket_folder() -> Path:
+    return Path("/tmp") / f"kvmtasks-{os.getuid()}"  # noqa: S108 (used once it is ours alone)
+
+
 def runtime_folder() -> Path:
     """The user's private folder for sockets: short whatever the run directory's length."""
     xdg = os.environ.get("XDG_RUNTIME_DIR", "")
     if xdg.startswith("/") and len(xdg) <= RUNTIME_FOLDER_MAX:
         return Path(xdg) / "kvmtasks"
     # Not TMPDIR (of any length); used only once is_private_folder says it is ours alone.
-    return Path("/tmp") / f"kvmtasks-{os.getuid()}"  # noqa: S108
+    return long_path_socket_folder()
 
 
 def is_private_folder(path: Path) -> bool:

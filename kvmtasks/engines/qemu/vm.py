@@ -22,6 +22,7 @@ from kvmtasks.config.runfiles import (
     command_line,
     is_our_qemu,
     is_private_folder,
+    long_path_socket_folder,
     network_folder,
     read_pid,
     runtime_folder,
@@ -42,7 +43,6 @@ SAVE_RUN_STATES = frozenset({"finish-migrate", "postmigrate", "paused"})
 BETWEEN = {
     "finish-migrate": State.SUSPENDING, "postmigrate": State.SUSPENDING, "inmigrate": State.RESUMING,
 }
-SOCKET_PATH_MAX = 107
 
 
 def choose_accel(part: Part) -> Accel:
@@ -83,15 +83,13 @@ class QemuMachine:
     def prepare(self) -> None:
         """What QEMU needs before it starts: its binary, a short socket path, free ports."""
         command.find(self.part.kvm_binary)
-        if len(str(self.files.qmp_socket)) > SOCKET_PATH_MAX:
-            raise VmError(
-                f"kvm_run_directory path is too long for a unix socket: {self.files.qmp_socket}"
-            )
+        if self.files.qmp_socket.parent == long_path_socket_folder():
+            _private_folder(long_path_socket_folder(), "QMP socket")
         for forward in forwards(self.part):
             portprobe.check_free(forward.protocol, self.address, forward.host_port)
         for link in self.part.links:
-            _private_folder(runtime_folder())
-            _private_folder(network_folder(link))
+            _private_folder(runtime_folder(), "private networks' sockets")
+            _private_folder(network_folder(link), "private networks' sockets")
         self.machine_type = machine.resolve(self.part)
         self.flash = varstore.prepare(self.part, self.machine_type)
 
@@ -251,13 +249,12 @@ def machine_of(part: Part) -> lifecycle.Machine:
     return QemuMachine(part)
 
 
-def _private_folder(path: Path) -> None:
-    """A private network's sockets go where no other user can send to them or bind them."""
+def _private_folder(path: Path, what: str) -> None:
+    """Sockets go where no other user can connect to them, send to them or bind them."""
     try:
         path.mkdir(mode=0o700, exist_ok=True)
     except OSError as error:
-        raise VmError(f"cannot create {path} for the private networks' sockets: "
-                      f"{error.strerror}") from None
+        raise VmError(f"cannot create {path} for the {what}: {error.strerror}") from None
     if not is_private_folder(path):
         raise VmError(f"{path} is not a folder only you can use (owner, mode 0700): "
-                      "the private networks' sockets are not put there")
+                      f"nothing for the {what} is put there")
