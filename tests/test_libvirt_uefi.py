@@ -118,6 +118,16 @@ def test_the_arm64_guest_through_aavmf_on_libvirt(project: Project, arm64_guest:
     assert run(project, name, WRITE_VARIABLE + " && echo written") == "written\n"
     nvram = nvram_of(name)
     assert status["disks"]["varstore"] == str(nvram)
+    # libvirt takes no internal snapshot of a UEFI domain: refused in one line; suspend keeps memory.
+    refused = script(project, f"{name}-ctl", "snapshot", "save", "one")
+    assert refused.returncode == 1 and refused.stdout == "", refused.stdout
+    assert refused.stderr == (f"{name}-ctl: no named snapshots of {name} on libvirt: libvirt takes none of a "
+                              "domain booted through UEFI (firmware = uefi); suspend keeps its state, and "
+                              "kvm_engine = qemu snapshots UEFI parts with their variables\n")
+    assert run(project, name, "echo one > /tmp/mem && echo ok") == "ok\n"
+    assert f"{name} suspended" in ctl(project, name, "suspend")
+    assert f"{name} resumed" in ctl(project, name, "start")
+    assert run(project, name, "cat /tmp/mem") == "one\n"
     stopped = ctl(project, name, "stop")
     assert stopped == f"{name} stopped (the guest powered off on the ACPI power button)\n"
     # The variable is in the domain's own nvram, never in the packaged template.
