@@ -93,7 +93,7 @@ def cold_start(folder: Path, kind: Kind, key: Path, quiet: Quiet) -> tuple[float
     return started.seconds, (status["arch"], status["accelerator"], status["firmware"])
 
 
-def report(kinds: list[Kind], ran: dict[str, Ran], quiet: Quiet, rounds: int) -> str:
+def report(kinds: list[Kind], ran: dict[str, Ran], quiet: Quiet, rounds: int, uptime: str) -> str:
     bios = median(ran[kinds[0].label].seconds)
     rows = []
     for kind in kinds:
@@ -110,6 +110,8 @@ def report(kinds: list[Kind], ran: dict[str, Ran], quiet: Quiet, rounds: int) ->
         "other round), each in a fresh folder with a fresh copy of its image; every ratio is against "
         "x86_64 BIOS of the same run. Architecture, accelerator and firmware are what `boot-ctl "
         "status --json` said. " + quiet.note(),
+        "",
+        f"Load when the run ended: `{uptime}`.",
         "",
         "Guests: the tiny busybox+dropbear guest, 256 MB of memory, 1 CPU: x86_64 BIOS boots "
         "syslinux from a whole-disk FAT; x86_64 UEFI (OVMF) and aarch64 UEFI (AAVMF, emulated) boot "
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(folder, ignore_errors=True)
                 print(f"  round {round_number + 1}/{options.repeat}: {kind.label} {seconds:.2f} s",
                       file=sys.stderr)
-        text = report(kinds, ran, quiet, options.repeat)
+        uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+        text = report(kinds, ran, quiet, options.repeat, uptime)
     write_section(options.output, "arches", text)
     print(text)
     print(summary_line(kinds, ran))

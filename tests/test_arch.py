@@ -141,6 +141,19 @@ def test_the_variable_store_is_the_parts_own_copy_and_reset_removes_it(tmp_path:
     assert varstore.prepare(load_one(tmp_path, f"image = {IMAGE}"), "pc-i440fx-7.2") is None
 
 
+def test_a_libvirt_parts_reset_marks_its_nvram_for_a_fresh_copy(tmp_path: Path) -> None:
+    """libvirt keeps the variables on its host: the reset is carried out by the next start."""
+    part = load_one(tmp_path, f"image = {IMAGE}\nkvm_engine = libvirt\nkvm_arch = aarch64")
+    said: list[str] = []
+    overlay.reset_varstore(part, said.append)
+    assert part.nvram_reset_mark.is_file()
+    assert said == [f"{part.name}: UEFI variables reset (the domain's nvram is copied from its template "
+                    "at the next start)"]
+    bios = load_one(tmp_path / "bios", f"image = {IMAGE}\nkvm_engine = libvirt")
+    overlay.reset_varstore(bios, said.append)
+    assert not bios.nvram_reset_mark.exists() and len(said) == 1
+
+
 def test_no_descriptor_names_the_debian_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(firmware, "DESCRIPTOR_FOLDERS", (tmp_path / "none",))
     part = load_one(tmp_path, f"image = {IMAGE}\nkvm_arch = aarch64")

@@ -233,3 +233,22 @@ def test_shares_benchmark_runs_and_reports(tmp_path: Path) -> None:
     text = output.read_text()
     assert "## Shares: a 40-file tree and a 2M file in the guest" in text
     assert "| large file read: virtiofs |" in text and summary in text
+
+
+@pytest.mark.vm
+@needs_qemu
+def test_arches_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    output = tmp_path / "benchmarks.md"
+    done = run_script("arches.py", "--repeat", "1", "--output", str(output), "--patience", "0", timeout=900)
+
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"bios_s=\d+\.\d\d uefi_s=\d+\.\d\d aarch64_s=\d+\.\d\d "
+                        r"uefi/bios=\d+\.\d\d aarch64/bios=\d+\.\d\d", summary), summary
+    text = output.read_text()
+    assert "## Cold start by architecture and firmware" in text and summary in text
+    # What status --json said ran: each guest's architecture, accelerator and firmware.
+    for row in ("| x86_64 BIOS | x86_64 | tcg | bios |", "| x86_64 UEFI | x86_64 | tcg | uefi |",
+                "| aarch64 UEFI | aarch64 | tcg | uefi |"):
+        assert row in text
+    assert re.search(r"Load when the run ended: `.*load average: [\d.]+, [\d.]+, [\d.]+`\.", text)

@@ -142,6 +142,12 @@ class Part:
         return self.location / f"{self.name}.efivars.qcow2"
 
     @property
+    def nvram_reset_mark(self) -> Path:
+        """kvm_engine = libvirt: there from a reset until the next start, which has libvirt copy the
+        domain's nvram from its template again (libvirt keeps the variables on its host)."""
+        return self.state_directory / "libvirt-nvram-reset"
+
+    @property
     def state_directory(self) -> Path:
         """This part's own folder for runtime and bookkeeping files."""
         return self.kvm_run_directory / self.name

@@ -245,43 +245,67 @@ def _host_key(root: Path) -> bytes:
         return key.read_bytes()
 
 
-def _initramfs(
-    root: Path, release: str, authorized_key: Path, with_sftp_server: bool, with_acpi: bool,
-    with_rsync: bool = False, with_shares: bool = False,
-) -> bytes:
-    entries: dict[str, tuple[int, bytes]] = {}
+class Initramfs:
+    """The files of a tiny guest's initramfs, by path; ``archive`` writes them as a gzip'd cpio."""
 
-    def add(name: str, data: bytes = b"", mode: int = 0o644, kind: int = stat.S_IFREG) -> None:
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[int, bytes]] = {}
+
+    def add(self, name: str, data: bytes = b"", mode: int = 0o644, kind: int = stat.S_IFREG) -> None:
+        """A file (or a folder, link or device); its parent folders, where not added, 0755."""
         parts = name.split("/")
         for i in range(1, len(parts)):
-            entries.setdefault("/".join(parts[:i]), (stat.S_IFDIR | 0o755, b""))
-        entries[name] = (kind | mode, data)
+            self.entries.setdefault("/".join(parts[:i]), (stat.S_IFDIR | 0o755, b""))
+        self.entries[name] = (kind | mode, data)
 
+    def archive(self) -> bytes:
+        return _cpio_gz(self.entries)
+
+
+def module_names(modules: Sequence[Path]) -> list[str]:
+    return [m.name.split(".ko")[0] for m in modules]
+
+
+def guest_system(root: Path, release: str, init: str, modules: Sequence[Path], authorized_key: bytes,
+                 host_key: bytes, with_acpi: bool) -> Initramfs:
+    """What every tiny guest's initramfs holds, whatever its architecture and boot: the folders,
+    /init and /etc, busybox, root's authorized key, dropbear's host key, the kernel modules."""
+    initramfs = Initramfs()
+    add = initramfs.add
     for d in ("proc", "sys", "dev", "mnt", "var/run", "var/log", "etc/dropbear", "usr/bin", "sbin"):
         add(d, mode=0o755, kind=stat.S_IFDIR)
     add("tmp", mode=0o1777, kind=stat.S_IFDIR)
     add("root/.ssh", mode=0o700, kind=stat.S_IFDIR)
     add("root", mode=0o700, kind=stat.S_IFDIR)  # dropbear refuses keys under a group-writable home
     add("dev/console", mode=0o600, kind=stat.S_IFCHR)  # the kernel opens it before /init runs
-    wanted = WANTED_MODULES + (ACPI_MODULES if with_acpi else ()) + (SHARE_MODULES if with_shares else ())
-    modules = _module_closure(root / "lib/modules" / release, wanted)
-    names = [m.name.split(".ko")[0] for m in modules]
-    add("init", INIT.format(modules=" ".join(names), release=release).encode(), 0o755)
+    add("init", init.encode(), 0o755)
     for name, text in ETC.items():
         add(name, text.encode(), 0o640 if name == "etc/shadow" else 0o644)
     add("etc/inittab", INITTAB.format(acpid=ACPID if with_acpi else "").encode())
     if with_acpi:
         add(ACPI_POWER_BUTTON, POWER_BUTTON_SCRIPT.encode(), 0o755)
-    add("root/.ssh/authorized_keys", authorized_key.read_bytes(), 0o600)
-    # A host key made once per image, as an installed system has: restarts keep it,
-    # so clients that pinned it (StrictHostKeyChecking=accept-new) keep trusting it.
-    add("etc/dropbear/dropbear_ed25519_host_key", _host_key(root), 0o600)
+    add("root/.ssh/authorized_keys", authorized_key, 0o600)
+    add("etc/dropbear/dropbear_ed25519_host_key", host_key, 0o600)
     add("bin/busybox", (root / "bin/busybox").read_bytes(), 0o755)
     add("bin/sh", b"busybox", 0o777, stat.S_IFLNK)
-    for name, mod in zip(names, modules, strict=True):
+    for name, mod in zip(module_names(modules), modules, strict=True):
         # busybox insmod cannot decompress, so store modules plain
         data = lzma.decompress(mod.read_bytes()) if mod.suffix == ".xz" else mod.read_bytes()
         add(f"lib/modules/{release}/{name}.ko", data)
+    return initramfs
+
+
+def _initramfs(
+    root: Path, release: str, authorized_key: Path, with_sftp_server: bool, with_acpi: bool,
+    with_rsync: bool = False, with_shares: bool = False,
+) -> bytes:
+    wanted = WANTED_MODULES + (ACPI_MODULES if with_acpi else ()) + (SHARE_MODULES if with_shares else ())
+    modules = _module_closure(root / "lib/modules" / release, wanted)
+    init = INIT.format(modules=" ".join(module_names(modules)), release=release)
+    # A host key made once per image, as an installed system has: restarts keep it,
+    # so clients that pinned it (StrictHostKeyChecking=accept-new) keep trusting it.
+    initramfs = guest_system(root, release, init, modules, authorized_key.read_bytes(), _host_key(root),
+                             with_acpi)
     scp = shutil.which("scp", path="/usr/bin:/bin")
     if scp is None:
         raise GuestImageError("scp not found; install the openssh-client package")
@@ -294,10 +318,10 @@ def _initramfs(
         # rsync over ssh runs `rsync --server` in the guest
         binaries["usr/bin/rsync"] = root / "usr/bin/rsync"
     for name, host in binaries.items():
-        add(name, host.read_bytes(), 0o755)
+        initramfs.add(name, host.read_bytes(), 0o755)
         for lib, lib_host in _needed_libs(host, root).items():
-            add(lib, lib_host.read_bytes(), 0o755)
-    return _cpio_gz(entries)
+            initramfs.add(lib, lib_host.read_bytes(), 0o755)
+    return initramfs.archive()
 
 
 def build_guest_image(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import gzip
-import lzma
 import os
 import re
 import shutil
@@ -92,38 +91,13 @@ def _kernel_package(debs: Path, arch: str) -> str:
 
 
 def _initramfs(target: Target, root: Path, release: str, authorized_key: Path, host_key: bytes) -> bytes:
-    entries: dict[str, tuple[int, bytes]] = {}
-
-    def add(name: str, data: bytes = b"", mode: int = 0o644, kind: int = stat.S_IFREG) -> None:
-        parts = name.split("/")
-        for i in range(1, len(parts)):
-            entries.setdefault("/".join(parts[:i]), (stat.S_IFDIR | 0o755, b""))
-        entries[name] = (kind | mode, data)
-
-    for d in ("proc", "sys", "dev", "mnt", "var/run", "var/log", "etc/dropbear", "usr/bin", "sbin"):
-        add(d, mode=0o755, kind=stat.S_IFDIR)
-    add("tmp", mode=0o1777, kind=stat.S_IFDIR)
-    add("root/.ssh", mode=0o700, kind=stat.S_IFDIR)
-    add("root", mode=0o700, kind=stat.S_IFDIR)
-    add("dev/console", mode=0o600, kind=stat.S_IFCHR)
     modules = guestimage._module_closure(root / "lib/modules" / release,
                                          target.modules + guestimage.ACPI_MODULES)
-    names = [m.name.split(".ko")[0] for m in modules]
-    init = guestimage.INIT.format(modules=" ".join(names), release=release)
+    init = guestimage.INIT.format(modules=" ".join(guestimage.module_names(modules)), release=release)
     init = init.replace("hostname kvmtasks-guest\n", EFIVARFS + "hostname kvmtasks-guest\n", 1)
-    add("init", init.encode(), 0o755)
-    for name, text in guestimage.ETC.items():
-        add(name, text.encode(), 0o640 if name == "etc/shadow" else 0o644)
-    add("etc/inittab", guestimage.INITTAB.format(acpid=guestimage.ACPID).encode())
-    add(guestimage.ACPI_POWER_BUTTON, guestimage.POWER_BUTTON_SCRIPT.encode(), 0o755)
-    add("root/.ssh/authorized_keys", authorized_key.read_bytes(), 0o600)
-    add("etc/dropbear/dropbear_ed25519_host_key", host_key, 0o600)
-    add("bin/busybox", (root / "bin/busybox").read_bytes(), 0o755)
-    add("bin/sh", b"busybox", 0o777, stat.S_IFLNK)
-    for name, module in zip(names, modules, strict=True):
-        data = module.read_bytes()
-        add(f"lib/modules/{release}/{name}.ko", lzma.decompress(data)
-            if module.suffix == ".xz" else data)
+    initramfs = guestimage.guest_system(root, release, init, modules, authorized_key.read_bytes(), host_key,
+                                        with_acpi=True)
+    add = initramfs.add
     add("usr/sbin/dropbear", (root / "usr/sbin/dropbear").read_bytes(), 0o755)
     add("usr/lib/sftp-server", (root / "usr/lib/openssh/sftp-server").read_bytes(), 0o755)
     # Another architecture's libraries cannot be asked of the host's ldd: every one unpacked goes
@@ -132,7 +106,7 @@ def _initramfs(target: Target, root: Path, release: str, authorized_key: Path, h
         for library in sorted((root / libdir).glob("*.so*")):
             add(f"lib/{target.triplet}/{library.name}", library.resolve().read_bytes(), 0o755)
     add(target.loader[0], target.loader[1].encode(), 0o777, stat.S_IFLNK)
-    return guestimage._cpio_gz(entries)
+    return initramfs.archive()
 
 
 def _kernel_image(path: Path) -> bytes:

@@ -18,7 +18,7 @@ from typing import Any
 from kvmtasks import command
 from kvmtasks.config import bounded
 from kvmtasks.config.diskformat import disk_format
-from kvmtasks.config.options import size_bytes
+from kvmtasks.config.options import Engine, Firmware, size_bytes
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.errors import CommandError, CommandFailed, ProvisionError, VerifyError, VmError
@@ -79,7 +79,14 @@ def reset(part: Part, say: Callable[[str], None] = print, *, vm_status: VmStatus
 
 def reset_varstore(part: Part, say: Callable[[str], None]) -> None:
     """The part's UEFI variables go with its disk: the next start copies the template again."""
-    if part.varstore_path.exists():
+    if part.kvm_engine is Engine.LIBVIRT and part.firmware is not Firmware.BIOS:
+        # The domain's nvram is on the libvirt host, which may be out of reach now: its next
+        # start asks libvirt for a fresh one (engines/libvirt/vm.py).
+        part.nvram_reset_mark.parent.mkdir(parents=True, exist_ok=True)
+        part.nvram_reset_mark.touch()
+        say(f"{part.name}: UEFI variables reset (the domain's nvram is copied from its template "
+            "at the next start)")
+    elif part.varstore_path.exists():
         part.varstore_path.unlink()
         say(f"{part.name}: UEFI variables reset (removed {part.varstore_path})")
 

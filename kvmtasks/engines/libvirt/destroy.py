@@ -17,6 +17,7 @@ from kvmtasks.engines import destroy
 from kvmtasks.engines.libvirt import managedsave, storage
 from kvmtasks.engines.libvirt.domain import made_by_kvmtasks
 from kvmtasks.engines.libvirt.virsh import virsh
+from kvmtasks.engines.libvirt.vm import nvram_record
 from kvmtasks.errors import VmError
 
 Say = Callable[[str], None]
@@ -25,7 +26,8 @@ Say = Callable[[str], None]
 def _records(part: Part) -> list[Path]:
     return [storage.volume_record(part), storage.overlay_record(part), storage.seed_record(part),
             managedsave.record_file(part), part.state_directory / "libvirt-domain.xml",
-            RunFiles.of(part).domain, RunFiles.of(part).accel]
+            RunFiles.of(part).domain, RunFiles.of(part).accel, part.nvram_reset_mark,
+            nvram_record(part)]
 
 
 def _pool_exists(part: Part) -> bool:
@@ -38,7 +40,8 @@ def remove_own(part: Part, say: Say) -> int:
         if not made_by_kvmtasks(virsh(part, "dumpxml", part.name)):
             raise VmError(f"a domain named {part.name} exists on {part.libvirt_uri} and was not made by "
                           "kvmtasks; it is left alone, and so are the pool's volumes")
-        virsh(part, "undefine", part.name, "--managed-save", "--snapshots-metadata")
+        # --nvram: a UEFI domain's variables go with it (libvirt refuses to guess).
+        virsh(part, "undefine", part.name, "--managed-save", "--snapshots-metadata", "--nvram")
         say(f"  removed libvirt domain {part.name} on {part.libvirt_uri}")
         count += 1
     if _pool_exists(part):

@@ -13,6 +13,7 @@ import calendar
 import time
 
 from kvmtasks.config.diskformat import boot_disk
+from kvmtasks.config.options import Firmware
 from kvmtasks.config.part import Part
 from kvmtasks.config.runfiles import RunFiles
 from kvmtasks.engines import lifecycle, sharing
@@ -28,6 +29,7 @@ from kvmtasks.engines.snapshotrules import (
     not_running,
     saved_line,
 )
+from kvmtasks.errors import VmError
 
 # libvirt saves or reverts a running domain's memory in one virsh call: as long as savevm takes.
 SNAPSHOT_TIMEOUT = 600.0
@@ -55,6 +57,11 @@ def _existing(part: Part, name: str) -> None:
 
 def save(part: Part, name: str, say: lifecycle.Say = print) -> None:
     check_request(part, name)
+    if part.firmware is not Firmware.BIOS:
+        # libvirt 9.0 refuses internal snapshots of a domain with pflash firmware (its nvram).
+        raise VmError(f"no named snapshots of {part.name} on libvirt: libvirt takes none of a domain "
+                      f"booted through UEFI (firmware = {part.firmware.value}); suspend keeps its state, "
+                      "and kvm_engine = qemu snapshots UEFI parts with their variables")
     if not current(part).running:
         raise not_running(part)
     replaced = any(snapshot.name == name for snapshot in listing(part))

@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 from kvmtasks.config import seedrules
-from kvmtasks.config.options import Accel
+from kvmtasks.config.options import Accel, Firmware
 from kvmtasks.config.part import Part, listen_address
 from kvmtasks.config.remote import remote_of
 from kvmtasks.config.runfiles import RunFiles, Status, clean_network_sockets
@@ -178,8 +180,13 @@ class LibvirtMachine:
         _define(self.part, domain_type(accel), self.uuid)
         if self.uuid is None:
             self.uuid = virsh(self.part, "domuuid", self.part.name).strip()
-        virsh(self.part, "start", self.part.name)
+        reset_nvram = self.part.firmware is not Firmware.BIOS and self.part.nvram_reset_mark.exists()
+        virsh(self.part, "start", self.part.name, *(["--reset-nvram"] if reset_nvram else []))
         mark_started(self.part, domain_type(accel))
+        if reset_nvram:
+            self.part.nvram_reset_mark.unlink(missing_ok=True)
+        if self.part.firmware is not Firmware.BIOS:
+            _record_nvram(self.part)
 
     def seen(self) -> Seen:
         state = virsh(self.part, "domstate", self.part.name).strip()
@@ -210,10 +217,14 @@ class LibvirtMachine:
         pass  # libvirtd, not kvmtasks, carries a managed save or its restore to the end
 
     def facts(self) -> statusreport.Facts:
-        return statusreport.gather(
+        facts = statusreport.gather(
             self.part, address=_listen_address(self.part), console_log=self.console_log(),
             libvirt_uri=self.part.libvirt_uri,
             suspended=not current(self.part).running and managedsave.suspended(self.part))
+        # The variables are in the domain's nvram on the libvirt host, not in a file of the part's.
+        disks = {role: path for role, path in facts.disks.items() if role != "varstore"}
+        nvram = _nvram(self.part) if self.part.firmware is not Firmware.BIOS else None
+        return replace(facts, disks={**disks, **({"varstore": nvram} if nvram else {})})
 
 
 def machine_of(part: Part) -> lifecycle.Machine:
@@ -239,6 +250,26 @@ def _qemu_run_state(part: Part) -> str | None:
     except (VmError, ValueError, KeyError, TypeError):
         return None
     return status
+
+
+def nvram_record(part: Part) -> Path:
+    """The path of the domain's nvram on the libvirt host, as the last start had it: libvirt 9.0
+    names it only in a running domain's XML (a defined one keeps just ``firmware='efi'``)."""
+    return part.state_directory / "libvirt-nvram"
+
+
+def _record_nvram(part: Part) -> None:
+    live = ET.fromstring(virsh(part, "dumpxml", part.name, timeout=60))  # noqa: S314 (libvirtd's own answer)
+    path = live.findtext("os/nvram")
+    if path:
+        nvram_record(part).write_text(path)
+
+
+def _nvram(part: Part) -> Path | None:
+    try:
+        return Path(nvram_record(part).read_text())
+    except OSError:
+        return None
 
 
 def _destroy(part: Part) -> None:
