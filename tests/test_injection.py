@@ -248,10 +248,12 @@ def test_scripts_in_hostile_folders_run_and_fail_in_one_line(
     words = run_script(root, "vm-runscript", f"touch {canary};", f"$(touch {canary})")
 
     assert (status.returncode, status.stdout) == (3, "vm is stopped\n")
-    for failed, kind in ((send, "sendfile"), (get, "getfile")):
+    # sendfile first asks the guest where the file goes (into a folder, through a link).
+    for failed, said in ((send, f"vm-sendfile: looking up x;touch {canary} in the guest failed: "),
+                         (get, "vm-getfile: scp ")):
         assert failed.returncode == 1, failed
         (line,) = failed.stderr.splitlines()
-        assert line.startswith(f"vm-{kind}: scp ") and "Connection refused" in line, line
+        assert line.startswith(said) and "Connection refused" in line, line
     assert words.returncode == 255 and "Connection refused" in words.stderr
     assert not (root / "-local").exists()
     assert sorted(p.name for p in (root / "bin").iterdir()) == [
