@@ -3,8 +3,9 @@
     python bench/layers.py
 
 Makes a FAT data disk (--disk, default 96M) and a chain of 16 qcow2 layers over it, as
-setup steps leave them (4 KiB clusters, as the builder makes them): the bottom layer writes a file of --file-size (default 48M), each
-layer above writes a small file of its own (so each holds the file system's tables again).
+setup steps leave them (4 KiB clusters, as the builder makes them): the bottom layer writes a
+file of --file-size (default 48M), each layer above writes a small file of its own (so each
+holds the file system's tables again).
 One boot of the tiny guest (TCG) sees four disks, each a part's overlay over the chain cut
 at 1, 4, 8 and 16 layers; each round drops the guest's page cache and reads the file through
 each disk in turn (the order turns every round), timed in the guest by its kernel's clock. The baseline is
@@ -29,6 +30,7 @@ from benchlib import (
     doit_argv,
     environment,
     free_port,
+    load_note,
     machine_lines,
     measure,
     median,
@@ -152,7 +154,7 @@ def report(file_size: int, times: dict[int, list[float]], sizes: dict[int, int],
         "kernel's clock) after dropping the guest's page cache, through a part's overlay over the "
         "chain cut at each depth (the host's page cache holds the layers: this is the chain's "
         "lookups, not the disk). Baseline: 1 layer, in the same "
-        "boot. " + verdict + " " + quiet.note(),
+        "boot. " + verdict + " " + load_note() + " " + quiet.note(),
         "",
         *machine_lines(["qemu-img", "--version"]),
         "",
