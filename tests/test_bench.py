@@ -240,7 +240,7 @@ def test_shares_benchmark_runs_and_reports(tmp_path: Path) -> None:
 @needs_qemu
 def test_steps_benchmark_runs_and_reports(tmp_path: Path) -> None:
     output = tmp_path / "benchmarks.md"
-    done = run_script("steps.py", "--repeat", "1", "--steps", "2", "--written", "16M",
+    done = run_script("steps.py", "--repeat", "1", "--steps", "1", "--written", "16M",
                       "--output", str(output), "--patience", "0", timeout=900)
 
     assert done.returncode == 0, done.stderr
