@@ -3,8 +3,9 @@
     python bench/layers.py
 
 Makes a FAT data disk (--disk, default 96M) and a chain of 16 qcow2 layers over it, as
-setup steps leave them: the bottom layer writes a file of --file-size (default 48M), each
-layer above writes a small file of its own (so each holds the file system's tables again).
+setup steps leave them (4 KiB clusters, as the builder makes them): the bottom layer writes a
+file of --file-size (default 48M), each layer above writes a small file of its own (so each
+holds the file system's tables again).
 One boot of the tiny guest (TCG) sees four disks, each a part's overlay over the chain cut
 at 1, 4, 8 and 16 layers; each round drops the guest's page cache and reads the file through
 each disk in turn (the order turns every round), timed in the guest by its kernel's clock. The baseline is
@@ -29,6 +30,7 @@ from benchlib import (
     doit_argv,
     environment,
     free_port,
+    load_note,
     machine_lines,
     measure,
     median,
@@ -40,6 +42,7 @@ from benchlib import (
 )
 
 from kvmtasks.demo.guestimage import build_guest_image
+from kvmtasks.engines.qemu.argv import LAYER_CLUSTER
 
 sys.path.insert(0, str(REPO_ROOT))  # the test suite's helpers, shared rather than copied
 from tests.vmfixtures import qemu_pids_under
@@ -61,9 +64,11 @@ def run(argv: list[str]) -> None:
 
 def keep_only_changes(layer: Path, changed: Path, parent: Path, parent_format: str) -> None:
     """layer: a qcow2 over parent (a relative backing file) holding only the clusters in which
-    the raw file changed differs from parent, as a step's layer holds only what the step wrote.
-    Made empty over changed, then rebased onto parent: qemu-img copies in what differs."""
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(changed.absolute()), "-F", "raw", str(layer)])
+    the raw file changed differs from parent, as a step's layer holds only what the step wrote,
+    in the builder's cluster size. Made empty over changed, then rebased onto parent: qemu-img
+    copies in what differs."""
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={LAYER_CLUSTER}", "-b",
+         str(changed.absolute()), "-F", "raw", str(layer)])
     run(["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", os.path.relpath(parent, layer.parent), "-F",
          parent_format, str(layer)])
 
@@ -143,12 +148,13 @@ def report(file_size: int, times: dict[int, list[float]], sizes: dict[int, int],
         "## Reading through a chain of layers",
         "",
         f"`python bench/layers.py`: median of {len(times[DEPTHS[0]])} rounds, in one boot of the tiny "
-        f"guest (TCG). A {size_label(file_size)} file written in the bottom layer, each layer above "
+        f"guest (TCG). Layers of {LAYER_CLUSTER >> 10} KiB clusters, as the builder makes them. A "
+        f"{size_label(file_size)} file written in the bottom layer, each layer above "
         "writing a small file of its own; read in the guest by `dd bs=1M` (timed by the guest "
         "kernel's clock) after dropping the guest's page cache, through a part's overlay over the "
         "chain cut at each depth (the host's page cache holds the layers: this is the chain's "
         "lookups, not the disk). Baseline: 1 layer, in the same "
-        "boot. " + verdict + " " + quiet.note(),
+        "boot. " + verdict + " " + load_note() + " " + quiet.note(),
         "",
         *machine_lines(["qemu-img", "--version"]),
         "",

@@ -169,9 +169,10 @@ def test_the_layers_benchmark_chain_holds_the_file_in_its_bottom_layer_only(tmp_
     layers = importlib.import_module("layers")
     chain = layers.make_chain(tmp_path, 16 << 20, 2 << 20, 4)
 
-    sizes = [int(json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(layer)],
-                                           capture_output=True, text=True, check=True).stdout)["actual-size"])
-             for layer in chain]
+    infos = [json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(layer)],
+                                       capture_output=True, text=True, check=True).stdout) for layer in chain]
+    sizes = [int(info["actual-size"]) for info in infos]
+    assert [info["cluster-size"] for info in infos] == [4096] * 4, "the builder's layers' clusters"
     assert sizes[0] > 2 << 20 and all(size < 1 << 20 for size in sizes[1:]), sizes
     assert [layer.stat().st_mode & 0o777 for layer in chain] == [0o444] * 4
     listed = subprocess.run(["qemu-img", "info", "--backing-chain", str(chain[-1])], capture_output=True,
@@ -252,3 +253,23 @@ def test_arches_benchmark_runs_and_reports(tmp_path: Path) -> None:
                 "| aarch64 UEFI | aarch64 | tcg | uefi |"):
         assert row in text
     assert re.search(r"Load when the run ended: `.*load average: [\d.]+, [\d.]+, [\d.]+`\.", text)
+
+
+@pytest.mark.vm
+@needs_qemu
+def test_steps_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    output = tmp_path / "benchmarks.md"
+    done = run_script("steps.py", "--repeat", "1", "--steps", "1", "--written", "16M",
+                      "--output", str(output), "--patience", "0", timeout=900)
+
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"cached/plain=\d+\.\d\d capture_s=-?\d+\.\d\d stop_s=-?\d+\.\d\d "
+                         r"reboot_s=-?\d+\.\d\d layer/written=(\d\.\d{4})", last)
+    assert match, last
+    assert float(match.group(1)) <= 0.05, "the written and deleted 16M leave (almost) nothing in the layer"
+    text = output.read_text()
+    assert "## Setup steps: a cached start, the capture per step, a step's layer" in text
+    for way in ("boot", "run", "freeze (kvmtasks)", "stop", "reboot"):
+        assert f"\n| {way}: " in text or f"\n| {way} " in text, way
+    assert "| cached: `doit start:cached` (three cached steps) |" in text and last in text

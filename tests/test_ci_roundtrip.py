@@ -11,13 +11,18 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
+
 from kvmtasks.layers import entries as cache
 from tests.conftest import PROVISION_STEPS
 from tests.layerchain import add_base, add_layer, entry_file
+from tests.test_vm_e2e import script
+from tests.vmfixtures import free_port, needs_qemu, qemu_pids_under
 
 if TYPE_CHECKING:
     from tests.conftest import DoitRun, Project
     from tests.httpserver import FileServer
+    from tests.vmfixtures import Guest
 
 DATA = os.urandom(2 << 20)
 PACKED = gzip.compress(DATA, compresslevel=1)
@@ -33,6 +38,17 @@ def assert_ok(run: DoitRun) -> None:
 def mtimes(root: Path) -> dict[str, int]:
     return {str(path.relative_to(root)): path.lstat().st_mtime_ns
             for folder in CACHED for path in (root / folder).rglob("*")}
+
+
+def save_lose_restore(root: Path, archive: Path) -> None:
+    """The job's cache step: GNU tar in the POSIX format keeps mtimes to the nanosecond
+    (actions/cache runs exactly `tar --posix`); then a new runner starts without the folders."""
+    before = mtimes(root)
+    subprocess.run(["tar", "--posix", "-cf", str(archive), "-C", str(root), *CACHED], check=True)
+    for folder in CACHED:
+        shutil.rmtree(root / folder)
+    subprocess.run(["tar", "-xpf", str(archive), "-C", str(root)], check=True)
+    assert mtimes(root) == before
 
 
 def test_a_restored_ci_cache_downloads_nothing_and_runs_no_provisioning_step(
@@ -52,18 +68,10 @@ image = {url}
 gzip = true
 """)
     assert_ok(project.run("provision:web", "provision:db"))
-    before, sent = mtimes(project.root), http_server.bytes_sent
+    sent = http_server.bytes_sent
     assert sent == len(PACKED)
 
-    # The job's cache step: GNU tar in the POSIX format keeps mtimes to the nanosecond
-    # (actions/cache runs exactly `tar --posix`); then a new runner starts without the folders.
-    archive = tmp_path / "ci-cache.tar"
-    subprocess.run(["tar", "--posix", "-cf", str(archive), "-C", str(project.root), *CACHED], check=True)
-    for folder in CACHED:
-        shutil.rmtree(project.root / folder)
-    assert not (project.parts / "web").exists()
-    subprocess.run(["tar", "-xpf", str(archive), "-C", str(project.root)], check=True)
-    assert mtimes(project.root) == before
+    save_lose_restore(project.root, tmp_path / "ci-cache.tar")
 
     again = project.run("provision:web", "provision:db")
 
@@ -113,3 +121,64 @@ def test_the_layer_cache_travels_in_the_ci_cache_and_its_chains_still_resolve(tm
     assert all(entry_file(restored, name).stat().st_mode & 0o777 == 0o444 for name in chain)
     # The records came along: the restored cache lists as the lost one did.
     assert {entry.name: (entry.kind, entry.parent, entry.made) for entry in cache.scan(restored)} == before
+
+
+SETUP_STEPS = ("setup:vm:tools", "setup:vm:app")
+
+
+@pytest.mark.vm
+@needs_qemu
+def test_a_restored_ci_cache_runs_no_setup_step_and_boots_its_top_layer(
+    project: Project, guest: Guest, tmp_path: Path
+) -> None:
+    """docs/ci.md's job with setup steps (the tiny guest): one builder boot makes the layers;
+    after the folders are archived, lost and restored, `doit provision start` runs no step and
+    boots no builder, and the part's guest holds what the steps wrote."""
+    (project.root / "app.txt").write_text("the app\n")
+    project.buildout["download-cache"] = "${:directory}/download-cache"
+    project.write(f"""
+[vm]
+file = {guest.image.path}
+overlay = true
+ssh_port = {free_port()}
+ssh_key_path = {guest.key}
+kvm_memory = 256M
+kvm_accel = tcg
+kvm_boot_timeout = 120
+kvm_shutdown_timeout = 3
+setup =
+    tools
+    app
+
+[tools]
+run =
+    mkdir -p /mnt/ci
+    echo tools > /mnt/ci/tools
+
+[app]
+copy = app.txt /tmp/app.txt
+run = cp /tmp/app.txt /mnt/ci/app.txt
+""")
+    try:
+        built = project.run("provision:vm", timeout=400)
+        assert_ok(built)
+        # The first step's task builds the whole chain in one builder boot.
+        assert built.output.count("booting a builder VM") == 1, built.describe()
+        assert [line.split(":")[2] for line in built.stdout.splitlines() if " cached (" in line] == \
+            ["tools", "app"], built.describe()
+
+        save_lose_restore(project.root, tmp_path / "ci-cache.tar")
+        again = project.run("provision:vm", "start:vm", timeout=300)
+
+        assert_ok(again)
+        assert "booting a builder VM" not in again.output, again.describe()
+        assert set(SETUP_STEPS) <= again.up_to_date, again.describe()
+        # The part's own boot ran, and provision:vm's one action (marking the layers used, what a
+        # prune spares); the overlay over the restored top layer was kept.
+        assert again.executed == {"provision:vm", "start:vm"}, again.describe()
+        shown = script(project, "vm-runscript", "cat /mnt/ci/tools /mnt/ci/app.txt")
+        assert shown.stdout == "tools\nthe app\n", shown.stdout + shown.stderr
+    finally:
+        project.run("stop:vm", timeout=60)
+        for pid in qemu_pids_under(project.root):
+            os.kill(pid, 9)
