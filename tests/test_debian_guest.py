@@ -140,8 +140,9 @@ def test_debian_guest_end_to_end(project: Project, debian_guest: DebianGuest, tm
     assert back.read_bytes() == payload.read_bytes()
     sessions = run_in_guest(project, "journalctl -b -u ssh -o cat | grep 'Starting session:'").stdout
     kinds = ["sftp" if "subsystem 'sftp'" in line else "command" for line in sessions.splitlines()]
-    # sendfile, stat, getfile, and this command; a fallback would add a command after each sftp.
-    assert kinds == ["sftp", "command", "sftp", "command"], sessions
+    # sendfile (where the file goes, the copy, the rename), stat, getfile, and this command; a
+    # fallback to the legacy protocol would add a command after each sftp.
+    assert kinds == ["command", "sftp", "command", "command", "sftp", "command"], sessions
 
     status = script(project, "vm-ctl", "status")
     assert status.returncode == 0 and "accel tcg" in status.stdout, status.stdout

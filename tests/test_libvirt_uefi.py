@@ -4,7 +4,8 @@ choice (``<os firmware='efi'>``) with its nvram, copied by libvirt from the firm
 
 x86_64: a variable the guest writes through efivarfs is kept by stop/start and gone after
 ``reset`` (the next start asks libvirt for a fresh nvram). aarch64: one boot, its variable seen in
-the domain's nvram on the host once the guest powered off."""
+the domain's nvram on the host once the guest powered off. Secure Boot: Debian's signed shim,
+GRUB and kernel through libvirt's secure OVMF (q35, SMM), the kernel reporting Secure Boot on."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 
 from tests.conftest import Project
 from tests.test_libvirt import _virsh, domain_name, libvirt_config, libvirtd, pool
-from tests.test_uefi_guests import EFIVARS, READ_VARIABLE, VARIABLE, WRITE_VARIABLE
+from tests.test_uefi_guests import EFIVARS, READ_VARIABLE, SECURE_BOOT_STATE, VARIABLE, WRITE_VARIABLE
 from tests.test_vm_e2e import script
 from tests.vmfixtures import Guest, free_port, needs_qemu
 
@@ -139,3 +140,21 @@ def test_the_arm64_guest_through_aavmf_on_libvirt(project: Project, arm64_guest:
     assert f"removed libvirt domain {name} on qemu:///system" in destroyed, destroyed
     assert name not in _virsh("list", "--all", "--name").stdout.split()
     assert not nvram.exists()
+
+
+def test_secure_boot_on_libvirt(project: Project, secure_boot_guest: Guest, pool: str,
+                                uefi_domain: str) -> None:
+    name = uefi_domain
+    config = libvirt_config(secure_boot_guest, name, f"image = file://{secure_boot_guest.image.path}", pool,
+                            free_port(), "firmware = uefi-secure\nkvm_boot_timeout = 300\n")
+    project.write(config.replace("kvm_memory = 256M", "kvm_memory = 512M"))  # shim, GRUB, the kernel
+    started(project, name)
+    domain = defined(name)
+    assert domain.find("os/type").attrib["machine"].startswith("pc-q35-")  # type: ignore[union-attr]
+    assert domain.find("os/loader").attrib["secure"] == "yes"  # type: ignore[union-attr]
+    assert domain.find("features/smm").attrib.get("state", "on") == "on"  # type: ignore[union-attr]
+    said = "dmesg | grep -c 'Secure boot enabled'"
+    assert run(project, name, f"{SECURE_BOOT_STATE}; echo; {said}") == "0600000001\n1\n"
+    status = json.loads(ctl(project, name, "status", "--json"))
+    assert (status["engine"], status["firmware"]) == ("libvirt", "uefi-secure")
+    ctl(project, name, "stop")
