@@ -21,7 +21,7 @@ import pytest
 
 from tests.httpserver import FileServer, serve
 
-pytest_plugins = ["tests.vmfixtures", "tests.reliability"]
+pytest_plugins = ["tests.vmfixtures", "tests.reliability", "tests.workunits"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DODO = REPO_ROOT / "dodo.py"
@@ -157,35 +157,6 @@ class Project:
         with contextlib.closing(sqlite3.connect(self.var / ".doit.sqlite3")) as db:
             rows = db.execute("select task_id, task_data from doit")
             return {task: json.loads(data) for task, data in rows}
-
-
-def _boots_guests(item: pytest.Item) -> bool:
-    return item.get_closest_marker("vm") is not None or "libvirtd" in getattr(item, "fixturenames", ())
-
-
-def _shares_a_fixture_with_its_file(item: pytest.Item) -> bool:
-    """Whether the test uses a module- or class-scoped fixture (a guest booted once per file)."""
-    info = getattr(item, "_fixtureinfo", None)
-    definitions = info.name2fixturedefs.values() if info is not None else ()
-    return any(fixture.scope in ("module", "class", "package") for defs in definitions for fixture in defs)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Group tests for `pytest -n 2 --dist loadgroup` (what `./dev test` runs), and put the
-    tests that boot guests first.
-
-    A test is a unit of its own, so one file's guest tests spread over both workers, except:
-    the tests of a file that share a module-scoped fixture stay together (the guest it boots
-    boots once), and every test that needs libvirtd is one group (the fixture stops the daemon
-    it started when its worker ends). Guest tests first: they are the long ones, and the quick
-    tests then fill the gaps at the end instead of leaving one worker alone with a long one.
-    """
-    for item in items:
-        if "libvirtd" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("libvirtd"))
-        elif _shares_a_fixture_with_its_file(item):
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
-    items.sort(key=lambda item: not _boots_guests(item))  # stable: the order is kept within each
 
 
 @pytest.fixture
