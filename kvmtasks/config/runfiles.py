@@ -99,7 +99,7 @@ def libvirt_network_root() -> Path:
     """Where the networks of libvirt parts keep their sockets. libvirt runs QEMU as a user of its
     own, which may not enter the private runtime folder (nor the user's XDG_RUNTIME_DIR): a folder
     of ours in /tmp instead, shut to every other user but that one (engines/libvirt/netfolder.py)."""
-    return Path("/tmp") / f"kvmtasks-{os.getuid()}-libvirt"  # noqa: S108
+    return long_path_socket_folder().with_name(f"{long_path_socket_folder().name}-libvirt")
 
 
 def network_socket(link: NetworkLink, sender: str, receiver: str) -> Path:
