@@ -57,12 +57,14 @@ def add_base(root: Path, image: Path, *, made: str | None = None, last_used: str
 
 def add_layer(root: Path, parent: str, step: str, *, files: Mapping[str, bytes] | None = None,
               writes: Sequence[tuple[int, int, int]] = (), made: str | None = None,
-              last_used: str | None = None, used_by: Mapping[str, str] | None = None) -> str:
+              last_used: str | None = None, used_by: Mapping[str, str] | None = None,
+              key: str | None = None) -> str:
     """LAYERS/<key>/layer.qcow2 over parent (relative backing file), holding files (put into the
-    FAT file system) and writes ((pattern, offset, length) by qemu-io); its record; the key."""
+    FAT file system) and writes ((pattern, offset, length) by qemu-io); its record; the key
+    (given: a part's chain's, from store.chain; else a hash of the arguments)."""
     parent_file = entry_file(root, parent)
-    key = hashlib.sha256(json.dumps([parent, step, sorted((files or {}).items(), key=str),
-                                     list(writes)], default=repr).encode()).hexdigest()
+    key = key or hashlib.sha256(json.dumps([parent, step, sorted((files or {}).items(), key=str),
+                                            list(writes)], default=repr).encode()).hexdigest()
     backing = f"../{parent}/{parent_file.name}"
     parent_format = _format(parent_file)
     staging = Path(tempfile.mkdtemp(prefix="tmp-", dir=root))
@@ -94,6 +96,7 @@ def add_layer(root: Path, parent: str, step: str, *, files: Mapping[str, bytes] 
         "version": 1, "kind": "layer", "key": key, "parent": parent, "step": step, "size": len(data),
         "sha256": hashlib.sha256(data).hexdigest(), "made": made or now, "last_used": last_used or now,
         "used_by": dict(used_by or {}),
+        "parent_sha256": json.loads((root / parent / "record.json").read_text())["sha256"],
     })
     os.rename(staging, root / key)
     return key

@@ -156,12 +156,13 @@ def test_layers_benchmark_runs_and_reports(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stderr
     last = done.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"depth4/1=\d+\.\d\d depth8/1=\d+\.\d\d depth16/1=\d+\.\d\d best16/1=\d+\.\d\d "
+    assert re.fullmatch(r"depth4/1=\d+\.\d\d depth8/1=\d+\.\d\d depth16/1=\d+\.\d\d flat16/1=\d+\.\d\d "
+                        r"cost16=\d+\.\d\d costflat16=\d+\.\d\d host16/1=\d+\.\d\d hostflat16/1=\d+\.\d\d "
                         r"depth1_s=\d+\.\d{3}",
                         last), last
     text = output.read_text()
     assert "## Reading through a chain of layers" in text
-    assert all(f"\n| {depth} | " in text for depth in (1, 4, 8, 16))
+    assert all(f"\n| {depth} | " in text for depth in (1, 4, 8, 16, "16 flattened"))
 
 
 @needs_qemu

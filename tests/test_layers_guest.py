@@ -7,6 +7,7 @@ the step itself and written to the disk, so they reach a later boot.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from kvmtasks.demo.guestimage import build_guest_image
+from kvmtasks.layers import flatten
 from tests.test_vm_e2e import script
 from tests.vmfixtures import PACKAGE_CACHE, free_port, needs_qemu, qemu_pids_under
 
@@ -198,6 +200,31 @@ def test_setup_steps_are_cached_layers(project: Project, tmp_path: Path, guest_k
         assert built(big) == ["big"], big.describe()
         allocated = (entry(guest_dir, "big") / "layer.qcow2").stat().st_blocks * 512
         assert allocated <= 0.05 * 256 * MIB, allocated
+        assert_clean(project, guest_dir)
+
+        # Deeper than flatten.FLATTEN_PAST: the part's new overlay stands on the chain flattened
+        # over the image (made once), and the guest sees every step's result through it.
+        deep_steps = [f"d{number}" for number in range(5, flatten.FLATTEN_PAST + 2)]
+        deep_sections = "".join(f"\n[{step}]\nrun = echo {step} > /mnt/{step}\n" for step in deep_steps)
+        write(project, config(image, guest_key, port, steps=" ".join(["files lines last big", *deep_steps]),
+                              two="deux") + big_step + deep_sections)
+        deep = project.run("provision:vm", timeout=400)
+        assert deep.returncode == 0, deep.describe()
+        assert built(deep) == deep_steps, deep.describe()
+        assert deep.output.count(f"layers up to {deep_steps[-1]} flattened into") == 1, deep.describe()
+        chain = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json",
+                                str(project.root / "parts" / "vm" / "vm.overlay.qcow2")],
+                               capture_output=True, text=True, check=True)
+        files = [disk["filename"] for disk in json.loads(chain.stdout)]
+        assert len(files) == 3 and json.loads(Path(files[1]).with_name("record.json").read_text())[
+            "kind"] == "flat", files
+        assert project.run("start:vm", timeout=200).returncode == 0
+        shown = script(project, "vm-runscript", f"cat /mnt/s1/modes /mnt/s2 /mnt/s3 /mnt/{deep_steps[-1]}")
+        assert shown.stdout.split("\n") == ["600 secret", "710 bin", "751 bin/run", "700", "deux", "deux",
+                                            deep_steps[-1], ""], shown.stderr
+        assert project.run("stop:vm", timeout=60).returncode == 0
+        again = project.run("provision:vm", timeout=120)
+        assert again.returncode == 0 and "flattened into" not in again.output, again.describe()
         assert_clean(project, guest_dir)
     finally:
         project.run("stop:vm", timeout=60)

@@ -239,6 +239,8 @@ def _overlay_task(part: Part) -> Task:
         "uptodate": [current_base],
         "task_dep": _setup_names(part)[-1:] or [f"verify-image:{part.name}"],
         "clean": [clean_unless_running(part)],
+        # A deep chain is flattened here (layers/flatten.py): a minute for a large image, said.
+        "verbosity": 2 if part.setup else 1,
         "doc": step_doc("overlay", part),
     }
 

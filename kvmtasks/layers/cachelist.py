@@ -76,6 +76,7 @@ def as_json(found: Sequence[Entry], using: dict[str, set[str]]) -> list[dict[str
         "made": entry.made.isoformat(timespec="seconds") if entry.made else None,
         "last_used": entry.last_used.isoformat(timespec="seconds") if entry.last_used else None,
         "used_by": dict(entry.used_by), "parts_using": sorted(using.get(entry.name, set())),
+        "top": entry.top,
         "problem": entry.problem,
     } for entry in found]
 

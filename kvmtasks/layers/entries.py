@@ -1,9 +1,10 @@
 """The layer cache as it is on disk: its entries, their records, and the parts that use them.
 
-Read-only: listing takes no lock and writes nothing. An entry is LAYERS/<key> (a layer),
-LAYERS/base-<sha256> (a verified image) or LAYERS/tmp-* (a build under way, or left by one
-that died). A part counts as using an entry while its overlay backs onto the entry's chain;
-when its overlay is not where a part's overlay is by default, its record's word is taken.
+Read-only: listing takes no lock and writes nothing. An entry is LAYERS/<key> (a layer, or
+a deep chain flattened over its base: kind "flat"), LAYERS/base-<sha256> (a verified image) or
+LAYERS/tmp-* (a build under way, or left by one that died). A part counts as using an entry
+while its overlay backs onto the entry's chain; when its overlay is not where a part's overlay
+is by default, its record's word is taken.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ _QCOW2_MAGIC = b"QFI\xfb"
 class Entry:
     name: str
     folder: Path
-    kind: str  # "layer", "base", "tmp", "damaged" (no record that can be read), "foreign" (a version not 1)
+    # "layer", "flat", "base", "tmp", "damaged" (no record that can be read), "foreign" (a version not 1)
+    kind: str
     allocated: int  # bytes on disk of everything in the folder
     step: str | None = None
     parent: str | None = None
@@ -39,6 +41,7 @@ class Entry:
     last_used: datetime | None = None
     used_by: Mapping[str, str] = field(default_factory=dict)
     problem: str | None = None
+    top: str | None = None  # a flat entry's top layer: the chain a part using it stands on
 
     @property
     def disk_file(self) -> Path:
@@ -80,13 +83,14 @@ def read_entry(folder: Path) -> Entry:
         if record.get("version") != 1:  # another kvmtasks' layout: listed, never pruned
             return Entry(folder.name, folder, "foreign", allocated, made=newest,
                          problem=f"{RECORD}: version {record.get('version')!r}, not 1")
-        if kind not in ("layer", "base"):
+        if kind not in ("layer", "flat", "base"):
             raise ValueError(f"kind {kind!r}")
         return Entry(
             folder.name, folder, kind, allocated,
             step=record.get("step"), parent=record.get("parent"),
             made=_when(record.get("made")), last_used=_when(record.get("last_used")),
             used_by={str(k): str(v) for k, v in (record.get("used_by") or {}).items()},
+            top=record.get("top") if kind == "flat" else None,
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
@@ -170,7 +174,8 @@ def part_overlay(user: str) -> Path | None:
 def users(entries: Iterable[Entry], root: Path) -> dict[str, set[str]]:
     """entry name -> the parts ("BUILDOUT_DIR::PART") that use it, directly or through the
     layers above it. A part whose buildout folder is gone uses nothing; one whose overlay is
-    found uses what the overlay's chain goes through; otherwise its record is believed."""
+    found uses what the overlay's chain goes through; otherwise its record is believed. A part
+    over a flat entry uses its chain's layers too: its next changed step is built over them."""
     listed = list(entries)
     by_name = {entry.name: entry for entry in listed}
     using: dict[str, set[str]] = {entry.name: set() for entry in listed}
@@ -183,10 +188,12 @@ def users(entries: Iterable[Entry], root: Path) -> dict[str, set[str]]:
             names = chain_entries(overlay, root)
         else:
             names = [entry.name for entry in listed if user in entry.used_by]
-        for name in names:
-            while name in by_name and user not in using[name]:
+        todo = list(names)
+        while todo:
+            name = todo.pop()
+            if name in by_name and user not in using[name]:
                 using[name].add(user)
-                name = by_name[name].parent or ""
+                todo += [by_name[name].parent or "", by_name[name].top or ""]
     return using
 
 
@@ -209,7 +216,7 @@ def children(entries: Iterable[Entry]) -> dict[str, set[str]]:
     below: dict[str, set[str]] = {entry.name: set() for entry in listed}
     for entry in listed:
         parents = {entry.parent} if entry.parent else set()
-        if entry.kind in ("layer", "damaged", "tmp"):
+        if entry.kind in ("layer", "flat", "damaged", "tmp"):
             for path in entry.folder.glob("*.qcow2"):
                 backing = backing_file(path)
                 if backing is not None:

@@ -51,6 +51,14 @@ def step_key(parent: str, step: SetupStep) -> str:
     return digest.hexdigest()
 
 
+def flat_key(top: str) -> str:
+    """The key of a chain's top flattened over its base (layers/flatten.py): its top's, renamed.
+    The top's key holds the whole chain's, so a changed step, image or capture is a new one."""
+    digest = hashlib.sha256(b"kvmtasks-setup-flat\0")
+    digest.update(f"{CAPTURE_VERSION}\0{top}\0".encode())
+    return digest.hexdigest()
+
+
 def walk(source: Path) -> Iterator[tuple[str, Path]]:
     """source and, for a folder, everything under it, sorted (the same order on every host)."""
     yield ".", source

@@ -3,6 +3,7 @@
     LAYERS/base-<sha256>/image        the verified image (hard link, else copy), 0444
     LAYERS/<key>/layer.qcow2          0444 qcow2, backed by "../<parent>/layer.qcow2" or
                                       "../base-<sha256>/image" (relative: the cache can move)
+    LAYERS/<flat key>/layer.qcow2     a deep chain's top flattened over its base (flatten.py)
     LAYERS/<name>/record.json         what the entry is, its size and sha256, when made and used
     LAYERS/<name>/lock                the entry's lock (provision/locking.py: names its holder)
     LAYERS/tmp-*                      a build under way; never trusted
@@ -19,7 +20,7 @@ import datetime
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,9 +290,11 @@ def _link_or_copy(image: Path, target: Path) -> None:
                     doing=f"copying {image} into the layer cache")
 
 
-def insert(root: Path, link: Link, layer: Path, sha256: str, user: str) -> None:
+def insert(root: Path, link: Link, layer: Path, sha256: str, user: str, *, kind: str = "layer",
+           extra: Mapping[str, object] | None = None) -> None:
     """Make layer (checked, backed by its parent, fsynced) the entry of link; the caller holds
-    the entry's lock. The layer first, the record last: a reader sees a whole entry or none."""
+    the entry's lock. The layer first, the record last: a reader sees a whole entry or none.
+    kind and extra: a flattened chain's (layers/flatten.py) record, else a step's."""
     folder = root / link.key
     os.chmod(layer, READ_ONLY)
     with open(layer, "rb") as handle:
@@ -301,7 +304,7 @@ def insert(root: Path, link: Link, layer: Path, sha256: str, user: str) -> None:
     info = (folder / LAYER).stat()
     now = _now()
     _write_json(folder / RECORD, {
-        "version": RECORD_VERSION, "kind": "layer", "key": link.key, "parent": link.parent,
+        **(extra or {}), "version": RECORD_VERSION, "kind": kind, "key": link.key, "parent": link.parent,
         "step": link.step, "size": info.st_size, "sha256": sha256, "made": now, "last_used": now,
         # The parent's bytes this layer was written over: a parent made again outdates it.
         "parent_sha256": (read_record(root, link.parent) or {}).get("sha256"),
