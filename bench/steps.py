@@ -234,8 +234,7 @@ def report(steps: int, written: int, starts: dict[str, list[float]], builds: dic
         "## Setup steps: a cached start, the capture per step, a step's layer",
         "",
         f"`python bench/steps.py`: {rounds} rounds, the tiny guest under TCG, every figure against its "
-        "baseline in the same run. " + load_note() + " A test suite and other guests ran beside it: "
-        "the spread between runs is the machine's. " + quiet.note(),
+        "baseline in the same run. " + load_note() + " " + quiet.note(),
         "",
         *machine_lines(["qemu-img", "--version"]),
         "",

@@ -8,9 +8,9 @@ written so far is made the backing file of a new overlay (``blockdev-snapshot``)
 step's layer, and the guest's next writes land in the new file. Then the file systems thaw.
 
 Why not a power-off per step: a boot per step (8-16 s for the tiny test guest, 70-170 s for a
-Debian cloud image under TCG) against about a second for a freeze and a snapshot (bench/steps.py:
-0.98 s a step, a builder boot per step 16.3 s), and the next step would see a rebooted guest.
-Why not QMP ``stop`` after ``sync`` alone: it costs about the same (0.89 s a step), but a
+Debian cloud image under TCG) against under a second for a freeze and a snapshot (bench/steps.py,
+quiet: 0.35 s a step, a builder boot per step 9.9 s), and the next step would see a rebooted guest.
+Why not QMP ``stop`` after ``sync`` alone: it costs about the same (0.38 s a step), but a
 mounted file system is then still dirty (FAT's dirty bit, ext4's orphan list and journal), which
 every boot over the layer would have to replay; a frozen one is clean.
 """
