@@ -32,7 +32,7 @@ COMMAND = ".venv/bin/python -m tests.reliability"
 FILES = ("tests/test_faults_download.py", "tests/test_faults_input.py",
          "tests/test_injection.py", "tests/test_faults_vm.py", "tests/test_overlay.py",
          "tests/test_compression.py", "tests/test_checksum_lists.py", "tests/test_faults_data.py",
-         "tests/test_faults_lifecycle.py")
+         "tests/test_faults_lifecycle.py", "tests/test_layers_guest.py")
 
 # Categories, in the order the report lists them.
 FAULTS = {
@@ -52,10 +52,11 @@ FAULTS = {
     "list-changed": "checksum list changed on the server",
     "reprovision": "download touched, fetched again or damaged under an overlay with snapshots",
     "cache-image": "decompressed image in the download cache damaged, its record stale",
-    "cut-transfer": "a PART-getfile transfer cut mid-file",
+    "cut-transfer": "a PART-getfile or PART-sendfile transfer cut mid-file",
     "vm-concurrent": "two operations on one part's VM at the same time (start and start, start and reset)",
     "vm-killed": "kill -9 or Ctrl-C during a start, a suspend or a resume",
     "state-damaged": "a suspended VM's state file truncated, or its record garbled",
+    "setup-step": "setup steps failing, over their time limit, signalled (SIGTERM), a cached layer damaged",
 }
 BAD_INPUTS = {
     "config": "config values (hypothesis, every option)",

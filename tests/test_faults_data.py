@@ -247,7 +247,7 @@ def test_a_getfile_cut_mid_file_leaves_the_local_file_and_says_the_transfer_was_
 @pytest.mark.vm
 @needs_qemu
 def test_getfile_and_sendfile_replace_a_file_whole_keep_its_mode_and_a_cut_sendfile_changes_nothing(
-    project: Project, guest: Guest, tmp_path: Path
+    project: Project, guest: Guest, tmp_path: Path, reliability: Recorder
 ) -> None:
     project.write(vm_config(guest, f"file = {guest.image.path}\noverlay = true\n", free_port()))
     started = project.run("start:vm", timeout=300)
@@ -281,6 +281,7 @@ def test_getfile_and_sendfile_replace_a_file_whole_keep_its_mode_and_a_cut_sendf
     # A sendfile cut by Ctrl-C half-way: the guest's file is as it was, no partial file is left.
     big = tmp_path / "big"
     big.write_bytes(os.urandom(4 * MIB) * 15)
+    reliability.fault("cut-transfer")  # the file kept is the guest's: checked in the guest below
     sending = subprocess.Popen([str(project.root / "bin" / "vm-sendfile"), "/tmp/kept", str(big)],
                                env={**os.environ, "HOME": str(project.root / "home"), **project.env},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

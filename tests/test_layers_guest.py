@@ -24,6 +24,7 @@ from tests.vmfixtures import PACKAGE_CACHE, free_port, needs_qemu, qemu_pids_und
 
 if TYPE_CHECKING:
     from tests.conftest import DoitRun, Project
+    from tests.reliability import Recorder
 
 pytestmark = [pytest.mark.vm, needs_qemu]
 MIB = 1 << 20
@@ -91,7 +92,8 @@ def assert_clean(project: Project, guest_dir: Path) -> None:
     assert list(layers(guest_dir).glob("tmp-*")) == []
 
 
-def test_setup_steps_are_cached_layers(project: Project, tmp_path: Path, guest_key: Path) -> None:
+def test_setup_steps_are_cached_layers(project: Project, tmp_path: Path, guest_key: Path,
+                                       reliability: Recorder) -> None:
     image = build_guest_image(tmp_path / "g" / "guest.img", guest_key.with_suffix(".pub"), PACKAGE_CACHE,
                               spare_kb=300 * 1024).path
     guest_dir = image.parent
@@ -146,6 +148,7 @@ def test_setup_steps_are_cached_layers(project: Project, tmp_path: Path, guest_k
         # A failing step: one line naming part, step and status, then its last lines; the layers
         # below stay, and the next run goes on from the last good one.
         step3.write_text(STEP3.format(body="echo it broke; exit 3"))
+        reliability.fault("setup-step")
         failed = project.run("provision:vm", timeout=400)
         assert failed.returncode != 0
         assert failed.error_lines("setup step last of vm failed with exit status 3"), failed.describe()
@@ -160,6 +163,7 @@ def test_setup_steps_are_cached_layers(project: Project, tmp_path: Path, guest_k
         # Its time limit, then SIGTERM: the same, no VM and no temporary file left.
         step3.write_text(STEP3.format(body="echo sleeping; sleep 600"))
         write(project, config(image, guest_key, port, two="deux", timeout=3))
+        reliability.fault("setup-step")
         late = project.run("provision:vm", timeout=400)
         assert late.error_lines("setup step last of vm did not finish within timeout = 3 s"), late.describe()
         assert_clean(project, guest_dir)
@@ -171,6 +175,7 @@ def test_setup_steps_are_cached_layers(project: Project, tmp_path: Path, guest_k
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and "sleeping" not in (log.read_text() if log.exists() else ""):
             time.sleep(0.5)
+        reliability.fault("setup-step")
         doit.send_signal(signal.SIGTERM)
         out, err = doit.communicate(timeout=60)
         assert doit.returncode == 128 + signal.SIGTERM, out + err
@@ -180,6 +185,7 @@ def test_setup_steps_are_cached_layers(project: Project, tmp_path: Path, guest_k
         # Flipped bytes in a cached layer: noticed in one line, made again with those above it.
         step3.write_text(STEP3.format(body="echo fixed"))
         layer = entry(guest_dir, "files") / "layer.qcow2"
+        reliability.fault("setup-step")
         layer.chmod(0o644)
         with open(layer, "r+b") as handle:
             handle.seek(layer.stat().st_size // 2)
