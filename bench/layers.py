@@ -8,11 +8,12 @@ file of --file-size (default 48M), each layer above writes a small file of its o
 holds the file system's tables again).
 One boot of the tiny guest (TCG) sees five disks, each a part's overlay over the chain cut
 at 1, 4, 8 and 16 layers, and over the 16 flattened as kvmtasks flattens a chain deeper than
-flatten.FLATTEN_PAST (layers/flatten.py); each round drops the guest's page cache and reads the
-file through each disk in turn (the order turns every round), timed in the guest by its
-kernel's clock. The baseline is the chain of 1 in the same run. Prints a table and a last line
-``depth4/1=... depth8/1=... depth16/1=... flat16/1=...``; writes the table into
-docs/benchmarks.md (or --output).
+flatten.FLATTEN_PAST (layers/flatten.py). Each round, through each disk in turn (the order
+turns every round): the guest drops its page cache and reads the big file, then the bottom
+layer's many small files, each timed by the guest kernel's clock; and `qemu-img bench` reads
+the overlay on the host in 4 KiB requests (the chain's own cost, which TCG hides). The baseline
+is the chain of 1 in the same run. Prints a table and a last line ``depth4/1=... flat16/1=...
+cost16=... host16/1=...``; writes the table into docs/benchmarks.md (or --output).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from kvmtasks.engines.qemu.vm import QemuMachine
 from kvmtasks.errors import CommandFailed, CommandTimedOut, ProvisionError
 from kvmtasks.guest import connection, ssh
 from kvmtasks.layers import capture, store
-from kvmtasks.provision import digest, keys, seedstep
+from kvmtasks.provision import keys, seedstep
 
 Say = Callable[[str], None]
 BUILDER_HOSTNAME = "kvmtasks-builder"
@@ -250,15 +250,13 @@ def _capture(part: Part, builder: Part, root: Path, link: store.Link, folder: Pa
         raise ProvisionError(f"setup step {link.step} of {part.name}: the guest's file systems did not "
                              f"thaw after the capture (exit status {thawed.exit_code})", thawed.stderr)
     try:
-        command.checked(["qemu-img", "check", "-U", "-q", "-f", "qcow2", str(layer)],
-                        timeout=capture.QEMU_IMG_TIMEOUT, doing=f"checking the layer of {link.step}")
+        store.admit(root, link, layer, store.user_of(part), check_timeout=capture.QEMU_IMG_TIMEOUT,
+                    doing=f"checking the layer of {link.step}")
     except CommandFailed as error:
         raise ProvisionError(f"setup step {link.step} of {part.name}: its layer failed qemu-img check: "
                              f"{error}") from None
     except CommandTimedOut as error:
         raise ProvisionError(f"setup step {link.step} of {part.name}: {error}") from None
-    sha = digest.hash_file(layer, {"sha256"})["sha256"]
-    store.insert(root, link, layer, sha, store.user_of(part))
     allocated = os.stat(root / link.key / store.LAYER).st_blocks * 512
     print(f"setup:{part.name}:{link.step}: layer {link.key[:16]} cached ({allocated / 1e6:.1f} MB; "
           f"captured in {time.monotonic() - started:.1f} s)", flush=True)

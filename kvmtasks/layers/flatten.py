@@ -29,7 +29,6 @@ from kvmtasks.engines.qemu.argv import LAYER_CLUSTER
 from kvmtasks.errors import CommandError, ProvisionError
 from kvmtasks.layers import key as keys
 from kvmtasks.layers import store
-from kvmtasks.provision import digest
 
 Say = Callable[[str], None]
 # Chains up to this depth cost under 10% a request (1.07x at 8); deeper ones are flattened.
@@ -79,11 +78,9 @@ def ensure(root: Path, links: Sequence[store.Link], user: str, say: Say) -> str:
                 base = store.layer_path(root, flat.parent)
                 flatten_onto(store.layer_path(root, top.key), store.expected_backing(flat.parent),
                              disk_format(base), temporary)
-            command.checked(["qemu-img", "check", "-q", "-f", "qcow2", str(temporary)],
-                            timeout=FLATTEN_TIMEOUT, doing=f"checking {temporary}")
-            sha = digest.hash_file(temporary, {"sha256"})["sha256"]
-            store.insert(root, flat, temporary, sha, user, kind="flat",
-                         extra={"top": top.key, "depth": len(links)})
+            store.admit(root, flat, temporary, user, check_timeout=FLATTEN_TIMEOUT,
+                        doing=f"checking {temporary}", kind="flat",
+                        extra={"top": top.key, "depth": len(links)})
         except CommandError as error:
             raise ProvisionError(f"flattening the layers up to {top.step}: {error}") from None
         except OSError as error:

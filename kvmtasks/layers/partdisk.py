@@ -53,7 +53,6 @@ def new_base(part: Part, say: Callable[[str], None] = print) -> overlay.Base:
     links = store.chain(part)
     if not flatten.is_deep(links):
         return top_base(part)
-    top_base(part)  # the chain is there and verifies, or one line saying to provision
     flatten.ensure(store.layers_root(part), links, store.user_of(part), say)
     return _flat_base(part)
 

@@ -312,6 +312,16 @@ def insert(root: Path, link: Link, layer: Path, sha256: str, user: str, *, kind:
     _write_json(folder / VERIFIED, [info.st_size, info.st_mtime_ns, info.st_ino, sha256])
 
 
+def admit(root: Path, link: Link, layer: Path, user: str, *, check_timeout: float, doing: str,
+          kind: str = "layer", extra: Mapping[str, object] | None = None) -> None:
+    """layer, once `qemu-img check` passes, hashed and inserted as link's entry (the caller holds
+    its lock). A failed or timed-out check raises CommandFailed or CommandTimedOut, saying doing."""
+    command.checked(["qemu-img", "check", "-U", "-q", "-f", "qcow2", str(layer)],
+                    timeout=check_timeout, doing=doing)
+    sha = digest.hash_file(layer, {"sha256"})["sha256"]
+    insert(root, link, layer, sha, user, kind=kind, extra=extra)
+
+
 def mark_used(root: Path, name: str, user: str) -> None:
     """The entry's last_used and used_by, now (under its lock)."""
     with entry_lock(root, name, "marking it used"):
